@@ -1,0 +1,114 @@
+"""Configuration of the EHR transformer: one documented dataclass, as in `transformers`."""
+
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+
+@strict
+class EHRTransformerConfig(PreTrainedConfig):
+    r"""
+    Configuration of an [`EHRTransformerModel`]: a bidirectional (BERT-like) pre-LN transformer over
+    time-stamped clinical events. Each event is a code (from [`EHREventTokenizer`]), an optional numeric
+    value, the hours since the start of the sequence and the subject's age in years.
+
+    Defaults give a small model (~1M parameters) that trains on a laptop CPU in minutes; see the README's
+    table of recommended sizes by data size.
+
+    Args:
+        vocab_size (`int`, defaults to 1024):
+            Number of event codes, special tokens included. Must equal `len(tokenizer)`.
+        hidden_size (`int`, defaults to 128):
+            Width of the event representations and of every layer.
+        num_hidden_layers (`int`, defaults to 4):
+            Number of transformer blocks.
+        num_attention_heads (`int`, defaults to 4):
+            Attention heads per block; `hidden_size` must be divisible by it.
+        intermediate_size (`int`, defaults to 512):
+            Width of the feed-forward layer of each block.
+        hidden_activation (`str`, defaults to `"gelu"`):
+            Activation of the feed-forward layers and heads (any key of `transformers.activations.ACT2FN`).
+        hidden_dropout_prob (`float`, defaults to 0.1):
+            Dropout on the output of every attention and feed-forward sub-layer.
+        attention_dropout (`float`, defaults to 0.0):
+            Dropout on the attention probabilities.
+        embedding_dropout (`float`, defaults to 0.1):
+            Dropout on the summed event embeddings.
+        layer_norm_eps (`float`, defaults to 1e-5):
+            Epsilon of every LayerNorm.
+        initializer_range (`float`, defaults to 0.02):
+            Standard deviation of the (truncated) normal initialisation; residual output projections are
+            scaled by `1 / sqrt(2 * num_hidden_layers)`.
+        num_time_frequencies (`int`, defaults to 16):
+            Number of sinusoid frequencies used to embed each continuous quantity (time and age).
+        max_time_hours (`float`, defaults to 87600.0):
+            Longest time span (hours, default 10 years) the time embedding resolves; sets its lowest frequency.
+        classifier_pooling (`str`, defaults to `"cls"`):
+            How [`EHRTransformerForSequenceClassification`] summarises a sequence: the `[CLS]` position
+            (`"cls"`) or the mean over real (non-padding) events (`"mean"`).
+        classifier_dropout (`float`, defaults to 0.1):
+            Dropout before the classification layer.
+        sparse_prediction (`bool`, defaults to `True`):
+            Compute masked-event logits only at masked positions (labels != -100) during training: the
+            vocabulary projection of the ~85% unmasked positions is never computed.
+        temperature (`float`, defaults to 1.0):
+            Post-hoc calibration temperature; classification logits are divided by it at inference
+            (`model.eval()`). Fitted on a validation split by `ehr_transformer.calibration`; 1.0 = none.
+        pad_token_id, unk_token_id, mask_token_id, cls_token_id (`int`):
+            Ids of the tokenizer's special tokens (0, 1, 2, 3).
+        tie_word_embeddings (`bool`, defaults to `True`):
+            Tie the masked-event decoder to the code embeddings.
+
+    Inherited fields that matter here: `num_labels` and `problem_type` (`"regression"`,
+    `"single_label_classification"` or `"multi_label_classification"`, chosen as in BERT when unset),
+    `id2label`/`label2id`.
+
+    Example:
+
+    ```python
+    >>> from ehr_transformer import EHRTransformerConfig, EHRTransformerForSequenceClassification
+    >>> config = EHRTransformerConfig(vocab_size=300, num_labels=1, problem_type="multi_label_classification")
+    >>> model = EHRTransformerForSequenceClassification(config)
+    ```
+    """
+
+    model_type = "ehr_transformer"
+
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    intermediate_size: int = 512
+    hidden_activation: str = "gelu"
+    hidden_dropout_prob: float | int = 0.1
+    attention_dropout: float | int = 0.0
+    embedding_dropout: float | int = 0.1
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    num_time_frequencies: int = 16
+    max_time_hours: float | int = 87600.0
+    classifier_pooling: Literal["cls", "mean"] = "cls"
+    classifier_dropout: float | int = 0.1
+    sparse_prediction: bool = True
+    temperature: float | int = 1.0
+    pad_token_id: int | None = 0
+    unk_token_id: int = 1
+    mask_token_id: int = 2
+    cls_token_id: int | None = 3
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self, **kwargs):
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if self.classifier_pooling not in ("cls", "mean"):
+            raise ValueError(f"classifier_pooling must be 'cls' or 'mean', got {self.classifier_pooling!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        super().__post_init__(**kwargs)
+
+
+__all__ = ["EHRTransformerConfig"]

@@ -1,0 +1,517 @@
+"""The EHR transformer: a bidirectional pre-LN transformer over time-stamped clinical events.
+
+Reads bottom-up, as the models of `transformers` do: embeddings -> attention -> layer -> pre-trained base
+class -> outputs -> backbone -> heads. Every head holds the same backbone (`self.model`), adds a small head
+and computes its loss inside `forward` when labels are given, so the plain `transformers.Trainer` trains it.
+
+This file imports only torch, transformers and its own configuration, so a saved checkpoint folder that
+carries a copy of it loads with `trust_remote_code=True` where `ehr_transformer` is not installed.
+
+Shapes: B = batch size, L = events per sequence (padded), H = hidden size, V = vocabulary size,
+N = number of masked events in the batch, C = number of labels.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput
+
+from .configuration_ehr import EHRTransformerConfig
+
+
+class ContinuousEmbedding(nn.Module):
+    """Embeds a continuous quantity (hours, years) as sinusoids at geometric frequencies, then a projection.
+
+    The frequencies span periods from 1 unit to `max_period` units, so both the minutes between two vitals
+    and the years between two admissions are resolved.
+    """
+
+    def __init__(self, num_frequencies: int, max_period: float, hidden_size: int):
+        super().__init__()
+        self.num_frequencies, self.max_period = num_frequencies, max_period
+        self.register_buffer("angular_frequencies", self.compute_frequencies(), persistent=False)
+        self.proj = nn.Linear(2 * num_frequencies, hidden_size)
+
+    def compute_frequencies(self) -> torch.Tensor:
+        periods = torch.logspace(0, math.log10(self.max_period), self.num_frequencies)  # (F,)
+        return 2 * math.pi / periods
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        angles = x.unsqueeze(-1).float() * self.angular_frequencies  # (B, L, F)
+        return self.proj(
+            torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.proj.weight.dtype)
+        )  # (B, L, H)
+
+
+class EHRTransformerEmbeddings(nn.Module):
+    """Event embedding = code + value (gated by value presence) + time + age, then LayerNorm and dropout."""
+
+    def __init__(self, config: EHRTransformerConfig):
+        super().__init__()
+        self.code_embeddings = nn.Embedding(
+            config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
+        )
+        self.value_embeddings = nn.Sequential(
+            nn.Linear(1, config.hidden_size),
+            ACT2FN[config.hidden_activation],
+            nn.Linear(config.hidden_size, config.hidden_size),
+        )
+        self.time_embeddings = ContinuousEmbedding(
+            config.num_time_frequencies, config.max_time_hours, config.hidden_size
+        )
+        self.age_embeddings = ContinuousEmbedding(config.num_time_frequencies, 100.0, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.embedding_dropout)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        values: torch.Tensor | None = None,
+        times: torch.Tensor | None = None,
+        ages: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        embeddings = self.code_embeddings(input_ids)  # (B, L, H)
+        if values is not None:
+            has_value = ~torch.isnan(values)  # (B, L)
+            value_input = torch.where(has_value, values, 0.0).unsqueeze(-1).to(embeddings.dtype)  # (B, L, 1)
+            embeddings = embeddings + self.value_embeddings(value_input) * has_value.unsqueeze(-1)
+        if times is not None:
+            embeddings = embeddings + self.time_embeddings(times)
+        if ages is not None:
+            embeddings = embeddings + self.age_embeddings(ages)
+        return self.dropout(self.norm(embeddings))  # (B, L, H)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain attention; `attention_mask` is additive, (B, 1, L, L). Returns (B, L, heads, head_dim)."""
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, heads, L, L)
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()  # (B, L, heads, head_dim)
+    return attn_output, attn_weights
+
+
+class EHRTransformerAttention(nn.Module):
+    """Multi-head self-attention dispatched through `ALL_ATTENTION_FUNCTIONS` (eager, sdpa, flash)."""
+
+    def __init__(self, config: EHRTransformerConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.is_causal = False
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj.is_residual_projection = True
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, seq_len, _ = hidden_states.shape
+        qkv = self.qkv(hidden_states).view(batch_size, seq_len, 3, -1, self.head_dim)  # (B, L, 3, heads, d)
+        query, key, value = qkv.transpose(1, 3).unbind(dim=2)  # each (B, heads, L, d)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.head_dim**-0.5,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(batch_size, seq_len, -1)  # (B, L, H)
+        return self.out_proj(attn_output), attn_weights
+
+
+class EHRTransformerMLP(nn.Module):
+    def __init__(self, config: EHRTransformerConfig):
+        super().__init__()
+        self.up = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_activation]
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.down.is_residual_projection = True
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.up(hidden_states)))
+
+
+class EHRTransformerLayer(GradientCheckpointingLayer):
+    """Pre-LN block: x + attn(LN(x)), then x + mlp(LN(x))."""
+
+    def __init__(self, config: EHRTransformerConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = EHRTransformerAttention(config, layer_idx)
+        self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = EHRTransformerMLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_output, attn_weights = self.attn(self.attn_norm(hidden_states), attention_mask, **kwargs)
+        hidden_states = hidden_states + self.dropout(attn_output)  # (B, L, H)
+        hidden_states = hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))  # (B, L, H)
+        return hidden_states, attn_weights
+
+
+class EHRTransformerPredictionHead(nn.Module):
+    """dense -> activation -> LayerNorm: the shared first stage of the masked-event and classification heads."""
+
+    def __init__(self, config: EHRTransformerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = ACT2FN[config.hidden_activation]
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.act(self.dense(hidden_states)))
+
+
+class EHRTransformerPreTrainedModel(PreTrainedModel):
+    config_class = EHRTransformerConfig
+    config: EHRTransformerConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["EHRTransformerEmbeddings", "EHRTransformerLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        # Residual output projections (marked `is_residual_projection`) get std / sqrt(2 * layers), so the
+        # residual stream's variance stays flat with depth.
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            if getattr(module, "is_residual_projection", False):
+                std = std / math.sqrt(2.0 * self.config.num_hidden_layers)
+            init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+            if module.padding_idx is not None:
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(
+            module, ContinuousEmbedding
+        ):  # a non-persistent buffer: rebuilt after `from_pretrained`
+            init.copy_(module.angular_frequencies, module.compute_frequencies())
+
+
+@dataclass
+class EHRTransformerModelOutput(ModelOutput):
+    """
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(B, L, H)`): final (normalised) event representations.
+        pooler_output (`torch.FloatTensor` of shape `(B, H)`): the sequence summary (`config.classifier_pooling`).
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): the embeddings and each layer's output, `(B, L, H)`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*): each layer's attention weights `(B, heads, L, L)`
+            (eager attention only).
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class MaskedEventModelingOutput(ModelOutput):
+    """
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*): cross entropy of the masked codes.
+        logits (`torch.FloatTensor`): code logits, `(N, V)` at the masked positions when
+            `config.sparse_prediction` and labels are given, else `(B, L, V)`.
+        hidden_states, attentions: as in [`EHRTransformerModelOutput`].
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class EHRSequenceClassifierOutput(ModelOutput):
+    """
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*): MSE, cross entropy or BCE (`config.problem_type`).
+        logits (`torch.FloatTensor` of shape `(B, C)`): divided by `config.temperature` in eval mode.
+        pooler_output (`torch.FloatTensor` of shape `(B, H)`): the pooled sequence summary, for feature use.
+        hidden_states, attentions: as in [`EHRTransformerModelOutput`].
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class EHRTransformerModel(EHRTransformerPreTrainedModel):
+    """The backbone: event embeddings and a stack of pre-LN transformer blocks, returning hidden states and a
+    pooled vector."""
+
+    def __init__(self, config: EHRTransformerConfig):
+        super().__init__(config)
+        self.embeddings = EHRTransformerEmbeddings(config)
+        self.layers = nn.ModuleList([EHRTransformerLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.code_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.embeddings.code_embeddings = value
+
+    def pool(self, last_hidden_state: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, L, H) -> (B, H): the `[CLS]` position, or the mean over real events."""
+        if self.config.classifier_pooling == "cls":
+            return last_hidden_state[:, 0]
+        if attention_mask is None:
+            return last_hidden_state.mean(dim=1)
+        weights = attention_mask.unsqueeze(-1).to(last_hidden_state.dtype)  # (B, L, 1)
+        return (last_hidden_state * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
+        times: torch.Tensor | None = None,
+        ages: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> EHRTransformerModelOutput | tuple:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(B, L)`): event code ids from [`EHREventTokenizer`].
+            attention_mask (`torch.Tensor` of shape `(B, L)`, *optional*): 1 for real events, 0 for padding.
+            values (`torch.FloatTensor` of shape `(B, L)`, *optional*): normalised numeric values, NaN where
+                an event has none.
+            times (`torch.FloatTensor` of shape `(B, L)`, *optional*): hours since the sequence start.
+            ages (`torch.FloatTensor` of shape `(B, L)`, *optional*): the subject's age in years at each event.
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        output_attentions = (
+            output_attentions if output_attentions is not None else self.config.output_attentions
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        hidden_states = self.embeddings(input_ids, values=values, times=times, ages=ages)  # (B, L, H)
+        mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
+        )
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layers:
+            hidden_states, attn_weights = layer(hidden_states, mask, **kwargs)  # (B, L, H)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (attn_weights,)
+        hidden_states = self.final_norm(hidden_states)  # (B, L, H)
+        pooled = self.pool(hidden_states, attention_mask)  # (B, H)
+
+        output = EHRTransformerModelOutput(
+            last_hidden_state=hidden_states,
+            pooler_output=pooled,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class EHRTransformerForMaskedEventModeling(EHRTransformerPreTrainedModel):
+    """The backbone with a code decoder (tied to the code embeddings): BERT's masked language modeling over
+    events. Pretrain it with [`DataCollatorForMaskedEventModeling`]."""
+
+    _tied_weights_keys = {"decoder.weight": "model.embeddings.code_embeddings.weight"}
+
+    def __init__(self, config: EHRTransformerConfig):
+        super().__init__(config)
+        self.model = EHRTransformerModel(config)
+        self.head = EHRTransformerPredictionHead(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear):
+        self.decoder = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
+        times: torch.Tensor | None = None,
+        ages: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MaskedEventModelingOutput | tuple:
+        r"""
+        Args:
+            input_ids, attention_mask, values, times, ages: as in [`EHRTransformerModel.forward`], `(B, L)`.
+            labels (`torch.LongTensor` of shape `(B, L)`, *optional*): the original code at masked positions,
+                -100 elsewhere.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids,
+            attention_mask,
+            values=values,
+            times=times,
+            ages=ages,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state  # (B, L, H)
+        if self.config.sparse_prediction and labels is not None:
+            is_masked = labels != -100  # (B, L)
+            hidden_states, labels = hidden_states[is_masked], labels[is_masked]  # (N, H), (N,)
+        logits = self.decoder(self.head(hidden_states))  # (N, V) or (B, L, V)
+
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(
+                logits.view(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100
+            )
+
+        output = MaskedEventModelingOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class EHRTransformerForSequenceClassification(EHRTransformerPreTrainedModel):
+    """The backbone with a pooled classification / regression head: in-hospital mortality (binary,
+    `num_labels=1` with `problem_type="multi_label_classification"`), a multi-class outcome, several binary
+    outcomes at once, or a regression target such as length of stay, as chosen by `config.problem_type`."""
+
+    def __init__(self, config: EHRTransformerConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = EHRTransformerModel(config)
+        self.head = EHRTransformerPredictionHead(config)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
+        times: torch.Tensor | None = None,
+        ages: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> EHRSequenceClassifierOutput | tuple:
+        r"""
+        Args:
+            input_ids, attention_mask, values, times, ages: as in [`EHRTransformerModel.forward`], `(B, L)`.
+            labels (`torch.Tensor`, *optional*): `(B,)` float targets for regression or one binary outcome,
+                `(B,)` long class ids for single-label classification, `(B, C)` floats for multi-label.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids,
+            attention_mask,
+            values=values,
+            times=times,
+            ages=ages,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+            **kwargs,
+        )
+        pooled = outputs.pooler_output  # (B, H)
+        logits = self.classifier(self.dropout(self.head(pooled)))  # (B, C)
+        if not self.training and self.config.temperature != 1.0:
+            logits = logits / self.config.temperature
+
+        loss = None
+        if labels is not None:
+            if self.config.problem_type is None:
+                if self.num_labels == 1:
+                    self.config.problem_type = "regression"
+                elif labels.dtype in (torch.long, torch.int):
+                    self.config.problem_type = "single_label_classification"
+                else:
+                    self.config.problem_type = "multi_label_classification"
+            if self.config.problem_type == "regression":
+                loss = (
+                    MSELoss()(logits.squeeze(-1), labels.to(logits.dtype))
+                    if self.num_labels == 1
+                    else MSELoss()(logits, labels.to(logits.dtype))
+                )
+            elif self.config.problem_type == "single_label_classification":
+                loss = CrossEntropyLoss()(logits.view(-1, self.num_labels), labels.view(-1))
+            else:
+                loss = BCEWithLogitsLoss()(logits, labels.to(logits.dtype).view_as(logits))
+
+        output = EHRSequenceClassifierOutput(
+            loss=loss,
+            logits=logits,
+            pooler_output=pooled,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = [
+    "EHRTransformerPreTrainedModel",
+    "EHRTransformerModel",
+    "EHRTransformerForMaskedEventModeling",
+    "EHRTransformerForSequenceClassification",
+    "EHRTransformerModelOutput",
+    "MaskedEventModelingOutput",
+    "EHRSequenceClassifierOutput",
+]

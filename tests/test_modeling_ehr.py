@@ -1,0 +1,293 @@
+"""The checks users of `transformers` rely on, for every head of the EHR transformer."""
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    set_seed,
+)
+
+from ehr_transformer import (
+    EHRTransformerConfig,
+    EHRTransformerForMaskedEventModeling,
+    EHRTransformerForSequenceClassification,
+    EHRTransformerModel,
+)
+
+VOCAB = 40
+
+
+def tiny_config(**kwargs) -> EHRTransformerConfig:
+    defaults = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        embedding_dropout=0.0,
+        classifier_dropout=0.0,
+    )
+    defaults.update(kwargs)
+    return EHRTransformerConfig(**defaults)
+
+
+def make_inputs(batch_size=3, seq_len=9, seed=0, pad_last=True):
+    """A batch as the collators produce it: CLS first, NaN values where an event has none, padding at the end."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(4, VOCAB, (batch_size, seq_len), generator=g)
+    input_ids[:, 0] = 3
+    values = torch.randn(batch_size, seq_len, generator=g)
+    values[:, ::3] = float("nan")
+    times = torch.sort(torch.rand(batch_size, seq_len, generator=g) * 200, dim=1).values
+    ages = 40 + times / 8760 + torch.rand(batch_size, 1, generator=g) * 30
+    attention_mask = torch.ones(batch_size, seq_len, dtype=torch.long)
+    if pad_last:
+        attention_mask[0, seq_len - 3 :] = 0
+        input_ids[0, seq_len - 3 :] = 0
+    return dict(input_ids=input_ids, attention_mask=attention_mask, values=values, times=times, ages=ages)
+
+
+def mlm_labels(inputs):
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[:, 2] = inputs["input_ids"][:, 2]
+    labels[1:, 5] = inputs["input_ids"][1:, 5]
+    return labels
+
+
+def test_backbone_shapes_and_finite():
+    set_seed(0)
+    model = EHRTransformerModel(tiny_config()).eval()
+    out = model(**make_inputs(), output_hidden_states=True)
+    assert out.last_hidden_state.shape == (3, 9, 32)
+    assert out.pooler_output.shape == (3, 32)
+    assert len(out.hidden_states) == 3
+    assert torch.isfinite(out.last_hidden_state).all()
+
+
+def test_masked_event_head_sparse_and_dense_logits_agree():
+    set_seed(0)
+    model = EHRTransformerForMaskedEventModeling(tiny_config()).eval()
+    inputs = make_inputs()
+    labels = mlm_labels(inputs)
+    sparse = model(**inputs, labels=labels)
+    assert sparse.logits.shape == ((labels != -100).sum().item(), VOCAB)
+    model.config.sparse_prediction = False
+    dense = model(**inputs, labels=labels)
+    assert dense.logits.shape == (3, 9, VOCAB)
+    torch.testing.assert_close(dense.logits[labels != -100], sparse.logits)
+    torch.testing.assert_close(dense.loss, sparse.loss)
+    # an untrained model is close to uniform over the vocabulary
+    assert abs(sparse.loss.item() - torch.log(torch.tensor(float(VOCAB))).item()) < 1.0
+
+
+def test_every_parameter_gets_a_gradient_from_pretraining_loss():
+    set_seed(0)
+    model = EHRTransformerForMaskedEventModeling(tiny_config())
+    inputs = make_inputs()
+    model(**inputs, labels=mlm_labels(inputs)).loss.backward()
+    missing = [
+        name
+        for name, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)
+    ]
+    assert missing == []
+
+
+def test_decoder_is_tied_to_code_embeddings():
+    model = EHRTransformerForMaskedEventModeling(tiny_config())
+    assert model.decoder.weight.data_ptr() == model.model.embeddings.code_embeddings.weight.data_ptr()
+
+
+@pytest.mark.parametrize(
+    "problem_type,num_labels,labels",
+    [
+        ("regression", 1, torch.tensor([1.5, 20.0, 3.0])),
+        ("single_label_classification", 3, torch.tensor([0, 2, 1])),
+        ("multi_label_classification", 2, torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])),
+        ("multi_label_classification", 1, torch.tensor([1.0, 0.0, 1.0])),
+    ],
+)
+def test_classification_problem_types(problem_type, num_labels, labels):
+    set_seed(0)
+    model = EHRTransformerForSequenceClassification(
+        tiny_config(num_labels=num_labels, problem_type=problem_type)
+    )
+    out = model(**make_inputs(), labels=labels)
+    assert out.logits.shape == (3, num_labels)
+    assert torch.isfinite(out.loss) and out.loss.ndim == 0
+    out.loss.backward()
+    assert model.classifier.weight.grad is not None
+
+
+def test_problem_type_is_inferred_as_in_bert():
+    model = EHRTransformerForSequenceClassification(tiny_config(num_labels=3))
+    model(**make_inputs(), labels=torch.tensor([0, 1, 2]))
+    assert model.config.problem_type == "single_label_classification"
+    model = EHRTransformerForSequenceClassification(tiny_config(num_labels=1))
+    model(**make_inputs(), labels=torch.tensor([0.5, 1.0, 2.0]))
+    assert model.config.problem_type == "regression"
+
+
+def test_padding_does_not_change_real_positions():
+    set_seed(0)
+    model = EHRTransformerModel(tiny_config()).eval()
+    inputs = make_inputs(pad_last=False)
+    base = model(**inputs).last_hidden_state
+    padded = {k: torch.cat([v, torch.zeros_like(v[:, :4])], dim=1) for k, v in inputs.items()}
+    padded["values"][:, -4:] = float("nan")
+    out = model(**padded).last_hidden_state
+    torch.testing.assert_close(out[:, :9], base, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_batch_equals_samples_one_by_one(pooling):
+    set_seed(0)
+    model = EHRTransformerForSequenceClassification(
+        tiny_config(num_labels=1, classifier_pooling=pooling)
+    ).eval()
+    inputs = make_inputs()
+    batch_logits = model(**inputs).logits
+    for i in range(3):
+        length = int(inputs["attention_mask"][i].sum())
+        single = {k: v[i : i + 1, :length] for k, v in inputs.items()}
+        torch.testing.assert_close(model(**single).logits, batch_logits[i : i + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_eager_and_sdpa_agree():
+    set_seed(0)
+    config = tiny_config(num_labels=1)
+    eager = EHRTransformerForSequenceClassification._from_config(
+        copy.deepcopy(config), attn_implementation="eager"
+    )
+    sdpa = EHRTransformerForSequenceClassification._from_config(
+        copy.deepcopy(config), attn_implementation="sdpa"
+    )
+    eager.eval(), sdpa.eval()
+    sdpa.load_state_dict(eager.state_dict())
+    assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
+    inputs = make_inputs()
+    out_e = eager(**inputs, output_hidden_states=True)
+    out_s = sdpa(**inputs, output_hidden_states=True)
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(
+        out_e.hidden_states[-1][real], out_s.hidden_states[-1][real], atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(out_e.logits, out_s.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_eager_attention_weights_ignore_padding():
+    model = EHRTransformerModel._from_config(tiny_config(), attn_implementation="eager").eval()
+    out = model(**make_inputs(), output_attentions=True)
+    assert len(out.attentions) == 2
+    attn = out.attentions[0]  # (B, heads, L, L)
+    assert attn.shape == (3, 4, 9, 9)
+    assert torch.all(attn[0, :, :, 6:] == 0)  # sample 0's last 3 positions are padding
+    torch.testing.assert_close(attn.sum(-1), torch.ones(3, 4, 9))
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    set_seed(0)
+    config = tiny_config()
+    inputs = make_inputs()
+    labels = mlm_labels(inputs)
+    model = EHRTransformerForMaskedEventModeling(config).train()
+    model(**inputs, labels=labels).loss.backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.model.gradient_checkpointing
+    model(**inputs, labels=labels).loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, reference[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_initialisation_scales_residual_projections():
+    set_seed(0)
+    model = EHRTransformerModel(tiny_config(num_hidden_layers=8, hidden_size=64, intermediate_size=256))
+    qkv_std = model.layers[0].attn.qkv.weight.std().item()
+    out_std = model.layers[0].attn.out_proj.weight.std().item()
+    assert out_std < qkv_std / 2  # 1/sqrt(16) = 0.25 of the input projections' std (truncated)
+    assert torch.all(model.embeddings.code_embeddings.weight[0] == 0)  # padding row
+
+
+def test_save_load_round_trip_with_auto_classes(tmp_path):
+    set_seed(0)
+    model = EHRTransformerForSequenceClassification(tiny_config(num_labels=1)).eval()
+    inputs = make_inputs()
+    expected = model(**inputs).logits
+    model.save_pretrained(tmp_path)
+    files = sorted(os.listdir(tmp_path))
+    assert "model.safetensors" in files and "config.json" in files
+    assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), EHRTransformerConfig)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert isinstance(reloaded, EHRTransformerForSequenceClassification)
+    torch.testing.assert_close(reloaded(**inputs).logits, expected)
+
+
+def test_masked_event_checkpoint_loads_into_classifier_reusing_backbone(tmp_path):
+    set_seed(0)
+    pretrained = EHRTransformerForMaskedEventModeling(tiny_config())
+    pretrained.save_pretrained(tmp_path)
+    assert isinstance(AutoModelForMaskedLM.from_pretrained(tmp_path), EHRTransformerForMaskedEventModeling)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), EHRTransformerModel)
+    classifier = EHRTransformerForSequenceClassification.from_pretrained(tmp_path, num_labels=1)
+    for name, tensor in pretrained.model.state_dict().items():
+        torch.testing.assert_close(classifier.model.state_dict()[name], tensor, msg=name)
+    assert classifier.classifier.weight.shape == (1, 32)
+
+
+def test_temperature_divides_logits_in_eval_only():
+    set_seed(0)
+    model = EHRTransformerForSequenceClassification(tiny_config(num_labels=1)).eval()
+    inputs = make_inputs()
+    base = model(**inputs).logits
+    model.config.temperature = 2.0
+    torch.testing.assert_close(model(**inputs).logits, base / 2.0)
+    with pytest.raises(ValueError, match="temperature"):
+        tiny_config(temperature=0.0)
+
+
+def test_trust_remote_code_load_without_the_package(tmp_path):
+    """A saved folder carries its modeling code: it loads in a process where ehr_transformer cannot be imported."""
+    set_seed(0)
+    model = EHRTransformerForSequenceClassification(tiny_config(num_labels=1)).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "modeling_ehr.py").exists()
+    inputs = make_inputs()
+    torch.save({k: v for k, v in inputs.items()}, tmp_path / "inputs.pt")
+    expected = model(**inputs).logits
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.modules["ehr_transformer"] = None  # make the package unimportable
+        try:
+            import ehr_transformer
+            raise SystemExit("ehr_transformer should not be importable here")
+        except ImportError:
+            pass
+        from transformers import AutoModelForSequenceClassification
+        model = AutoModelForSequenceClassification.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        inputs = torch.load({str(tmp_path / "inputs.pt")!r})
+        torch.save(model(**inputs).logits, {str(tmp_path / "logits.pt")!r})
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected)
