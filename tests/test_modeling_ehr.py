@@ -204,8 +204,7 @@ def test_gradient_checkpointing_gives_same_gradients():
     model(**inputs, labels=labels).loss.backward()
     reference = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     assert model.model.gradient_checkpointing
     model(**inputs, labels=labels).loss.backward()
     for name, p in model.named_parameters():
