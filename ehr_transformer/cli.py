@@ -1,0 +1,183 @@
+"""The `ehr-transformer` command.
+
+    ehr-transformer quickstart [--output DIR]                 synthetic cohort -> pretrain -> fine-tune -> evaluate
+    ehr-transformer synthetic --subjects N --output DIR       write a synthetic MEDS cohort
+    ehr-transformer convert-wide --dyn F --sta F --outc F --task mortality24 --output DIR
+    ehr-transformer pretrain --data_dir MEDS --output_dir DIR [TrainingArguments ...]
+    ehr-transformer finetune --data_dir MEDS --labels FILE --model_name_or_path DIR --output_dir DIR [...]
+    ehr-transformer evaluate --checkpoint DIR --data_dir MEDS --labels FILE [--output DIR]
+    ehr-transformer predict --checkpoint DIR --data_dir MEDS --labels FILE --output predictions.parquet
+
+`pretrain` and `finetune` take every `transformers.TrainingArguments` flag (`--num_train_epochs`,
+`--per_device_train_batch_size`, `--learning_rate`, ...) and work under `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _parse_training(argv: list[str]):
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from .training import DataArguments, ModelArguments
+
+    parser = HfArgumentParser((DataArguments, ModelArguments, TrainingArguments))
+    data_args, model_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if "--report_to" not in argv:
+        training_args.report_to = []
+    return data_args, model_args, training_args
+
+
+def _pretrain(argv: list[str]) -> int:
+    from .training import pretrain
+
+    data_args, model_args, training_args = _parse_training(argv)
+    pretrain(data_args, model_args, training_args)
+    print(f"pretrained checkpoint written to {training_args.output_dir}")
+    return 0
+
+
+def _finetune(argv: list[str]) -> int:
+    from .training import finetune
+
+    data_args, model_args, training_args = _parse_training(argv)
+    finetune(data_args, model_args, training_args)
+    print(f"fine-tuned checkpoint written to {training_args.output_dir}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .training import evaluate_checkpoint
+
+    report = evaluate_checkpoint(
+        args.checkpoint,
+        args.data_dir,
+        args.labels,
+        split=args.split,
+        output_dir=args.output,
+        n_bootstrap=args.n_bootstrap,
+        baseline=None if args.baseline == "none" else args.baseline,
+    )
+    print(format_report(report))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .training import predict
+
+    predictions = predict(args.checkpoint, args.data_dir, args.labels, split=args.split or None)
+    output = Path(args.output)
+    tmp = output.with_name(output.name + ".tmp")
+    predictions.write_parquet(tmp)
+    os.replace(tmp, output)
+    print(predictions.head(10))
+    print(f"{len(predictions)} predictions written to {output}")
+    return 0
+
+
+def _synthetic(args: argparse.Namespace) -> int:
+    from .data.synthetic import write_synthetic_meds
+
+    path = write_synthetic_meds(args.output, n_subjects=args.subjects, seed=args.seed)
+    print(f"synthetic MEDS cohort of {args.subjects} subjects written to {path}")
+    return 0
+
+
+def _convert_wide(args: argparse.Namespace) -> int:
+    from .data.wide import convert_wide
+
+    result = convert_wide(args.dyn, args.sta, args.outc, args.output, task=args.task, seed=args.seed)
+    print(f"MEDS dataset written to {args.output}")
+    if result is not None and not isinstance(result, Path | str):
+        print(result)
+    return 0
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import run_quickstart
+
+    run_quickstart(output_dir=args.output, n_subjects=args.subjects, seed=args.seed)
+    return 0
+
+
+def format_report(report: dict) -> str:
+    """A few readable lines from `evaluate_checkpoint`'s report."""
+    lines = [f"{report['split']} split, {report['n']} predictions"]
+    for name, metrics in report.items():
+        if not isinstance(metrics, dict) or "auroc" not in metrics:
+            continue
+        lines.append(
+            f"  {name:<18} AUROC {_fmt(metrics['auroc'])}  AUPRC {_fmt(metrics['auprc'])}  "
+            f"Brier {metrics['brier']:.3f}  ECE {metrics['ece']:.3f}"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(metric: dict | None) -> str:
+    if metric is None:
+        return "  n/a"
+    if metric.get("ci_lower") is None:
+        return f"{metric['estimate']:.3f}"
+    return f"{metric['estimate']:.3f} [{metric['ci_lower']:.3f}, {metric['ci_upper']:.3f}]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if argv and argv[0] in ("pretrain", "finetune"):
+        return {"pretrain": _pretrain, "finetune": _finetune}[argv[0]](argv[1:])
+
+    parser = argparse.ArgumentParser(prog="ehr-transformer", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("pretrain", help="masked event pretraining (takes TrainingArguments flags)")
+    sub.add_parser("finetune", help="fine-tune on a label file (takes TrainingArguments flags)")
+
+    p = sub.add_parser("quickstart", help="synthetic cohort -> pretrain -> fine-tune -> evaluate -> reload")
+    p.add_argument("--output", default="quickstart_output")
+    p.add_argument("--subjects", type=int, default=3000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_quickstart)
+
+    p = sub.add_parser("synthetic", help="write a synthetic MEDS cohort")
+    p.add_argument("--output", required=True)
+    p.add_argument("--subjects", type=int, default=3000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_synthetic)
+
+    p = sub.add_parser("convert-wide", help="wide hourly ICU tables (YAIB/ricu) to a MEDS dataset")
+    p.add_argument("--dyn", required=True, help="dynamic table: stay_id, time, one column per variable")
+    p.add_argument("--sta", required=True, help="static table: stay_id, age, sex, height, weight")
+    p.add_argument("--outc", required=True, help="outcome table: label per stay or per stay-hour")
+    p.add_argument("--task", required=True, help="mortality24 or los")
+    p.add_argument("--output", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_convert_wide)
+
+    for name, func, help_text in (
+        ("evaluate", _evaluate, "held-out metrics with 95% intervals, subgroups and plots"),
+        ("predict", _predict, "risk for every (subject_id, prediction_time) row of a file"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--checkpoint", required=True)
+        p.add_argument("--data_dir", required=True)
+        p.add_argument("--labels", required=True, help="label / prediction-time file")
+        p.add_argument("--split", default="held_out", help="split to score ('' for all subjects)")
+        p.add_argument("--output", required=name == "predict")
+        if name == "evaluate":
+            p.add_argument("--n_bootstrap", type=int, default=1000)
+            p.add_argument("--baseline", default="gbm", choices=["gbm", "logistic", "none"])
+        p.set_defaults(func=func)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+__all__ = ["main", "format_report"]

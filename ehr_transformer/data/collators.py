@@ -1,0 +1,153 @@
+"""Batch collators: dynamic padding, and BERT-style masking for masked event modeling.
+
+Both return a dict of tensors whose keys are the model's forward arguments:
+    input_ids       (B, L) int64, PAD where padded
+    attention_mask  (B, L) int64, 1 = real token
+    values          (B, L) float32, NaN = no value (and padding)
+    times           (B, L) float32, 0 at padding
+    ages            (B, L) float32, 0 at padding
+    labels          (B, L) int64 for masked event modeling (-100 = not a target);
+                    (B,) float32 / int64 (or (B, T)) for classification.
+Keys of the features other than these (subject_id, prediction_time, length, ...) are ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ehr_transformer.tokenization_ehr import EHREventTokenizer
+
+_SEQUENCE_KEYS = ("input_ids", "values", "times", "ages")
+
+
+def _pad_batch(
+    features: Sequence[dict[str, Any]], pad_token_id: int, pad_to_multiple_of: int | None
+) -> dict[str, torch.Tensor]:
+    if not features:
+        raise ValueError("cannot collate an empty list of features")
+    for i, feature in enumerate(features):
+        missing = [key for key in _SEQUENCE_KEYS if key not in feature]
+        if missing:
+            raise ValueError(f"feature {i} lacks key(s) {missing}; expected {list(_SEQUENCE_KEYS)}")
+        lengths = {key: len(feature[key]) for key in _SEQUENCE_KEYS}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"feature {i} has sequences of different lengths {lengths}")
+    longest = max(len(f["input_ids"]) for f in features)
+    if pad_to_multiple_of:
+        longest = int(math.ceil(longest / pad_to_multiple_of) * pad_to_multiple_of)
+    batch_size = len(features)
+    input_ids = torch.full((batch_size, longest), pad_token_id, dtype=torch.long)  # (B, L)
+    attention_mask = torch.zeros((batch_size, longest), dtype=torch.long)  # (B, L)
+    values = torch.full((batch_size, longest), float("nan"), dtype=torch.float32)  # (B, L)
+    times = torch.zeros((batch_size, longest), dtype=torch.float32)  # (B, L)
+    ages = torch.zeros((batch_size, longest), dtype=torch.float32)  # (B, L)
+    for row, feature in enumerate(features):
+        n = len(feature["input_ids"])
+        input_ids[row, :n] = torch.as_tensor(feature["input_ids"], dtype=torch.long)
+        attention_mask[row, :n] = 1
+        values[row, :n] = torch.as_tensor(_nan_for_none(feature["values"]), dtype=torch.float32)
+        times[row, :n] = torch.as_tensor(feature["times"], dtype=torch.float32)
+        ages[row, :n] = torch.as_tensor(feature["ages"], dtype=torch.float32)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "values": values, "times": times, "ages": ages}
+
+
+def _nan_for_none(values: Any) -> Any:
+    if isinstance(values, torch.Tensor):
+        return values
+    return [float("nan") if v is None else v for v in values]
+
+
+@dataclass
+class DataCollatorForMaskedEventModeling:
+    """Pads a batch and masks events for masked event modeling (BERT recipe).
+
+    Each real, non-special token is selected with probability `mlm_probability`; at least one token
+    is selected in every sample that has a maskable token (so no batch is all -100). A selected
+    token becomes `[MASK]` with probability `mask_replace_prob`, a random non-special token with
+    probability `random_replace_prob`, and stays unchanged otherwise; the value of a replaced token is
+    hidden (NaN). `labels` hold the original id at selected positions and -100 elsewhere. Randomness
+    comes from `generator` if given, else torch's global RNG (so `transformers.set_seed` fixes it).
+    """
+
+    tokenizer: EHREventTokenizer
+    mlm_probability: float = 0.15
+    mask_replace_prob: float = 0.8
+    random_replace_prob: float = 0.1
+    pad_to_multiple_of: int | None = None
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mlm_probability <= 1.0:
+            raise ValueError(f"mlm_probability must be in (0, 1], got {self.mlm_probability}")
+        if self.mask_replace_prob < 0 or self.random_replace_prob < 0:
+            raise ValueError("mask_replace_prob and random_replace_prob must be non-negative")
+        if self.mask_replace_prob + self.random_replace_prob > 1.0 + 1e-9:
+            raise ValueError(
+                f"mask_replace_prob + random_replace_prob must be <= 1, got "
+                f"{self.mask_replace_prob} + {self.random_replace_prob}"
+            )
+        n_special = len(self.tokenizer.all_special_ids)
+        if self.random_replace_prob > 0 and self.tokenizer.vocab_size <= n_special:
+            raise ValueError("random replacement needs at least one non-special token in the vocabulary")
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = _pad_batch(features, self.tokenizer.pad_token_id, self.pad_to_multiple_of)
+        input_ids = batch["input_ids"]  # (B, L)
+        special = torch.tensor(self.tokenizer.all_special_ids, dtype=torch.long)
+        maskable = ~torch.isin(input_ids, special) & batch["attention_mask"].bool()  # (B, L)
+
+        draws = torch.rand(input_ids.shape, generator=self.generator)  # (B, L)
+        selected = (draws < self.mlm_probability) & maskable  # (B, L)
+        # Samples with maskable tokens but no selection: select the maskable token with the lowest draw.
+        needs_one = maskable.any(dim=1) & ~selected.any(dim=1)  # (B,)
+        if needs_one.any():
+            fallback = draws.masked_fill(~maskable, 2.0).argmin(dim=1)  # (B,)
+            rows = needs_one.nonzero(as_tuple=True)[0]
+            selected[rows, fallback[rows]] = True
+
+        labels = torch.where(selected, input_ids, torch.full_like(input_ids, -100))  # (B, L)
+        action = torch.rand(input_ids.shape, generator=self.generator)  # (B, L)
+        to_mask = selected & (action < self.mask_replace_prob)
+        to_random = selected & ~to_mask & (action < self.mask_replace_prob + self.random_replace_prob)
+        n_special = len(self.tokenizer.all_special_ids)
+        random_ids = torch.randint(
+            n_special, max(self.tokenizer.vocab_size, n_special + 1), input_ids.shape, generator=self.generator
+        )  # (B, L)
+        input_ids = torch.where(to_mask, torch.full_like(input_ids, self.tokenizer.mask_token_id), input_ids)
+        input_ids = torch.where(to_random, random_ids, input_ids)
+        values = batch["values"].masked_fill(to_mask | to_random, float("nan"))  # (B, L)
+        batch.update(input_ids=input_ids, values=values, labels=labels)
+        return batch
+
+
+@dataclass
+class DataCollatorForEventClassification:
+    """Pads a batch and stacks its labels: float32 for float/bool labels, int64 for integer labels.
+
+    A feature's `labels` may be a scalar or a list (multi-label / multi-target gives (B, T)).
+    """
+
+    tokenizer: EHREventTokenizer
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = _pad_batch(features, self.tokenizer.pad_token_id, self.pad_to_multiple_of)
+        if "labels" in features[0]:
+            raw = [feature["labels"] for feature in features]
+            if any(label is None for label in raw):
+                raise ValueError("a feature has labels=None; drop unlabeled samples before collating")
+            tensor = torch.as_tensor(raw)
+            if tensor.dtype == torch.bool or tensor.is_floating_point():
+                tensor = tensor.to(torch.float32)
+            else:
+                tensor = tensor.to(torch.long)
+            batch["labels"] = tensor
+        return batch
+
+
+__all__ = ["DataCollatorForMaskedEventModeling", "DataCollatorForEventClassification"]

@@ -1,0 +1,341 @@
+"""Tokenized `datasets.Dataset`s from a MEDS folder, built shard by shard.
+
+Both builders read one shard at a time (`meds.iter_shards`), encode it with
+`EHREventTokenizer.encode_events` and append the encoded Arrow table to one cache file, which is
+then memory-mapped as a `datasets.Dataset`. The cache folder is keyed by a fingerprint of the
+tokenizer's content hash, the split, the shard files (path, size, mtime) and (for labels) the label
+rows, so a different tokenizer or changed data never hits a stale cache.
+
+Build statistics (subjects/labels seen, kept and dropped, with reasons) are logged, stored as JSON
+in `dataset.info.description` and returned by `build_stats(dataset)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import datasets
+import polars as pl
+import pyarrow as pa
+from datasets.arrow_writer import ArrowWriter
+
+from ehr_transformer.tokenization_ehr import EHREventTokenizer
+
+logger = logging.getLogger(__name__)
+
+_CACHE_VERSION = "1"
+LABEL_VALUE_COLUMNS = ("boolean_value", "integer_value", "float_value")
+_SEQUENCE_FIELDS = {
+    "input_ids": pa.list_(pa.int32()),
+    "values": pa.list_(pa.float32()),
+    "times": pa.list_(pa.float32()),
+    "ages": pa.list_(pa.float32()),
+}
+
+
+def _schema(labelled: bool, label_type: pa.DataType | None = None) -> pa.Schema:
+    fields = [pa.field("subject_id", pa.int64())]
+    if labelled:
+        fields.append(pa.field("prediction_time", pa.timestamp("us")))
+    fields += [pa.field(name, dtype) for name, dtype in _SEQUENCE_FIELDS.items()]
+    if labelled:
+        fields.append(pa.field("labels", label_type))
+    fields.append(pa.field("length", pa.int32()))
+    return pa.schema(fields)
+
+
+def _to_arrow(frame: pl.DataFrame, schema: pa.Schema) -> pa.Table:
+    return frame.select(schema.names).to_arrow().cast(schema)
+
+
+def _default_cache_dir() -> Path:
+    return Path(datasets.config.HF_DATASETS_CACHE) / "ehr_transformer"
+
+
+def _file_signature(path: Path) -> list[Any]:
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def _fingerprint(meds_dir: Path, parts: dict[str, Any]) -> str:
+    shards = sorted(p for p in (meds_dir / "data").glob("**/*.parquet") if p.is_file())
+    splits_file = meds_dir / "metadata" / "subject_splits.parquet"
+    payload = {
+        "cache_version": _CACHE_VERSION,
+        "polars": pl.__version__,
+        "shards": [_file_signature(p) for p in shards],
+        "splits": _file_signature(splits_file) if splits_file.is_file() else None,
+        **parts,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def build_stats(dataset: datasets.Dataset) -> dict[str, Any]:
+    """The build statistics stored in `dataset.info.description` by the builders of this module."""
+    try:
+        stats = json.loads(dataset.info.description or "")
+    except json.JSONDecodeError:
+        return {}
+    return stats.get("ehr_transformer_build_stats", {}) if isinstance(stats, dict) else {}
+
+
+def _load_cached(folder: Path) -> datasets.Dataset | None:
+    data, stats = folder / "data.arrow", folder / "stats.json"
+    if not (data.is_file() and stats.is_file()):
+        return None
+    dataset = datasets.Dataset.from_file(str(data))
+    dataset.info.description = stats.read_text(encoding="utf-8")
+    return dataset
+
+
+def _write_cached(folder: Path, schema: pa.Schema, tables, stats_fn) -> datasets.Dataset:
+    """Write the tables yielded by `tables` into `folder/data.arrow` (atomically) and load it."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        writer = ArrowWriter(schema=schema, path=str(tmp / "data.arrow"))
+        try:
+            for table in tables:
+                if table.num_rows:
+                    writer.write_table(table)
+            writer.finalize()
+        finally:
+            writer.close()
+        (tmp / "stats.json").write_text(json.dumps({"ehr_transformer_build_stats": stats_fn()}), encoding="utf-8")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    dataset = _load_cached(folder)
+    assert dataset is not None
+    return dataset
+
+
+def _split_subjects(meds_dir: Path, split: str) -> tuple[pl.Series, pl.DataFrame]:
+    from ehr_transformer.data.meds import read_subject_splits
+
+    splits = read_subject_splits(meds_dir)
+    known = sorted(splits["split"].unique().to_list())
+    subjects = splits.filter(pl.col("split") == split)["subject_id"]
+    if subjects.len() == 0:
+        raise ValueError(f"{meds_dir}: no subject in split {split!r} (splits present: {known})")
+    return subjects, splits
+
+
+class _ShardGuard:
+    """Raises when a subject appears in two shards (each subject must live in one shard)."""
+
+    def __init__(self) -> None:
+        self.seen = pl.Series("subject_id", [], dtype=pl.Int64)
+
+    def check(self, path: Path, subject_ids: pl.Series) -> None:
+        ids = subject_ids.unique()
+        repeated = ids.filter(ids.is_in(self.seen.implode()))
+        if repeated.len():
+            raise ValueError(
+                f"{path}: subject_id {repeated[0]} also appears in an earlier shard; a subject's events must "
+                "lie in one shard (MEDS convention) for shard-by-shard encoding"
+            )
+        self.seen = pl.concat([self.seen, ids])
+
+
+def build_pretraining_dataset(
+    meds_dir: str | os.PathLike,
+    tokenizer: EHREventTokenizer,
+    split: str = "train",
+    cache_dir: str | os.PathLike | None = None,
+) -> datasets.Dataset:
+    """One row per subject of `split` with at least one event (MEDS_BIRTH aside).
+
+    Columns: subject_id int64, input_ids list<int32>, values/times/ages list<float32>, length int32.
+    Built shard by shard into a cached Arrow file under `cache_dir` (default: the `datasets` cache
+    folder / "ehr_transformer"). Subjects of the split without events are counted and logged.
+    """
+    from ehr_transformer.data.meds import iter_shards
+
+    meds_dir = Path(meds_dir)
+    subjects, _ = _split_subjects(meds_dir, split)
+    schema = _schema(labelled=False)
+    key = _fingerprint(meds_dir, {"kind": "pretraining", "split": split, "tokenizer": tokenizer.content_hash()})
+    folder = Path(cache_dir or _default_cache_dir()) / f"pretraining-{split}-{key}"
+    cached = _load_cached(folder)
+    if cached is not None:
+        logger.info("loaded cached pretraining dataset from %s", folder)
+        return cached
+
+    counts = {"n_samples": 0}
+
+    def tables():
+        guard = _ShardGuard()
+        member = subjects.implode()
+        for path, shard in iter_shards(meds_dir):
+            shard = shard.filter(pl.col("subject_id").is_in(member))
+            if shard.height == 0:
+                continue
+            guard.check(path, shard["subject_id"])
+            encoded = tokenizer.encode_events(shard)
+            counts["n_samples"] += encoded.height
+            yield _to_arrow(encoded, schema)
+
+    def stats():
+        result = {
+            "kind": "pretraining",
+            "split": split,
+            "n_subjects_in_split": subjects.len(),
+            "n_samples": counts["n_samples"],
+            "n_dropped_no_events": subjects.len() - counts["n_samples"],
+        }
+        if result["n_dropped_no_events"]:
+            logger.warning(
+                "split %r: %d of %d subjects have no event to encode and were left out",
+                split, result["n_dropped_no_events"], subjects.len(),
+            )
+        return result
+
+    return _write_cached(folder, schema, tables(), stats)
+
+
+def _resolve_label_column(labels: pl.DataFrame, label_column: str | None) -> str:
+    if label_column is not None:
+        if label_column not in LABEL_VALUE_COLUMNS or label_column not in labels.columns:
+            raise ValueError(
+                f"label_column {label_column!r} must be one of {list(LABEL_VALUE_COLUMNS)} present in the labels "
+                f"(columns: {labels.columns})"
+            )
+        return label_column
+    present = [c for c in LABEL_VALUE_COLUMNS if c in labels.columns and labels[c].null_count() < labels.height]
+    if len(present) != 1:
+        raise ValueError(
+            f"cannot auto-detect the label column: columns with values {present} (expected exactly one of "
+            f"{list(LABEL_VALUE_COLUMNS)}); pass label_column="
+        )
+    return present[0]
+
+
+def build_labeled_dataset(
+    meds_dir: str | os.PathLike,
+    labels: pl.DataFrame | str | os.PathLike,
+    tokenizer: EHREventTokenizer,
+    split: str = "train",
+    label_column: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> datasets.Dataset:
+    """One row per label row of a subject in `split`, built only from events at or before its
+    prediction_time (static events included) — never anything later.
+
+    `labels` is a label frame or a path to a MEDS label parquet. The label column (boolean_value,
+    integer_value or float_value) is auto-detected unless given and stored as `labels`: float32 for
+    boolean/float labels (BCE/MSE), int64 for integer labels (cross entropy).
+    Columns: subject_id, prediction_time, input_ids, values, times, ages, labels, length.
+    Dropped label rows are counted by reason (`n_dropped_missing_label`, `n_dropped_subject_not_in_data`,
+    `n_dropped_no_events_before_prediction_time`), logged as warnings, and available via
+    `build_stats(dataset)`. Label rows of subjects in other splits (`n_labels_other_split`) or without
+    a split (`n_labels_subject_without_split`) are filtered out, not dropped.
+    """
+    from ehr_transformer.data.meds import iter_shards, read_labels, validate_labels
+
+    meds_dir = Path(meds_dir)
+    source = "<labels>"
+    if isinstance(labels, (str, os.PathLike)):
+        source = str(labels)
+        labels = read_labels(labels)
+    elif isinstance(labels, pl.DataFrame):
+        labels = validate_labels(labels, source=source)
+    else:
+        raise TypeError(f"labels must be a polars DataFrame or a path, got {type(labels).__name__}")
+    column = _resolve_label_column(labels, label_column)
+    subjects, splits = _split_subjects(meds_dir, split)
+
+    label_dtype = pl.Int64 if column == "integer_value" else pl.Float32
+    schema = _schema(labelled=True, label_type=pa.int64() if column == "integer_value" else pa.float32())
+    with_split = labels.select("subject_id", "prediction_time", pl.col(column).alias("labels")).join(
+        splits, on="subject_id", how="left", maintain_order="left"
+    )
+    in_split = with_split.filter(pl.col("split") == split).drop("split")
+    valid = in_split.filter(pl.col("labels").is_not_null()).with_columns(pl.col("labels").cast(label_dtype))
+    stats: dict[str, Any] = {
+        "kind": "labeled",
+        "split": split,
+        "label_source": source,
+        "label_column": column,
+        "n_labels_total": labels.height,
+        "n_labels_other_split": with_split.filter(pl.col("split").is_not_null() & (pl.col("split") != split)).height,
+        "n_labels_subject_without_split": with_split.filter(pl.col("split").is_null()).height,
+        "n_labels_in_split": in_split.height,
+        "n_dropped_missing_label": in_split.height - valid.height,
+    }
+    label_hash = int(valid.hash_rows(seed=0).sum()) if valid.height else 0
+    key = _fingerprint(
+        meds_dir,
+        {"kind": "labeled", "split": split, "tokenizer": tokenizer.content_hash(), "column": column,
+         "labels": [label_hash, valid.height]},
+    )
+    folder = Path(cache_dir or _default_cache_dir()) / f"labeled-{split}-{key}"
+    cached = _load_cached(folder)
+    if cached is not None:
+        logger.info("loaded cached labeled dataset from %s", folder)
+        _warn_drops(build_stats(cached))
+        return cached
+
+    counts = {"n_labels_with_data": 0, "n_samples": 0}
+
+    def tables():
+        guard = _ShardGuard()
+        label_subjects = valid["subject_id"].unique().implode()
+        for path, shard in iter_shards(meds_dir):
+            shard = shard.filter(pl.col("subject_id").is_in(label_subjects))
+            if shard.height == 0:
+                continue
+            guard.check(path, shard["subject_id"])
+            shard_labels = valid.filter(pl.col("subject_id").is_in(shard["subject_id"].unique().implode()))
+            encoded = tokenizer.encode_events(shard, labels=shard_labels)
+            counts["n_labels_with_data"] += shard_labels.height
+            counts["n_samples"] += encoded.height
+            yield _to_arrow(encoded, schema)
+
+    def final_stats():
+        stats.update(
+            n_samples=counts["n_samples"],
+            n_dropped_subject_not_in_data=valid.height - counts["n_labels_with_data"],
+            n_dropped_no_events_before_prediction_time=counts["n_labels_with_data"] - counts["n_samples"],
+        )
+        stats["n_dropped"] = (
+            stats["n_dropped_missing_label"]
+            + stats["n_dropped_subject_not_in_data"]
+            + stats["n_dropped_no_events_before_prediction_time"]
+        )
+        _warn_drops(stats)
+        return stats
+
+    return _write_cached(folder, schema, tables(), final_stats)
+
+
+def _warn_drops(stats: dict[str, Any]) -> None:
+    reasons = {
+        "n_dropped_missing_label": "have no label value",
+        "n_dropped_subject_not_in_data": "belong to a subject without events in the data",
+        "n_dropped_no_events_before_prediction_time": "have no event at or before their prediction_time",
+    }
+    for name, why in reasons.items():
+        if stats.get(name):
+            logger.warning(
+                "split %r: dropped %d of %d label rows that %s", stats.get("split"), stats[name],
+                stats.get("n_labels_in_split"), why,
+            )
+    if stats.get("n_labels_subject_without_split"):
+        logger.warning(
+            "%d label rows belong to subjects absent from subject_splits and were ignored",
+            stats["n_labels_subject_without_split"],
+        )
+
+
+__all__ = ["build_pretraining_dataset", "build_labeled_dataset", "build_stats"]

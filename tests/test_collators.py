@@ -1,0 +1,141 @@
+import math
+
+import pytest
+import torch
+from transformers import set_seed
+
+from ehr_transformer.data.collators import (
+    DataCollatorForEventClassification,
+    DataCollatorForMaskedEventModeling,
+)
+from ehr_transformer.tokenization_ehr import EHREventTokenizer
+
+NAN = float("nan")
+
+
+def make_tokenizer(n_codes: int = 50) -> EHREventTokenizer:
+    return EHREventTokenizer([f"C{i}" for i in range(n_codes)], max_length=64)
+
+
+def make_feature(length: int, offset: int = 0, label=None) -> dict:
+    """CLS + `length - 1` events with ids from 4 on; every other event has a value."""
+    ids = [3] + [4 + (offset + i) % 40 for i in range(length - 1)]
+    feature = {
+        "subject_id": offset,
+        "length": length,
+        "input_ids": ids,
+        "values": [NAN] + [float(i) if i % 2 else NAN for i in range(length - 1)],
+        "times": [0.0] + [float(i) for i in range(length - 1)],
+        "ages": [40.0] * length,
+    }
+    if label is not None:
+        feature["labels"] = label
+    return feature
+
+
+def test_padding_shapes_and_values():
+    tok = make_tokenizer()
+    batch = DataCollatorForEventClassification(tok)([make_feature(5, label=1.0), make_feature(3, label=0.0)])
+    assert set(batch) == {"input_ids", "attention_mask", "values", "times", "ages", "labels"}
+    assert batch["input_ids"].shape == (2, 5) and batch["input_ids"].dtype == torch.long
+    assert batch["attention_mask"].dtype == torch.long
+    assert batch["values"].dtype == batch["times"].dtype == batch["ages"].dtype == torch.float32
+    assert batch["attention_mask"].tolist() == [[1] * 5, [1, 1, 1, 0, 0]]
+    assert batch["input_ids"][1, 3:].tolist() == [tok.pad_token_id] * 2
+    assert torch.isnan(batch["values"][1, 3:]).all()
+    assert batch["times"][1, 3:].tolist() == [0.0, 0.0] and batch["ages"][1, 3:].tolist() == [0.0, 0.0]
+    assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == [1.0, 0.0]
+    padded = DataCollatorForEventClassification(tok, pad_to_multiple_of=8)([make_feature(5), make_feature(3)])
+    assert padded["input_ids"].shape == (2, 8) and "labels" not in padded
+
+
+def test_classification_label_types():
+    tok = make_tokenizer()
+    collate = DataCollatorForEventClassification(tok)
+    assert collate([make_feature(3, label=2), make_feature(4, label=0)])["labels"].dtype == torch.long
+    assert collate([make_feature(3, label=True), make_feature(4, label=False)])["labels"].dtype == torch.float32
+    multi = collate([make_feature(3, label=[1.0, 0.0]), make_feature(4, label=[0.0, 1.0])])["labels"]
+    assert multi.shape == (2, 2)
+
+
+def test_masking_never_touches_pad_or_cls_and_labels_outside_are_ignored():
+    tok = make_tokenizer()
+    collate = DataCollatorForMaskedEventModeling(tok, mlm_probability=0.5, generator=torch.Generator().manual_seed(0))
+    features = [make_feature(n, offset=n) for n in (2, 7, 20, 33)]
+    originals = DataCollatorForEventClassification(tok)(features)
+    for _ in range(20):
+        batch = collate(features)
+        labels = batch["labels"]
+        assert labels.dtype == torch.long and labels.shape == batch["input_ids"].shape
+        special = torch.isin(originals["input_ids"], torch.tensor(tok.all_special_ids))
+        assert (labels[special] == -100).all()  # CLS and PAD never targets
+        assert (batch["input_ids"][:, 0] == tok.cls_token_id).all()
+        assert (batch["input_ids"][originals["attention_mask"] == 0] == tok.pad_token_id).all()
+        targets = labels != -100
+        assert (labels[targets] == originals["input_ids"][targets]).all()
+        unchanged = ~targets
+        assert (batch["input_ids"][unchanged] == originals["input_ids"][unchanged]).all()
+        assert (targets.sum(dim=1) >= 1).all()  # every sample has a target
+        # a [MASK] or randomly replaced token has its value hidden
+        replaced = targets & (batch["input_ids"] != originals["input_ids"])
+        assert torch.isnan(batch["values"][replaced]).all()
+
+
+def test_rate_and_80_10_10_proportions():
+    tok = make_tokenizer(500)
+    set_seed(0)
+    features = [make_feature(60, offset=i) for i in range(8)]
+    originals = DataCollatorForEventClassification(tok)(features)["input_ids"]
+    n_maskable = n_selected = n_mask = n_random = n_same = 0
+    collate = DataCollatorForMaskedEventModeling(tok)
+    for _ in range(100):
+        batch = collate(features)
+        targets = batch["labels"] != -100
+        n_maskable += 8 * 59
+        n_selected += int(targets.sum())
+        ids = batch["input_ids"][targets]
+        n_mask += int((ids == tok.mask_token_id).sum())
+        same = ids == originals[targets]
+        n_same += int(same.sum())
+        n_random += int(((ids != tok.mask_token_id) & ~same).sum())
+        assert (ids[ids != tok.mask_token_id] >= len(tok.all_special_ids)).all()
+    assert n_selected / n_maskable == pytest.approx(0.15, abs=0.01)
+    assert n_mask / n_selected == pytest.approx(0.8, abs=0.03)
+    # a random replacement can draw the original id (1 in 496): counted as unchanged
+    assert n_random / n_selected == pytest.approx(0.1, abs=0.02)
+    assert n_same / n_selected == pytest.approx(0.1, abs=0.02)
+
+
+def test_at_least_one_target_even_at_low_probability():
+    tok = make_tokenizer()
+    collate = DataCollatorForMaskedEventModeling(tok, mlm_probability=1e-6)
+    batch = collate([make_feature(2), make_feature(10, offset=3), {**make_feature(1)}])
+    per_sample = (batch["labels"] != -100).sum(dim=1).tolist()
+    assert per_sample == [1, 1, 0]  # the CLS-only sample has nothing to mask
+
+
+def test_deterministic_under_seed():
+    tok = make_tokenizer()
+    features = [make_feature(n, offset=n) for n in (5, 17, 30)]
+    collate = DataCollatorForMaskedEventModeling(tok)
+    set_seed(123)
+    first = collate(features)
+    set_seed(123)
+    second = collate(features)
+    for key in first:
+        assert torch.equal(first[key].nan_to_num(-1.0), second[key].nan_to_num(-1.0)), key
+    a = DataCollatorForMaskedEventModeling(tok, generator=torch.Generator().manual_seed(7))(features)
+    b = DataCollatorForMaskedEventModeling(tok, generator=torch.Generator().manual_seed(7))(features)
+    assert torch.equal(a["labels"], b["labels"])
+
+
+def test_invalid_arguments_and_features():
+    tok = make_tokenizer()
+    with pytest.raises(ValueError, match="mask_replace_prob"):
+        DataCollatorForMaskedEventModeling(tok, mask_replace_prob=0.9, random_replace_prob=0.2)
+    with pytest.raises(ValueError, match="lacks key"):
+        DataCollatorForEventClassification(tok)([{"input_ids": [3, 4]}])
+    with pytest.raises(ValueError, match="different lengths"):
+        DataCollatorForEventClassification(tok)([{**make_feature(3), "times": [0.0]}])
+    values = DataCollatorForEventClassification(tok)([{**make_feature(3), "values": [None, 1.0, None]}])["values"]
+    assert math.isnan(values[0, 0]) and values[0, 1] == 1.0

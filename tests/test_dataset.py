@@ -1,0 +1,141 @@
+import datetime as dt
+import logging
+import math
+
+import polars as pl
+import pytest
+
+from ehr_transformer.data.dataset import build_labeled_dataset, build_pretraining_dataset, build_stats
+from ehr_transformer.data.meds import write_meds
+from ehr_transformer.tokenization_ehr import EHREventTokenizer
+
+SCHEMA = {"subject_id": pl.Int64, "time": pl.Datetime("us"), "code": pl.String, "numeric_value": pl.Float32}
+LABEL_SCHEMA = {"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"), "boolean_value": pl.Boolean}
+T0 = dt.datetime(2021, 3, 1)
+SECOND = dt.timedelta(seconds=1)
+
+
+def hours(h: float) -> dt.datetime:
+    return T0 + dt.timedelta(hours=h)
+
+
+def make_cohort(n_subjects: int = 12) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Small cohort: subjects 0..n-1; split by subject_id % 3 (train / tuning / held_out)."""
+    rows = []
+    for s in range(n_subjects):
+        rows += [
+            (s, None, "SEX//F", None),
+            (s, dt.datetime(1950, 1, 1), "MEDS_BIRTH", None),
+            (s, hours(0), "ADMISSION", None),
+            (s, hours(24), "AT_PREDICTION_TIME", 1.0),
+            (s, hours(24) + SECOND, "ONE_SECOND_LATE", 2.0),
+            (s, hours(48), "MEDS_DEATH", None),
+        ]
+    events = pl.DataFrame(rows, schema=SCHEMA, orient="row")
+    splits = pl.DataFrame(
+        {"subject_id": list(range(n_subjects)), "split": [("train", "tuning", "held_out")[s % 3] for s in range(n_subjects)]}
+    )
+    return events, splits
+
+
+@pytest.fixture(scope="module")
+def meds_dir(tmp_path_factory):
+    events, splits = make_cohort()
+    # subject 99 is in train but has no events
+    splits = pl.concat([splits, pl.DataFrame({"subject_id": [99], "split": ["train"]})])
+    return write_meds(tmp_path_factory.mktemp("meds") / "cohort", events, splits, n_shards=2)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    events, splits = make_cohort()
+    train = events.join(splits.filter(pl.col("split") == "train"), on="subject_id", how="semi")
+    return EHREventTokenizer.fit(train, min_code_count=1, max_length=32)
+
+
+def test_pretraining_dataset_one_row_per_subject_of_split(meds_dir, tokenizer, tmp_path):
+    ds = build_pretraining_dataset(meds_dir, tokenizer, split="train", cache_dir=tmp_path)
+    assert set(ds.column_names) == {"subject_id", "input_ids", "values", "times", "ages", "length"}
+    assert sorted(ds["subject_id"]) == [s for s in range(12) if s % 3 == 0]
+    row = ds[0]
+    assert row["input_ids"][0] == tokenizer.cls_token_id and row["length"] == len(row["input_ids"]) == 6
+    assert math.isnan(row["values"][0])
+    stats = build_stats(ds)
+    assert stats["n_subjects_in_split"] == 5 and stats["n_samples"] == 4 and stats["n_dropped_no_events"] == 1
+    # second call hits the cache; another tokenizer does not
+    again = build_pretraining_dataset(meds_dir, tokenizer, split="train", cache_dir=tmp_path)
+    assert again["input_ids"] == ds["input_ids"]
+    other = EHREventTokenizer(tokenizer.ids_to_codes[:5], max_length=3)
+    short = build_pretraining_dataset(meds_dir, other, split="train", cache_dir=tmp_path)
+    assert max(short["length"]) == 3
+
+
+def test_other_splits_respected(meds_dir, tokenizer, tmp_path):
+    for split, remainder in (("tuning", 1), ("held_out", 2)):
+        ds = build_pretraining_dataset(meds_dir, tokenizer, split=split, cache_dir=tmp_path)
+        assert ds.num_rows == 4 and all(s % 3 == remainder for s in ds["subject_id"])
+
+
+def test_label_time_cutoff(meds_dir, tokenizer, tmp_path):
+    labels = pl.DataFrame(
+        {"subject_id": [0, 3], "prediction_time": [hours(24), hours(24) - SECOND], "boolean_value": [True, False]},
+        schema=LABEL_SCHEMA,
+    )
+    ds = build_labeled_dataset(meds_dir, labels, tokenizer, split="train", cache_dir=tmp_path)
+    assert set(ds.column_names) == {
+        "subject_id", "prediction_time", "input_ids", "values", "times", "ages", "labels", "length"}
+    late, at_time, death = (tokenizer.vocab[c] for c in ("ONE_SECOND_LATE", "AT_PREDICTION_TIME", "MEDS_DEATH"))
+    rows = {r["subject_id"]: r for r in ds}
+    for row in rows.values():
+        assert late not in row["input_ids"] and death not in row["input_ids"]
+    assert at_time in rows[0]["input_ids"]  # exactly at prediction_time: kept
+    assert at_time not in rows[3]["input_ids"]  # one second after prediction_time: gone
+    assert rows[0]["labels"] == 1.0 and rows[3]["labels"] == 0.0
+    assert ds.features["labels"].dtype == "float32"
+
+
+def test_splits_respected_and_drops_counted(meds_dir, tokenizer, tmp_path, caplog):
+    labels = pl.DataFrame(
+        {
+            "subject_id": [0, 1, 2, 3, 99, 6, 500],
+            "prediction_time": [hours(30), hours(30), hours(30), hours(30), hours(30), hours(-5), hours(30)],
+            "boolean_value": [True, False, True, False, True, True, False],
+        },
+        schema=LABEL_SCHEMA,
+    )
+    with caplog.at_level(logging.WARNING, logger="ehr_transformer.data.dataset"):
+        ds = build_labeled_dataset(meds_dir, labels, tokenizer, split="train", cache_dir=tmp_path)
+    assert sorted(ds["subject_id"]) == [0, 3, 6]  # 1, 2 belong to other splits; 99 has no events; 500 no split
+    stats = build_stats(ds)
+    assert stats["n_labels_other_split"] == 2
+    assert stats["n_labels_subject_without_split"] == 1
+    assert stats["n_dropped_subject_not_in_data"] == 1
+    # subject 6's label at -5 h precedes every timed event: only static events remain, which is kept
+    assert stats["n_dropped_no_events_before_prediction_time"] == 0
+    assert stats["n_samples"] == 3
+    assert "subject without events" in caplog.text
+    sample6 = next(r for r in ds if r["subject_id"] == 6)
+    assert tokenizer.convert_ids_to_codes(sample6["input_ids"]) == ["[CLS]", "SEX//F"]
+
+
+def test_label_without_any_event_before_prediction_time_is_dropped(tmp_path, tokenizer):
+    events = pl.DataFrame([(0, hours(5), "ADMISSION", None), (1, hours(0), "ADMISSION", None)],
+                          schema=SCHEMA, orient="row")
+    splits = pl.DataFrame({"subject_id": [0, 1], "split": ["train", "train"]})
+    meds = write_meds(tmp_path / "m", events, splits)
+    labels = pl.DataFrame({"subject_id": [0, 1], "prediction_time": [hours(1), hours(1)],
+                           "integer_value": [2, 3]})
+    ds = build_labeled_dataset(meds, labels, tokenizer, cache_dir=tmp_path / "cache")
+    assert ds["subject_id"] == [1] and ds["labels"] == [3]
+    assert ds.features["labels"].dtype == "int64"
+    assert build_stats(ds)["n_dropped_no_events_before_prediction_time"] == 1
+
+
+def test_labels_from_path_and_label_column_check(meds_dir, tokenizer, tmp_path):
+    labels = pl.DataFrame({"subject_id": [0], "prediction_time": [hours(30)], "float_value": [2.5]})
+    path = tmp_path / "task.parquet"
+    labels.write_parquet(path)
+    ds = build_labeled_dataset(meds_dir, path, tokenizer, cache_dir=tmp_path / "cache")
+    assert ds["labels"] == [2.5]
+    with pytest.raises(ValueError, match="label_column"):
+        build_labeled_dataset(meds_dir, path, tokenizer, label_column="text_value", cache_dir=tmp_path / "c2")

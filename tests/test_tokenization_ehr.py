@@ -1,0 +1,262 @@
+import datetime as dt
+import json
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ehr_transformer.tokenization_ehr import TOKENIZER_FILE, EHREventTokenizer
+
+SCHEMA = {"subject_id": pl.Int64, "time": pl.Datetime("us"), "code": pl.String, "numeric_value": pl.Float32}
+T0 = dt.datetime(2020, 1, 1)
+
+
+def hours(h: float) -> dt.datetime:
+    return T0 + dt.timedelta(hours=h)
+
+
+def make_events(rows) -> pl.DataFrame:
+    """(subject_id, time or None, code, value or None) rows -> a MEDS frame sorted as in the contract."""
+    frame = pl.DataFrame(rows, schema=SCHEMA, orient="row")
+    return frame.sort(["subject_id", "time"], nulls_last=False, maintain_order=True)
+
+
+def cohort(n_subjects: int = 10) -> pl.DataFrame:
+    rows = []
+    for s in range(n_subjects):
+        rows += [
+            (s, None, "SEX//F" if s % 2 else "SEX//M", None),
+            (s, dt.datetime(1960 + s, 1, 1), "MEDS_BIRTH", None),
+            (s, hours(s), "ADMISSION", None),
+            (s, hours(s + 1), "LAB//GLUCOSE", 100.0 + 10 * s),
+            (s, hours(s + 2), "LAB//GLUCOSE", 110.0 + 10 * s),
+        ]
+    return make_events(rows)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> EHREventTokenizer:
+    return EHREventTokenizer.fit(cohort(), min_code_count=2, max_length=16)
+
+
+def test_special_tokens_and_vocab_order(tokenizer):
+    assert tokenizer.convert_ids_to_codes([0, 1, 2, 3]) == ["[PAD]", "[UNK]", "[MASK]", "[CLS]"]
+    assert (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.mask_token_id, tokenizer.cls_token_id) == (
+        0, 1, 2, 3)
+    assert tokenizer.all_special_ids == [0, 1, 2, 3]
+    # most subjects first, ties by name; MEDS_BIRTH is no token
+    assert tokenizer.ids_to_codes[4:] == ["ADMISSION", "LAB//GLUCOSE", "SEX//F", "SEX//M"]
+    assert "MEDS_BIRTH" not in tokenizer.vocab
+    assert len(tokenizer) == tokenizer.vocab_size == 8
+    assert "vocab_size=8" in repr(tokenizer)
+
+
+def test_min_code_count_counts_subjects_not_events():
+    rows = [(0, hours(i), "FREQUENT_IN_ONE", None) for i in range(50)]
+    rows += [(s, hours(1), "IN_THREE", None) for s in range(3)]
+    tok = EHREventTokenizer.fit(make_events(rows), min_code_count=3)
+    assert "IN_THREE" in tok.vocab
+    assert "FREQUENT_IN_ONE" not in tok.vocab
+
+
+def test_fitted_only_on_given_events_and_streams_shards():
+    events = cohort(10)
+    train = events.filter(pl.col("subject_id") < 6)
+    extra = make_events([(s, hours(1), "ONLY_IN_TEST", 1.0) for s in range(6, 10)])
+    tok = EHREventTokenizer.fit(train, min_code_count=2)
+    assert "ONLY_IN_TEST" not in tok.vocab
+    # shards given one by one give the same tokenizer as the whole frame
+    shards = [train.filter(pl.col("subject_id") < 3), train.filter(pl.col("subject_id") >= 3)]
+    assert EHREventTokenizer.fit(iter(shards), min_code_count=2) == tok
+    assert EHREventTokenizer.fit([(None, s) for s in shards], min_code_count=2) == tok
+    assert tok.encode(extra.filter(pl.col("subject_id") == 6))["input_ids"] == [tok.cls_token_id, tok.unk_token_id]
+
+
+def test_value_statistics_and_normalisation(tokenizer):
+    stats = tokenizer.value_statistics["LAB//GLUCOSE"]
+    values = sorted([100.0 + 10 * s for s in range(10)] + [110.0 + 10 * s for s in range(10)])
+    assert stats["count"] == 20
+    assert stats["median"] == pytest.approx(150.0)
+    q1, q3 = np.quantile(values, [0.25, 0.75])  # exact: 20 values fit in the reservoir
+    assert stats["scale"] == pytest.approx((q3 - q1) / 1.349)
+    assert len(stats["bin_edges"]) == 9 and stats["bin_edges"] == sorted(stats["bin_edges"])
+    out = tokenizer.normalize_values(["LAB//GLUCOSE", "LAB//GLUCOSE", "ADMISSION", "UNSEEN"],
+                                     [150.0, 1e9, None, 3.0])
+    assert out[0] == pytest.approx(0.0) and out[1] == pytest.approx(10.0)
+    assert math.isnan(out[2]) and math.isnan(out[3])
+
+
+def test_unknown_code_maps_to_unk(tokenizer):
+    subject = make_events([(1, hours(0), "NEVER_SEEN", 2.0), (1, hours(1), "ADMISSION", None)])
+    encoded = tokenizer.encode(subject)
+    assert encoded["input_ids"] == [3, tokenizer.unk_token_id, tokenizer.vocab["ADMISSION"]]
+    assert math.isnan(encoded["values"][1])
+
+
+def test_times_and_ages_on_hand_made_subject(tokenizer):
+    birth = dt.datetime(1990, 1, 1)
+    subject = make_events([
+        (7, None, "SEX//F", None),
+        (7, birth, "MEDS_BIRTH", None),
+        (7, hours(10), "ADMISSION", None),
+        (7, hours(10), "LAB//GLUCOSE", 150.0),
+        (7, hours(13.5), "LAB//GLUCOSE", 150.0),
+    ])
+    encoded = tokenizer.encode(subject)
+    v = tokenizer.vocab
+    assert encoded["input_ids"] == [3, v["SEX//F"], v["ADMISSION"], v["LAB//GLUCOSE"], v["LAB//GLUCOSE"]]
+    assert encoded["times"] == pytest.approx([0.0, 0.0, 0.0, 0.0, 3.5])
+    age0 = (hours(10) - birth).total_seconds() / (365.25 * 86400)
+    age1 = (hours(13.5) - birth).total_seconds() / (365.25 * 86400)
+    assert encoded["ages"] == pytest.approx([age0, age0, age0, age0, age1], rel=1e-6)
+    assert math.isnan(encoded["values"][0]) and math.isnan(encoded["values"][1])
+    # birth unknown -> ages are 0
+    no_birth = tokenizer.encode(subject.filter(pl.col("code") != "MEDS_BIRTH"))
+    assert no_birth["ages"] == [0.0] * 5
+    # cut at a prediction time: later events are gone
+    cut = tokenizer.encode(subject, prediction_time=hours(12))
+    assert cut["input_ids"] == [3, v["SEX//F"], v["ADMISSION"], v["LAB//GLUCOSE"]]
+
+
+def test_truncation_keeps_static_and_latest_events():
+    rows = [(1, None, f"STATIC_{i}", None) for i in range(3)]
+    rows += [(1, hours(i), f"EVENT_{i:02d}", None) for i in range(20)]
+    events = make_events(rows)
+    tok = EHREventTokenizer.fit(events, min_code_count=1, max_length=8)
+    encoded = tok.encode(events)
+    codes = tok.convert_ids_to_codes(encoded["input_ids"])
+    assert codes == ["[CLS]", "STATIC_0", "STATIC_1", "STATIC_2", "EVENT_16", "EVENT_17", "EVENT_18", "EVENT_19"]
+    assert encoded["times"] == pytest.approx([0, 0, 0, 0, 0, 1, 2, 3])
+    # static events are capped, leaving room for timed events
+    capped = EHREventTokenizer(tok.vocab, max_length=8, max_static_events=1, min_code_count=1)
+    codes = capped.convert_ids_to_codes(capped.encode(events)["input_ids"])
+    assert codes[:2] == ["[CLS]", "STATIC_0"] and codes[-1] == "EVENT_19" and len(codes) == 8
+
+
+def test_encode_events_with_labels_filters_future(tokenizer):
+    events = cohort(3)
+    labels = pl.DataFrame(
+        {"subject_id": [0, 0, 2, 99], "prediction_time": [hours(1), hours(100), hours(2.5), hours(1)],
+         "boolean_value": [True, False, True, False]},
+        schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"), "boolean_value": pl.Boolean},
+    )
+    out = tokenizer.encode_events(events, labels)
+    assert out["subject_id"].to_list() == [0, 0, 2]  # subject 99 has no events
+    assert out["length"].to_list() == [4, 5, 3]  # CLS, sex, admission(, glucose(, glucose))
+    assert out["boolean_value"].to_list() == [True, False, True]
+    whole = tokenizer.encode_events(events)
+    assert whole.height == 3 and whole["length"].to_list() == [5, 5, 5]
+
+
+def test_save_load_round_trip(tmp_path, tokenizer):
+    path = tokenizer.save_pretrained(tmp_path / "ckpt")
+    assert path.name == TOKENIZER_FILE
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [TOKENIZER_FILE]
+    loaded = EHREventTokenizer.from_pretrained(tmp_path / "ckpt")
+    assert loaded == tokenizer and loaded.content_hash() == tokenizer.content_hash()
+    events = cohort(4)
+    assert loaded.encode_events(events).equals(tokenizer.encode_events(events))
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda d: d.update(extra_field=1), "unknown field"),
+        (lambda d: d["vocab"].update({"GAP": 999}), "contiguous"),
+        (lambda d: d["vocab"].update({"[PAD]": 4, "ADMISSION": 0}), "special token"),
+        (lambda d: d["settings"].update(max_length="512"), "max_length"),
+        (lambda d: d["settings"].update(max_length=10**12), "max_length"),
+        (lambda d: d.update(vocab=[1, 2]), "vocab must be"),
+        (lambda d: d["value_statistics"]["LAB//GLUCOSE"].update(scale=-1.0), "scale"),
+        (lambda d: d.update(version=99), "version"),
+    ],
+)
+def test_from_pretrained_refuses_corrupted_files(tmp_path, tokenizer, corrupt, message):
+    tokenizer.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / TOKENIZER_FILE).read_text())
+    corrupt(data)
+    (tmp_path / TOKENIZER_FILE).write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=message):
+        EHREventTokenizer.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_refuses_absurd_vocab_and_garbage(tmp_path, monkeypatch):
+    import ehr_transformer.tokenization_ehr as module
+
+    monkeypatch.setattr(module, "MAX_VOCAB_SIZE", 10)
+    vocab = {f"C{i}": i for i in range(20)}
+    payload = {"format": "ehr_event_tokenizer", "version": 1, "settings": {}, "vocab": vocab,
+               "value_statistics": {}}
+    (tmp_path / TOKENIZER_FILE).write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match="more than the limit"):
+        EHREventTokenizer.from_pretrained(tmp_path)
+    (tmp_path / TOKENIZER_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="not a valid JSON"):
+        EHREventTokenizer.from_pretrained(tmp_path)
+
+
+def test_refit_value_statistics_keeps_ids(tokenizer):
+    target = cohort(10).with_columns(pl.col("numeric_value") * 2)
+    refit = tokenizer.refit_value_statistics(target)
+    assert refit.vocab == tokenizer.vocab
+    assert refit.value_statistics["LAB//GLUCOSE"]["median"] == pytest.approx(300.0)
+    assert tokenizer.value_statistics["LAB//GLUCOSE"]["median"] == pytest.approx(150.0)
+    a, b = tokenizer.encode(target.filter(pl.col("subject_id") == 3)), refit.encode(
+        target.filter(pl.col("subject_id") == 3))
+    assert a["input_ids"] == b["input_ids"] and a["values"] != b["values"]
+
+
+def test_reservoir_bounds_sample_and_is_seeded():
+    rows = [(s, hours(i), "LAB", float(i)) for s in range(5) for i in range(400)]
+    events = make_events(rows)
+    a = EHREventTokenizer.fit(events, min_code_count=1, reservoir_size=100, seed=1)
+    b = EHREventTokenizer.fit(events, min_code_count=1, reservoir_size=100, seed=1)
+    assert a == b
+    assert a.value_statistics["LAB"]["count"] == 2000
+    assert 100 < a.value_statistics["LAB"]["median"] < 300
+
+
+codes_strategy = st.sampled_from(["A", "B", "C", "LAB", "MEDS_BIRTH", "NEW"])
+event_strategy = st.tuples(
+    st.integers(0, 3),
+    st.one_of(st.none(), st.integers(0, 10_000)),
+    codes_strategy,
+    st.one_of(st.none(), st.floats(-1e6, 1e6, allow_nan=False, width=32)),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(event_strategy, min_size=1, max_size=60), st.integers(2, 12))
+def test_property_encode_is_bounded_and_finite(rows, max_length):
+    events = make_events([(s, None if t is None else hours(t), c, v) for s, t, c, v in rows])
+    tok = EHREventTokenizer.fit(events, min_code_count=1, max_length=max_length)
+    out = tok.encode_events(events)
+    expected_subjects = events.filter(pl.col("code") != "MEDS_BIRTH")["subject_id"].n_unique()
+    assert out.height == expected_subjects
+    for row in out.iter_rows(named=True):
+        assert 2 <= row["length"] <= max_length
+        assert row["input_ids"][0] == tok.cls_token_id
+        assert len(row["input_ids"]) == len(row["values"]) == len(row["times"]) == len(row["ages"]) == row["length"]
+        assert all(math.isfinite(x) for x in row["times"] + row["ages"])
+        assert all(x >= 0 for x in row["times"])
+        assert all(math.isnan(v) or -10 <= v <= 10 for v in row["values"])
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(event_strategy, min_size=1, max_size=60), st.integers(2, 12), st.integers(-10, 10_010))
+def test_property_labels_equal_encoding_of_the_past(rows, max_length, cut_hours):
+    events = make_events([(s, None if t is None else hours(t), c, v) for s, t, c, v in rows])
+    tok = EHREventTokenizer.fit(events, min_code_count=1, max_length=max_length)
+    cut = hours(cut_hours)
+    subjects = events["subject_id"].unique().sort()
+    labels = pl.DataFrame({"subject_id": subjects, "prediction_time": [cut] * len(subjects)},
+                          schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us")})
+    labelled = tok.encode_events(events, labels)
+    past = tok.encode_events(events.filter(pl.col("time").is_null() | (pl.col("time") <= cut)))
+    assert labelled["subject_id"].to_list() == past["subject_id"].to_list()
+    for a, b in zip(labelled.iter_rows(named=True), past.iter_rows(named=True), strict=True):
+        assert a["input_ids"] == b["input_ids"] and a["times"] == b["times"]
+        assert np.array_equal(np.array(a["values"]), np.array(b["values"]), equal_nan=True)
