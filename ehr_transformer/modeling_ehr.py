@@ -204,6 +204,16 @@ class EHRTransformerPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_attention_backend = True
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # Whichever head saves the folder, every Auto class loads it (also under `trust_remote_code`).
+        self.config.auto_map = {
+            "AutoConfig": "configuration_ehr.EHRTransformerConfig",
+            "AutoModel": "modeling_ehr.EHRTransformerModel",
+            "AutoModelForMaskedLM": "modeling_ehr.EHRTransformerForMaskedEventModeling",
+            "AutoModelForSequenceClassification": "modeling_ehr.EHRTransformerForSequenceClassification",
+        }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
         # Residual output projections (marked `is_residual_projection`) get std / sqrt(2 * layers), so the

@@ -80,7 +80,7 @@ def iter_split_events(data_dir: str | os.PathLike, split: str) -> Iterator[pl.Da
     """The events of one split, one validated shard at a time (never the whole dataset in memory)."""
     subjects = pl.Series(sorted(split_subjects(data_dir, split)), dtype=pl.Int64)
     for _, frame in iter_shards(data_dir):
-        yield frame.filter(pl.col("subject_id").is_in(subjects))
+        yield frame.filter(pl.col("subject_id").is_in(subjects.implode()))
 
 
 def fit_tokenizer(data_args: DataArguments, model_args: ModelArguments) -> EHREventTokenizer:
@@ -298,7 +298,8 @@ def fit_baseline_and_predict(
     from .data.meds import read_events
 
     labels = read_labels(labels) if not isinstance(labels, pl.DataFrame) else labels
-    train_labels = labels.filter(pl.col("subject_id").is_in(sorted(split_subjects(data_dir, train_split))))
+    train_subjects = pl.Series(sorted(split_subjects(data_dir, train_split)), dtype=pl.Int64)
+    train_labels = labels.filter(pl.col("subject_id").is_in(train_subjects.implode()))
     train_events = read_events(data_dir, subject_ids=train_labels["subject_id"].unique().to_list())
     baseline = TabularBaseline(kind=kind, seed=seed).fit(train_events, train_labels)
     test_rows = rows.select("subject_id", "prediction_time", pl.col("label").cast(pl.Boolean).alias("boolean_value"))
@@ -313,7 +314,7 @@ def subgroups_for(data_dir: str | os.PathLike, predictions: pl.DataFrame) -> dic
     subjects = pl.Series(predictions["subject_id"].unique().to_list(), dtype=pl.Int64)
     births, sexes = [], []
     for _, frame in iter_shards(data_dir):
-        frame = frame.filter(pl.col("subject_id").is_in(subjects))
+        frame = frame.filter(pl.col("subject_id").is_in(subjects.implode()))
         births.append(frame.filter(pl.col("code") == "MEDS_BIRTH").group_by("subject_id").agg(birth=pl.col("time").min()))
         sex_events = frame.filter(pl.col("code").str.to_uppercase().str.contains(r"^(GENDER|SEX)//"))
         sexes.append(sex_events.group_by("subject_id").agg(sex=pl.col("code").first().str.split("//").list.last()))

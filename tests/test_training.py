@@ -1,0 +1,145 @@
+"""pretrain -> finetune -> evaluate -> predict with the plain Trainer, as a user runs them (tiny model, few steps)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import polars as pl
+import pytest
+import torch
+from conftest import REPO_ROOT
+from transformers import AutoModelForSequenceClassification, TrainingArguments
+
+from ehr_transformer import EHREventTokenizer, EHRTransformerForSequenceClassification
+from ehr_transformer.training import (
+    DataArguments,
+    ModelArguments,
+    evaluate_checkpoint,
+    finetune,
+    predict,
+    pretrain,
+)
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_length=64)
+
+
+def training_args(output_dir, **kwargs):
+    defaults = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=32,
+        learning_rate=1e-3,
+        max_steps=8,
+        logging_steps=4,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    defaults.update(kwargs)
+    return TrainingArguments(**defaults)
+
+
+@pytest.fixture(scope="module")
+def pretrained(synthetic_meds, tmp_path_factory):
+    output = tmp_path_factory.mktemp("pretrained")
+    cache = tmp_path_factory.mktemp("cache")
+    model = pretrain(
+        DataArguments(data_dir=str(synthetic_meds), cache_dir=str(cache)),
+        ModelArguments(**TINY, min_code_count=3),
+        training_args(output, eval_strategy="steps", eval_steps=8),
+    )
+    return output, model
+
+
+def test_pretrain_writes_a_complete_checkpoint(pretrained, synthetic_meds):
+    output, model = pretrained
+    names = set(os.listdir(output))
+    assert {"config.json", "model.safetensors", "event_tokenizer.json", "modeling_ehr.py"} <= names
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in names)
+    tokenizer = EHREventTokenizer.from_pretrained(output)
+    assert model.config.vocab_size == tokenizer.vocab_size
+    config = json.loads((output / "config.json").read_text())
+    assert config["model_type"] == "ehr_transformer"
+    assert "AutoModelForSequenceClassification" in config["auto_map"]
+
+
+def test_tokenizer_is_fitted_on_training_subjects_only(pretrained, synthetic_meds):
+    from ehr_transformer.training import iter_split_events
+
+    output, _ = pretrained
+    tokenizer = EHREventTokenizer.from_pretrained(output)
+    refit = EHREventTokenizer.fit(iter_split_events(synthetic_meds, "train"), min_code_count=3, max_length=64)
+    assert tokenizer.vocab == refit.vocab
+    with_held_out = EHREventTokenizer.fit(
+        [f for split in ("train", "held_out") for f in iter_split_events(synthetic_meds, split)],
+        min_code_count=3,
+        max_length=64,
+    )
+    assert tokenizer.value_statistics != with_held_out.value_statistics
+
+
+def test_finetune_from_pretrained_evaluate_and_predict(pretrained, synthetic_meds, tmp_path):
+    pretrained_dir, _ = pretrained
+    labels = synthetic_meds / "labels" / "in_hospital_mortality.parquet"
+    model = finetune(
+        DataArguments(data_dir=str(synthetic_meds), labels=str(labels), cache_dir=str(tmp_path / "cache")),
+        ModelArguments(model_name_or_path=str(pretrained_dir)),
+        training_args(tmp_path / "finetuned", eval_strategy="steps", eval_steps=8),
+    )
+    assert isinstance(model, EHRTransformerForSequenceClassification)
+    assert model.config.problem_type == "multi_label_classification" and model.config.num_labels == 1
+
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "finetuned")
+    assert isinstance(reloaded, EHRTransformerForSequenceClassification)
+    assert (tmp_path / "finetuned" / "event_tokenizer.json").exists()
+
+    predictions = predict(tmp_path / "finetuned", synthetic_meds, labels, split="held_out")
+    assert predictions.columns == ["subject_id", "prediction_time", "probability", "label"]
+    assert predictions["probability"].is_between(0, 1).all()
+    held_out = pl.read_parquet(synthetic_meds / "metadata" / "subject_splits.parquet").filter(pl.col("split") == "held_out")
+    assert set(predictions["subject_id"].to_list()) <= set(held_out["subject_id"].to_list())
+
+    report = evaluate_checkpoint(
+        tmp_path / "finetuned", synthetic_meds, labels, output_dir=tmp_path / "eval", n_bootstrap=50, baseline="logistic"
+    )
+    assert report["n"] == len(predictions)
+    for name in ("model", "logistic_baseline"):
+        auroc = report[name]["auroc"]
+        assert auroc["ci_lower"] <= auroc["estimate"] <= auroc["ci_upper"]
+        assert set(report[name]["subgroups"]) == {"age_band", "sex"}
+    assert (tmp_path / "eval" / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"] == report["n"]
+
+
+def test_finetune_from_scratch_with_label_fraction(synthetic_meds, tmp_path):
+    labels = synthetic_meds / "labels" / "in_hospital_mortality.parquet"
+    model = finetune(
+        DataArguments(data_dir=str(synthetic_meds), labels=str(labels), label_fraction=0.25, cache_dir=str(tmp_path)),
+        ModelArguments(**TINY, min_code_count=3),
+        training_args(tmp_path / "scratch", max_steps=2),
+    )
+    assert torch.isfinite(next(model.parameters())).all()
+
+
+def test_finetune_without_labels_says_what_is_missing(synthetic_meds, tmp_path):
+    with pytest.raises(ValueError, match="--labels"):
+        finetune(DataArguments(data_dir=str(synthetic_meds)), ModelArguments(**TINY), training_args(tmp_path))
+
+
+def test_pretrain_script_runs_as_a_command(synthetic_meds, tmp_path):
+    """`python training/pretrain.py ...` with TrainingArguments flags, as the README shows."""
+    command = [
+        sys.executable, str(REPO_ROOT / "training" / "pretrain.py"),
+        "--data_dir", str(synthetic_meds), "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"),
+        "--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2", "--intermediate_size", "64",
+        "--max_length", "32", "--max_steps", "2", "--per_device_train_batch_size", "8", "--report_to", "none",
+        "--use_cpu", "--save_strategy", "no", "--min_code_count", "3",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    vocab_size = json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"]
+    assert vocab_size == len(EHREventTokenizer.from_pretrained(tmp_path / "out")) > 4

@@ -1,0 +1,16 @@
+"""Fine-tune for a binary outcome from a pretrained checkpoint (or from scratch without --model_name_or_path).
+
+    python training/finetune.py --data_dir MEDS_DIR --labels MEDS_DIR/labels/in_hospital_mortality.parquet \
+        --model_name_or_path out/pretrained --output_dir out/finetuned --num_train_epochs 5 --eval_strategy epoch
+
+--label_fraction 0.1 trains on a random 10% of the training labels (low-label experiments).
+"""
+
+from transformers import HfArgumentParser, TrainingArguments
+
+from ehr_transformer.training import DataArguments, ModelArguments, finetune
+
+if __name__ == "__main__":
+    parser = HfArgumentParser((DataArguments, ModelArguments, TrainingArguments))
+    data_args, model_args, training_args = parser.parse_args_into_dataclasses()
+    finetune(data_args, model_args, training_args)
