@@ -91,10 +91,11 @@ def _synthetic(args: argparse.Namespace) -> int:
 def _convert_wide(args: argparse.Namespace) -> int:
     from .data.wide import convert_wide
 
-    result = convert_wide(args.dyn, args.sta, args.outc, args.output, task=args.task, seed=args.seed)
-    print(f"MEDS dataset written to {args.output}")
-    if result is not None and not isinstance(result, Path | str):
-        print(result)
+    summary = convert_wide(
+        args.dyn, args.sta, args.outc, args.output, task=args.task, seed=args.seed, overwrite=args.overwrite
+    )
+    for key, value in summary.items():
+        print(f"{key}: {value}")
     return 0
 
 
@@ -153,9 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dyn", required=True, help="dynamic table: stay_id, time, one column per variable")
     p.add_argument("--sta", required=True, help="static table: stay_id, age, sex, height, weight")
     p.add_argument("--outc", required=True, help="outcome table: label per stay or per stay-hour")
-    p.add_argument("--task", required=True, help="mortality24 or los")
+    p.add_argument("--task", required=True, choices=["mortality24", "los"])
     p.add_argument("--output", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the subject-level 70/15/15 split")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_convert_wide)
 
     for name, func, help_text in (

@@ -44,7 +44,7 @@ class EHRTransformerConfig(PreTrainedConfig):
             Number of sinusoid frequencies used to embed each continuous quantity (time and age).
         max_time_hours (`float`, defaults to 87600.0):
             Longest time span (hours, default 10 years) the time embedding resolves; sets its lowest frequency.
-        classifier_pooling (`str`, defaults to `"cls"`):
+        classifier_pooling (`str`, defaults to `"mean"`):
             How [`EHRTransformerForSequenceClassification`] summarises a sequence: the `[CLS]` position
             (`"cls"`) or the mean over real (non-padding) events (`"mean"`).
         classifier_dropout (`float`, defaults to 0.1):
@@ -88,7 +88,7 @@ class EHRTransformerConfig(PreTrainedConfig):
     initializer_range: float = 0.02
     num_time_frequencies: int = 16
     max_time_hours: float | int = 87600.0
-    classifier_pooling: Literal["cls", "mean"] = "cls"
+    classifier_pooling: Literal["cls", "mean"] = "mean"
     classifier_dropout: float | int = 0.1
     sparse_prediction: bool = True
     temperature: float | int = 1.0

@@ -83,7 +83,7 @@ def run_quickstart(output_dir: str | Path = "quickstart_output", n_subjects: int
         DataArguments(data_dir=str(data_dir), labels=str(labels)),
         ModelArguments(model_name_or_path=str(output_dir / "pretrained")),
         quickstart_training_arguments(
-            output_dir / "finetuned", seed, num_train_epochs=3, learning_rate=5e-4, eval_strategy="epoch"
+            output_dir / "finetuned", seed, num_train_epochs=4, learning_rate=1e-3, eval_strategy="epoch"
         ),
     )
 

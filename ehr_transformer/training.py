@@ -68,7 +68,7 @@ class ModelArguments:
     min_code_count: int = field(default=5, metadata={"help": "Codes seen in fewer training subjects map to [UNK]."})
     mlm_probability: float = field(default=0.15, metadata={"help": "Share of events masked in pretraining."})
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2."})
-    classifier_pooling: str = field(default="cls", metadata={"help": "cls or mean pooling for fine-tuning."})
+    classifier_pooling: str = field(default="mean", metadata={"help": "mean or cls pooling for fine-tuning."})
 
 
 def split_subjects(data_dir: str | os.PathLike, split: str) -> set[int]:
