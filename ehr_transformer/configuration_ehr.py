@@ -52,6 +52,13 @@ class EHRTransformerConfig(PreTrainedConfig):
         sparse_prediction (`bool`, defaults to `True`):
             Compute masked-event logits only at masked positions (labels != -100) during training: the
             vocabulary projection of the ~85% unmasked positions is never computed.
+        unpad_inputs (`bool`, defaults to `True`):
+            Run every per-event layer (embeddings, projections, feed-forward, norms) on the real events only and
+            pad just for attention, so the padding of long-tailed batches costs no feed-forward compute. Outputs
+            are identical either way (to floating-point tolerance).
+        value_loss_weight (`float`, defaults to 1.0):
+            Weight of the value-reconstruction loss (MSE of hidden normalised values) beside the masked-code
+            cross entropy in [`EHRTransformerForMaskedEventModeling`].
         temperature (`float`, defaults to 1.0):
             Post-hoc calibration temperature; classification logits are divided by it at inference
             (`model.eval()`). Fitted on a validation split by `ehr_transformer.calibration`; 1.0 = none.
@@ -91,6 +98,8 @@ class EHRTransformerConfig(PreTrainedConfig):
     classifier_pooling: Literal["cls", "mean"] = "mean"
     classifier_dropout: float | int = 0.1
     sparse_prediction: bool = True
+    unpad_inputs: bool = True
+    value_loss_weight: float | int = 1.0
     temperature: float | int = 1.0
     pad_token_id: int | None = 0
     unk_token_id: int = 1

@@ -112,6 +112,29 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+@dataclass
+class Unpadding:
+    """Where the N real events of a padded (B, L) batch sit: every per-event layer (embeddings, projections,
+    feed-forward, norms) runs on (N, H) and skips the padding; only attention scatters back to (B, L)."""
+
+    indices: torch.Tensor  # (N,) positions of real events in the flattened (B * L) batch
+    batch_size: int
+    seq_len: int
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor) -> "Unpadding":
+        return cls(attention_mask.flatten().nonzero(as_tuple=True)[0], *attention_mask.shape)
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, ...) -> (N, ...)"""
+        return x.reshape(self.batch_size * self.seq_len, *x.shape[2:])[self.indices]
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, ...) -> (B, L, ...), zeros at padding."""
+        out = x.new_zeros(self.batch_size * self.seq_len, *x.shape[1:]).index_copy(0, self.indices, x)
+        return out.view(self.batch_size, self.seq_len, *x.shape[1:])
+
+
 class EHRTransformerAttention(nn.Module):
     """Multi-head self-attention dispatched through `ALL_ATTENTION_FUNCTIONS` (eager, sdpa, flash)."""
 
@@ -126,10 +149,17 @@ class EHRTransformerAttention(nn.Module):
         self.out_proj.is_residual_projection = True
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        unpadding: Unpadding | None = None,
+        **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        batch_size, seq_len, _ = hidden_states.shape
-        qkv = self.qkv(hidden_states).view(batch_size, seq_len, 3, -1, self.head_dim)  # (B, L, 3, heads, d)
+        qkv = self.qkv(hidden_states)  # (B, L, 3H), or (N, 3H) with unpadding
+        if unpadding is not None:
+            qkv = unpadding.pad(qkv)  # (B, L, 3H)
+        batch_size, seq_len, _ = qkv.shape
+        qkv = qkv.view(batch_size, seq_len, 3, -1, self.head_dim)  # (B, L, 3, heads, d)
         query, key, value = qkv.transpose(1, 3).unbind(dim=2)  # each (B, heads, L, d)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -145,6 +175,8 @@ class EHRTransformerAttention(nn.Module):
             **kwargs,
         )
         attn_output = attn_output.reshape(batch_size, seq_len, -1)  # (B, L, H)
+        if unpadding is not None:
+            attn_output = unpadding.unpad(attn_output)  # (N, H)
         return self.out_proj(attn_output), attn_weights
 
 
@@ -172,11 +204,19 @@ class EHRTransformerLayer(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        unpadding: Unpadding | None = None,
+        **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn_output, attn_weights = self.attn(self.attn_norm(hidden_states), attention_mask, **kwargs)
-        hidden_states = hidden_states + self.dropout(attn_output)  # (B, L, H)
-        hidden_states = hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))  # (B, L, H)
+        attn_output, attn_weights = self.attn(
+            self.attn_norm(hidden_states), attention_mask, unpadding, **kwargs
+        )
+        hidden_states = hidden_states + self.dropout(attn_output)  # (B, L, H) or (N, H)
+        hidden_states = hidden_states + self.dropout(
+            self.mlp(self.mlp_norm(hidden_states))
+        )  # (B, L, H) or (N, H)
         return hidden_states, attn_weights
 
 
@@ -259,14 +299,22 @@ class EHRTransformerModelOutput(ModelOutput):
 class MaskedEventModelingOutput(ModelOutput):
     """
     Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*): cross entropy of the masked codes.
+        loss (`torch.FloatTensor` of shape `()`, *optional*): `code_loss + config.value_loss_weight * value_loss`.
         logits (`torch.FloatTensor`): code logits, `(N, V)` at the masked positions when
             `config.sparse_prediction` and labels are given, else `(B, L, V)`.
+        code_loss (`torch.FloatTensor` of shape `()`, *optional*): cross entropy of the masked codes.
+        value_loss (`torch.FloatTensor` of shape `()`, *optional*): mean squared error of the hidden normalised
+            values, when `value_labels` are given.
+        value_predictions (`torch.FloatTensor` of shape `(M,)`, *optional*): predicted values at the M positions
+            whose value was hidden.
         hidden_states, attentions: as in [`EHRTransformerModelOutput`].
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
+    code_loss: torch.FloatTensor | None = None
+    value_loss: torch.FloatTensor | None = None
+    value_predictions: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
@@ -344,19 +392,35 @@ class EHRTransformerModel(EHRTransformerPreTrainedModel):
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
 
-        hidden_states = self.embeddings(input_ids, values=values, times=times, ages=ages)  # (B, L, H)
+        batch_size, seq_len = input_ids.shape
+        unpadding = None
+        if self.config.unpad_inputs and attention_mask is not None and not bool(attention_mask.all()):
+            unpadding = Unpadding.from_mask(attention_mask)
+            input_ids, values, times, ages = (
+                None if x is None else unpadding.unpad(x) for x in (input_ids, values, times, ages)
+            )  # each (N,)
+        hidden_states = self.embeddings(
+            input_ids, values=values, times=times, ages=ages
+        )  # (B, L, H) or (N, H)
         mask = create_bidirectional_mask(
-            config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
+            config=self.config,
+            inputs_embeds=hidden_states.new_empty(0).expand(
+                batch_size, seq_len, 0
+            ),  # only shape, dtype, device
+            attention_mask=attention_mask,
         )
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        restore = unpadding.pad if unpadding is not None else (lambda x: x)  # back to (B, L, H)
+        all_hidden_states = (restore(hidden_states),) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         for layer in self.layers:
-            hidden_states, attn_weights = layer(hidden_states, mask, **kwargs)  # (B, L, H)
+            hidden_states, attn_weights = layer(
+                hidden_states, mask, unpadding, **kwargs
+            )  # (B, L, H) or (N, H)
             if output_hidden_states:
-                all_hidden_states += (hidden_states,)
+                all_hidden_states += (restore(hidden_states),)
             if output_attentions:
                 all_attentions += (attn_weights,)
-        hidden_states = self.final_norm(hidden_states)  # (B, L, H)
+        hidden_states = restore(self.final_norm(hidden_states))  # (B, L, H)
         pooled = self.pool(hidden_states, attention_mask)  # (B, H)
 
         output = EHRTransformerModelOutput(
@@ -369,8 +433,9 @@ class EHRTransformerModel(EHRTransformerPreTrainedModel):
 
 
 class EHRTransformerForMaskedEventModeling(EHRTransformerPreTrainedModel):
-    """The backbone with a code decoder (tied to the code embeddings): BERT's masked language modeling over
-    events. Pretrain it with [`DataCollatorForMaskedEventModeling`]."""
+    """The backbone with a code decoder (tied to the code embeddings), BERT's masked language modeling over
+    events, and a value decoder that reconstructs hidden numeric values (MAE-style). Pretrain it with
+    [`DataCollatorForMaskedEventModeling`]."""
 
     _tied_weights_keys = {"decoder.weight": "model.embeddings.code_embeddings.weight"}
 
@@ -379,6 +444,8 @@ class EHRTransformerForMaskedEventModeling(EHRTransformerPreTrainedModel):
         self.model = EHRTransformerModel(config)
         self.head = EHRTransformerPredictionHead(config)
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        self.value_head = EHRTransformerPredictionHead(config)
+        self.value_decoder = nn.Linear(config.hidden_size, 1)
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
@@ -395,6 +462,7 @@ class EHRTransformerForMaskedEventModeling(EHRTransformerPreTrainedModel):
         times: torch.Tensor | None = None,
         ages: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        value_labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
@@ -405,6 +473,8 @@ class EHRTransformerForMaskedEventModeling(EHRTransformerPreTrainedModel):
             input_ids, attention_mask, values, times, ages: as in [`EHRTransformerModel.forward`], `(B, L)`.
             labels (`torch.LongTensor` of shape `(B, L)`, *optional*): the original code at masked positions,
                 -100 elsewhere.
+            value_labels (`torch.FloatTensor` of shape `(B, L)`, *optional*): the hidden normalised value where
+                a value was hidden from the input, NaN elsewhere.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
@@ -419,19 +489,38 @@ class EHRTransformerForMaskedEventModeling(EHRTransformerPreTrainedModel):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state  # (B, L, H)
+        code_states, code_labels = hidden_states, labels
         if self.config.sparse_prediction and labels is not None:
             is_masked = labels != -100  # (B, L)
-            hidden_states, labels = hidden_states[is_masked], labels[is_masked]  # (N, H), (N,)
-        logits = self.decoder(self.head(hidden_states))  # (N, V) or (B, L, V)
+            code_states, code_labels = hidden_states[is_masked], labels[is_masked]  # (N, H), (N,)
+        logits = self.decoder(self.head(code_states))  # (N, V) or (B, L, V)
 
-        loss = None
+        loss = code_loss = value_loss = value_predictions = None
         if labels is not None:
-            loss = nn.functional.cross_entropy(
-                logits.view(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100
+            code_loss = nn.functional.cross_entropy(
+                logits.view(-1, logits.shape[-1]).float(), code_labels.reshape(-1), ignore_index=-100
             )
+            loss = code_loss
+        if value_labels is not None:
+            is_hidden = ~torch.isnan(value_labels)  # (B, L)
+            value_predictions = self.value_decoder(self.value_head(hidden_states[is_hidden])).squeeze(
+                -1
+            )  # (M,)
+            if is_hidden.any():
+                value_loss = nn.functional.mse_loss(
+                    value_predictions.float(), value_labels[is_hidden].float()
+                )
+                weighted = self.config.value_loss_weight * value_loss
+                loss = weighted if loss is None else loss + weighted
 
         output = MaskedEventModelingOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+            loss=loss,
+            logits=logits,
+            code_loss=code_loss,
+            value_loss=value_loss,
+            value_predictions=value_predictions,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
         return output if return_dict else output.to_tuple()
 

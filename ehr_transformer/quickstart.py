@@ -75,7 +75,7 @@ def run_quickstart(output_dir: str | Path = "quickstart_output", n_subjects: int
     pretrain(
         DataArguments(data_dir=str(data_dir)),
         model_args,
-        quickstart_training_arguments(output_dir / "pretrained", seed, num_train_epochs=3, eval_strategy="epoch"),
+        quickstart_training_arguments(output_dir / "pretrained", seed, num_train_epochs=4, eval_strategy="epoch"),
     )
 
     _step(f"3/5 fine-tuning for {TASK} from {output_dir / 'pretrained'}", started)

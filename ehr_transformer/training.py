@@ -67,6 +67,9 @@ class ModelArguments:
     max_length: int = field(default=512, metadata={"help": "Events per sequence; longer timelines keep the latest."})
     min_code_count: int = field(default=5, metadata={"help": "Codes seen in fewer training subjects map to [UNK]."})
     mlm_probability: float = field(default=0.15, metadata={"help": "Share of events masked in pretraining."})
+    value_mask_probability: float = field(
+        default=0.3, metadata={"help": "Share of valued events whose value is hidden and reconstructed (0 = off)."}
+    )
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2."})
     classifier_pooling: str = field(default="mean", metadata={"help": "mean or cls pooling for fine-tuning."})
 
@@ -126,7 +129,11 @@ def pretrain(
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset if len(eval_dataset) else None,
-        data_collator=DataCollatorForMaskedEventModeling(tokenizer, mlm_probability=model_args.mlm_probability),
+        data_collator=DataCollatorForMaskedEventModeling(
+            tokenizer,
+            mlm_probability=model_args.mlm_probability,
+            value_mask_probability=model_args.value_mask_probability,
+        ),
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if trainer.is_world_process_zero():

@@ -139,3 +139,26 @@ def test_invalid_arguments_and_features():
         DataCollatorForEventClassification(tok)([{**make_feature(3), "times": [0.0]}])
     values = DataCollatorForEventClassification(tok)([{**make_feature(3), "values": [None, 1.0, None]}])["values"]
     assert math.isnan(values[0, 0]) and values[0, 1] == 1.0
+
+
+def test_value_reconstruction_targets_are_hidden_from_the_input():
+    set_seed(0)
+    tokenizer = make_tokenizer()
+    features = [make_feature(60, offset=i) for i in range(40)]
+    collator = DataCollatorForMaskedEventModeling(tokenizer, value_mask_probability=0.5)
+    batch = collator(features)
+    targets = ~torch.isnan(batch["value_labels"])  # (B, L)
+    assert targets.any()
+    # a target's value never reaches the model at its own position, and its code stays visible
+    assert torch.isnan(batch["values"][targets]).all()
+    assert (batch["labels"][targets] == -100).all()
+    assert not torch.isin(batch["input_ids"][targets], torch.tensor(tokenizer.all_special_ids)).any()
+    # targets are the original values: compare with an unmasked padding of the same features
+    plain = DataCollatorForEventClassification(tokenizer)([{k: v for k, v in f.items() if k != "labels"} for f in features])
+    torch.testing.assert_close(batch["value_labels"][targets], plain["values"][targets])
+    # about half of the valued, not code-masked events are targets
+    had_value = ~torch.isnan(plain["values"]) & (batch["labels"] == -100) & (batch["attention_mask"] == 1)
+    had_value &= ~torch.isin(plain["input_ids"], torch.tensor(tokenizer.all_special_ids))
+    share = targets.sum().item() / had_value.sum().item()
+    assert 0.4 < share < 0.6
+    assert "value_labels" not in DataCollatorForMaskedEventModeling(tokenizer)(features)

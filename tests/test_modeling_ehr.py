@@ -90,17 +90,42 @@ def test_masked_event_head_sparse_and_dense_logits_agree():
     assert abs(sparse.loss.item() - torch.log(torch.tensor(float(VOCAB))).item()) < 1.0
 
 
+def value_labels_for(inputs):
+    """Hide the values at position 4 (where the sample has one) and make them the reconstruction targets."""
+    value_labels = torch.full_like(inputs["values"], float("nan"))
+    value_labels[:, 4] = inputs["values"][:, 4]
+    inputs = {**inputs, "values": inputs["values"].clone()}
+    inputs["values"][:, 4] = float("nan")
+    return inputs, value_labels
+
+
 def test_every_parameter_gets_a_gradient_from_pretraining_loss():
     set_seed(0)
     model = EHRTransformerForMaskedEventModeling(tiny_config())
-    inputs = make_inputs()
-    model(**inputs, labels=mlm_labels(inputs)).loss.backward()
+    inputs, value_labels = value_labels_for(make_inputs())
+    out = model(**inputs, labels=mlm_labels(inputs), value_labels=value_labels)
+    torch.testing.assert_close(out.loss, out.code_loss + out.value_loss)
+    assert out.value_predictions.shape == (3,)
+    out.loss.backward()
     missing = [
         name
         for name, p in model.named_parameters()
         if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)
     ]
     assert missing == []
+
+
+def test_value_reconstruction_loss_is_mse_of_hidden_values():
+    set_seed(0)
+    model = EHRTransformerForMaskedEventModeling(tiny_config(value_loss_weight=0.5)).eval()
+    inputs, value_labels = value_labels_for(make_inputs())
+    out = model(**inputs, value_labels=value_labels)
+    expected = torch.nn.functional.mse_loss(out.value_predictions, value_labels[:, 4])
+    torch.testing.assert_close(out.value_loss, expected)
+    torch.testing.assert_close(out.loss, 0.5 * expected)
+    assert out.code_loss is None
+    no_targets = model(**inputs, value_labels=torch.full_like(value_labels, float("nan")))
+    assert no_targets.loss is None and no_targets.value_predictions.shape == (0,)
 
 
 def test_decoder_is_tied_to_code_embeddings():
@@ -198,15 +223,15 @@ def test_eager_attention_weights_ignore_padding():
 def test_gradient_checkpointing_gives_same_gradients():
     set_seed(0)
     config = tiny_config()
-    inputs = make_inputs()
+    inputs, value_labels = value_labels_for(make_inputs())
     labels = mlm_labels(inputs)
     model = EHRTransformerForMaskedEventModeling(config).train()
-    model(**inputs, labels=labels).loss.backward()
+    model(**inputs, labels=labels, value_labels=value_labels).loss.backward()
     reference = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     assert model.model.gradient_checkpointing
-    model(**inputs, labels=labels).loss.backward()
+    model(**inputs, labels=labels, value_labels=value_labels).loss.backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, reference[name], atol=1e-6, rtol=1e-5, msg=name)
 
@@ -290,3 +315,29 @@ def test_trust_remote_code_load_without_the_package(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected)
+
+
+def test_unpadded_path_gives_same_outputs_losses_and_gradients():
+    """The padding-free path (per-event layers on real events only) changes no loss, output or gradient."""
+    set_seed(0)
+    inputs, value_labels = value_labels_for(make_inputs())
+    inputs["attention_mask"][2, 5:] = 0  # two samples with padding of different lengths
+    labels = mlm_labels(inputs)
+    labels[0, 5] = inputs["input_ids"][0, 5]
+    labels[inputs["attention_mask"] == 0] = -100
+    results = {}
+    for unpad in (True, False):
+        set_seed(0)
+        model = EHRTransformerForMaskedEventModeling(tiny_config(unpad_inputs=unpad))
+        out = model(**inputs, labels=labels, value_labels=value_labels, output_hidden_states=True)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results[unpad] = (out, grads)
+    (a, grads_a), (b, grads_b) = results[True], results[False]
+    torch.testing.assert_close(a.loss, b.loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
+    real = inputs["attention_mask"].bool()
+    for h_a, h_b in zip(a.hidden_states, b.hidden_states, strict=True):
+        torch.testing.assert_close(h_a[real], h_b[real], atol=1e-5, rtol=1e-5)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -70,20 +70,29 @@ class DataCollatorForMaskedEventModeling:
     is selected in every sample that has a maskable token (so no batch is all -100). A selected
     token becomes `[MASK]` with probability `mask_replace_prob`, a random non-special token with
     probability `random_replace_prob`, and stays unchanged otherwise; the value of a replaced token is
-    hidden (NaN). `labels` hold the original id at selected positions and -100 elsewhere. Randomness
-    comes from `generator` if given, else torch's global RNG (so `transformers.set_seed` fixes it).
+    hidden (NaN). `labels` hold the original id at selected positions and -100 elsewhere.
+
+    Value reconstruction (MAE-style, its own ratio): of the events that carry a value and were not selected
+    for code masking, each has its value hidden with probability `value_mask_probability` while its code stays
+    visible; `value_labels` (B, L) hold the hidden (normalised) values there and NaN elsewhere, so the model
+    learns what a lactate of 4 means rather than only which codes co-occur. 0 disables it.
+
+    Randomness comes from `generator` if given, else torch's global RNG (so `transformers.set_seed` fixes it).
     """
 
     tokenizer: EHREventTokenizer
     mlm_probability: float = 0.15
     mask_replace_prob: float = 0.8
     random_replace_prob: float = 0.1
+    value_mask_probability: float = 0.0
     pad_to_multiple_of: int | None = None
     generator: torch.Generator | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mlm_probability <= 1.0:
             raise ValueError(f"mlm_probability must be in (0, 1], got {self.mlm_probability}")
+        if not 0.0 <= self.value_mask_probability <= 1.0:
+            raise ValueError(f"value_mask_probability must be in [0, 1], got {self.value_mask_probability}")
         if self.mask_replace_prob < 0 or self.random_replace_prob < 0:
             raise ValueError("mask_replace_prob and random_replace_prob must be non-negative")
         if self.mask_replace_prob + self.random_replace_prob > 1.0 + 1e-9:
@@ -122,6 +131,12 @@ class DataCollatorForMaskedEventModeling:
         input_ids = torch.where(to_random, random_ids, input_ids)
         values = batch["values"].masked_fill(to_mask | to_random, float("nan"))  # (B, L)
         batch.update(input_ids=input_ids, values=values, labels=labels)
+        if self.value_mask_probability > 0:
+            has_value = maskable & ~selected & ~torch.isnan(values)  # (B, L)
+            value_draws = torch.rand(input_ids.shape, generator=self.generator)  # (B, L)
+            hide_value = has_value & (value_draws < self.value_mask_probability)  # (B, L)
+            batch["value_labels"] = torch.where(hide_value, values, torch.full_like(values, float("nan")))
+            batch["values"] = values.masked_fill(hide_value, float("nan"))
         return batch
 
 
