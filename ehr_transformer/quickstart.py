@@ -54,7 +54,14 @@ def run_quickstart(output_dir: str | Path = "quickstart_output", n_subjects: int
     from . import EHREventTokenizer
     from .cli import format_report
     from .data.synthetic import write_synthetic_meds
-    from .training import DataArguments, ModelArguments, evaluate_checkpoint, finetune, predict_dataset, pretrain
+    from .training import (
+        DataArguments,
+        ModelArguments,
+        evaluate_checkpoint,
+        finetune,
+        predict_dataset,
+        pretrain,
+    )
 
     started = time.perf_counter()
     output_dir = Path(output_dir)
@@ -108,7 +115,7 @@ def run_quickstart(output_dir: str | Path = "quickstart_output", n_subjects: int
                 "subject_id": sample["subject_id"],
                 "prediction_time": sample["prediction_time"],
                 "risk": risks.round(3),
-                "died": sample["labels"],
+                "died": pl.Series(sample["labels"]).cast(pl.Boolean),
             }
         )
     )
