@@ -81,9 +81,8 @@ def split_subjects(data_dir: str | os.PathLike, split: str) -> set[int]:
 
 def iter_split_events(data_dir: str | os.PathLike, split: str) -> Iterator[pl.DataFrame]:
     """The events of one split, one validated shard at a time (never the whole dataset in memory)."""
-    subjects = pl.Series(sorted(split_subjects(data_dir, split)), dtype=pl.Int64)
-    for _, frame in iter_shards(data_dir):
-        yield frame.filter(pl.col("subject_id").is_in(subjects.implode()))
+    for _, frame in iter_shards(data_dir, subject_ids=sorted(split_subjects(data_dir, split))):
+        yield frame
 
 
 def fit_tokenizer(data_args: DataArguments, model_args: ModelArguments) -> EHREventTokenizer:

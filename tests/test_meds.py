@@ -300,3 +300,17 @@ def test_writer_rejects_subject_spanning_shards(tmp_path):
 def test_no_shards_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no MEDS shards found"):
         list(iter_shards(tmp_path))
+
+
+def test_iter_shards_with_subject_ids_skips_other_shards_and_filters(tmp_path):
+    """Building one split reads only the shards that hold its subjects, and only their events."""
+    from ehr_transformer.data.synthetic import generate_synthetic_cohort
+
+    cohort = generate_synthetic_cohort(n_subjects=60, seed=1)
+    root = meds.write_meds(tmp_path / "meds", cohort.events, cohort.splits, n_shards=1)
+    held_out = cohort.splits.filter(pl.col("split") == "held_out")["subject_id"].to_list()
+    shards = list(meds.iter_shards(root, subject_ids=held_out))
+    assert len(shards) == 1 and "held_out" in str(shards[0][0])
+    assert set(shards[0][1]["subject_id"].unique().to_list()) == set(held_out)
+    expected = meds.read_events(root, subject_ids=held_out)
+    assert shards[0][1].equals(expected)

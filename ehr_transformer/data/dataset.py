@@ -177,7 +177,7 @@ def build_pretraining_dataset(
     def tables():
         guard = _ShardGuard()
         member = subjects.implode()
-        for path, shard in iter_shards(meds_dir):
+        for path, shard in iter_shards(meds_dir, subjects):
             shard = shard.filter(pl.col("subject_id").is_in(member))
             if shard.height == 0:
                 continue
@@ -291,7 +291,7 @@ def build_labeled_dataset(
     def tables():
         guard = _ShardGuard()
         label_subjects = valid["subject_id"].unique().implode()
-        for path, shard in iter_shards(meds_dir):
+        for path, shard in iter_shards(meds_dir, valid["subject_id"].unique()):
             shard = shard.filter(pl.col("subject_id").is_in(label_subjects))
             if shard.height == 0:
                 continue

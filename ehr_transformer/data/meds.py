@@ -242,14 +242,33 @@ def _scan_shard(path: Path) -> pl.LazyFrame:
     return _events_lazy(lf, str(path))
 
 
-def iter_shards(meds_dir: str | Path) -> Iterator[tuple[Path, pl.DataFrame]]:
+def iter_shards(
+    meds_dir: str | Path, subject_ids: Collection[int] | pl.Series | None = None
+) -> Iterator[tuple[Path, pl.DataFrame]]:
     """Yield ``(path, validated events)`` for each shard of ``meds_dir/data/**/*.parquet``, in sorted order.
 
-    Only one shard is in memory at a time; extra columns are never read.
+    Only one shard is in memory at a time; extra columns are never read. With ``subject_ids``, a shard whose
+    ``subject_id`` column holds none of them (and no null) is skipped after reading that one column, and the
+    others yield only those subjects' events: building one split reads the other splits' shards only that far.
     """
+    wanted = None if subject_ids is None else pl.Series("subject_id", list(subject_ids), dtype=pl.Int64)
     for path in _shard_paths(Path(meds_dir)):
         source = str(path)
-        yield path, _check_events(_collect(_scan_shard(path), source), source)
+        if wanted is not None and not _may_hold(path, wanted):
+            continue
+        events = _check_events(_collect(_scan_shard(path), source), source)
+        if wanted is not None:
+            events = events.filter(pl.col("subject_id").is_in(wanted.implode()))
+        yield path, events
+
+
+def _may_hold(path: Path, wanted: pl.Series) -> bool:
+    """Whether a shard may hold one of ``wanted`` subjects (or is malformed, so that validation reports it)."""
+    try:
+        ids = pl.scan_parquet(path).select(pl.col("subject_id").cast(pl.Int64)).collect()["subject_id"]
+    except pl.exceptions.PolarsError:
+        return True
+    return ids.null_count() > 0 or bool(ids.is_in(wanted.implode()).any())
 
 
 def read_events(meds_dir: str | Path, subject_ids: Collection[int] | None = None) -> pl.DataFrame:
