@@ -71,6 +71,14 @@ def _predict(args: argparse.Namespace) -> int:
     from .training import predict
 
     predictions = predict(args.checkpoint, args.data_dir, args.labels, split=args.split or None)
+    if args.explain:  # the N events that moved each risk most (integrated gradients), same row order
+        from .explain import explain_checkpoint
+
+        top_events, subject_ids = explain_checkpoint(
+            args.checkpoint, args.data_dir, args.labels, split=args.split or None, top_k=args.explain
+        )
+        assert subject_ids == predictions["subject_id"].to_list(), "explanations out of step with predictions"
+        predictions = predictions.with_columns(top_events)
     output = Path(args.output)
     tmp = output.with_name(output.name + ".tmp")
     predictions.write_parquet(tmp)
@@ -170,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--labels", required=True, help="label / prediction-time file")
         p.add_argument("--split", default="held_out", help="split to score ('' for all subjects)")
         p.add_argument("--output", required=name == "predict")
+        if name == "predict":
+            p.add_argument("--explain", type=int, default=0, metavar="N",
+                           help="add `top_events`: the N events with the largest integrated-gradient attribution")
         if name == "evaluate":
             p.add_argument("--n_bootstrap", type=int, default=1000)
             p.add_argument("--baseline", default="gbm", choices=["gbm", "logistic", "none"])
