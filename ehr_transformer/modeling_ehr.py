@@ -243,6 +243,9 @@ class EHRTransformerPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
+    # Losses are means over this process's targets; the Trainer must not rescale them by `num_items_in_batch`
+    # (it would multiply them by the number of processes under data parallelism).
+    accepts_loss_kwargs = False
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # Whichever head saves the folder, every Auto class loads it (also under `trust_remote_code`).
