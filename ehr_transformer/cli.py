@@ -24,12 +24,11 @@ from pathlib import Path
 def _parse_training(argv: list[str]):
     from transformers import HfArgumentParser, TrainingArguments
 
-    from .training import DataArguments, ModelArguments
+    from .training import TRAINING_DEFAULTS, DataArguments, ModelArguments
 
     parser = HfArgumentParser((DataArguments, ModelArguments, TrainingArguments))
+    parser.set_defaults(**TRAINING_DEFAULTS)
     data_args, model_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    if "--report_to" not in argv:
-        training_args.report_to = []
     return data_args, model_args, training_args
 
 

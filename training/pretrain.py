@@ -9,9 +9,10 @@ Every `transformers.TrainingArguments` flag applies; model size flags: --hidden_
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from ehr_transformer.training import DataArguments, ModelArguments, pretrain
+from ehr_transformer.training import TRAINING_DEFAULTS, DataArguments, ModelArguments, pretrain
 
 if __name__ == "__main__":
     parser = HfArgumentParser((DataArguments, ModelArguments, TrainingArguments))
+    parser.set_defaults(**TRAINING_DEFAULTS)
     data_args, model_args, training_args = parser.parse_args_into_dataclasses()
     pretrain(data_args, model_args, training_args)
