@@ -114,16 +114,20 @@ def eager_attention_forward(
 
 @dataclass
 class Unpadding:
-    """Where the N real events of a padded (B, L) batch sit: every per-event layer (embeddings, projections,
-    feed-forward, norms) runs on (N, H) and skips the padding; only attention scatters back to (B, L)."""
+    """Where the N real events of a padded (B, L) batch sit. Every per-event layer (embeddings, projections,
+    feed-forward, norms) runs on (N, H) and skips the padding. Attention runs per subject on its own l_i events
+    (`varlen`, cost sum(l_i^2) instead of B * L^2), or, to return attention weights, on the padded (B, L) batch."""
 
     indices: torch.Tensor  # (N,) positions of real events in the flattened (B * L) batch
     batch_size: int
     seq_len: int
+    lengths: list[int]  # l_i, real events of each subject, sum = N
+    varlen: bool = True
 
     @classmethod
-    def from_mask(cls, attention_mask: torch.Tensor) -> "Unpadding":
-        return cls(attention_mask.flatten().nonzero(as_tuple=True)[0], *attention_mask.shape)
+    def from_mask(cls, attention_mask: torch.Tensor, varlen: bool = True) -> "Unpadding":
+        indices = attention_mask.flatten().nonzero(as_tuple=True)[0]
+        return cls(indices, *attention_mask.shape, attention_mask.sum(dim=1).tolist(), varlen)
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, ...) -> (N, ...)"""
@@ -156,23 +160,30 @@ class EHRTransformerAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         qkv = self.qkv(hidden_states)  # (B, L, 3H), or (N, 3H) with unpadding
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        dropout = self.config.attention_dropout if self.training else 0.0
+        if unpadding is not None and unpadding.varlen:  # each subject attends over its own events, no mask
+            outputs = []
+            for subject_qkv in qkv.split(unpadding.lengths):  # (l_i, 3H)
+                q, k, v = (
+                    subject_qkv.view(1, -1, 3, self.config.num_attention_heads, self.head_dim)
+                    .transpose(1, 3)
+                    .unbind(2)
+                )
+                out, _ = attention_interface(
+                    self, q, k, v, None, dropout=dropout, scaling=self.head_dim**-0.5, **kwargs
+                )
+                outputs.append(out.reshape(subject_qkv.shape[0], -1))  # (l_i, H)
+            return self.out_proj(torch.cat(outputs)), None  # (N, H)
         if unpadding is not None:
             qkv = unpadding.pad(qkv)  # (B, L, 3H)
         batch_size, seq_len, _ = qkv.shape
         qkv = qkv.view(batch_size, seq_len, 3, -1, self.head_dim)  # (B, L, 3, heads, d)
         query, key, value = qkv.transpose(1, 3).unbind(dim=2)  # each (B, heads, L, d)
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
         attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.config.attention_dropout if self.training else 0.0,
-            scaling=self.head_dim**-0.5,
-            **kwargs,
+            self, query, key, value, attention_mask, dropout=dropout, scaling=self.head_dim**-0.5, **kwargs
         )
         attn_output = attn_output.reshape(batch_size, seq_len, -1)  # (B, L, H)
         if unpadding is not None:
@@ -398,20 +409,21 @@ class EHRTransformerModel(EHRTransformerPreTrainedModel):
         batch_size, seq_len = input_ids.shape
         unpadding = None
         if self.config.unpad_inputs and attention_mask is not None and not bool(attention_mask.all()):
-            unpadding = Unpadding.from_mask(attention_mask)
+            unpadding = Unpadding.from_mask(attention_mask, varlen=not output_attentions)
             input_ids, values, times, ages = (
                 None if x is None else unpadding.unpad(x) for x in (input_ids, values, times, ages)
             )  # each (N,)
         hidden_states = self.embeddings(
             input_ids, values=values, times=times, ages=ages
-        )  # (B, L, H) or (N, H)
-        mask = create_bidirectional_mask(
-            config=self.config,
-            inputs_embeds=hidden_states.new_empty(0).expand(
+        )  # (B, L, H) | (N, H)
+        mask = None  # per-subject (varlen) attention needs none
+        if unpadding is None or not unpadding.varlen:
+            shape_like = hidden_states.new_empty(0).expand(
                 batch_size, seq_len, 0
-            ),  # only shape, dtype, device
-            attention_mask=attention_mask,
-        )
+            )  # mask's shape, dtype, device
+            mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=shape_like, attention_mask=attention_mask
+            )
         restore = unpadding.pad if unpadding is not None else (lambda x: x)  # back to (B, L, H)
         all_hidden_states = (restore(hidden_states),) if output_hidden_states else None
         all_attentions = () if output_attentions else None
