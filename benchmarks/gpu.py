@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from ehr_transformer import EHRTransformerConfig, EHRTransformerForMaskedEventModeling
+from ehr_transformer.utils import write_json
 
 # Dense bf16 peak (no sparsity), TFLOP/s, from the vendors' data sheets.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
@@ -132,11 +131,7 @@ def main() -> None:
         "torch": torch.__version__,
     }
     print(json.dumps(result, indent=2))
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, output)
+    write_json(args.output, result)
 
 
 if __name__ == "__main__":

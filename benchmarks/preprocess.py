@@ -54,6 +54,7 @@ def main() -> None:
         return
 
     from ehr_transformer.data.synthetic import write_synthetic_meds
+    from ehr_transformer.utils import write_json
 
     results = []
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -72,12 +73,8 @@ def main() -> None:
             f"{row['events_per_s']:>10,.0f} events/s  peak RSS {row['peak_rss_mib']:6.0f} MiB",
             flush=True,
         )
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, output)
-    print(f"written to {output} ({platform.machine()}, {os.cpu_count()} cores)")
+    write_json(args.output, results)
+    print(f"written to {args.output} ({platform.machine()}, {os.cpu_count()} cores)")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Batches are drawn at random (not grouped by length), padded to their longest sam
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -31,6 +30,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from ehr_transformer import EHRTransformerConfig, EHRTransformerForMaskedEventModeling
+from ehr_transformer.utils import write_json
 
 MAX_LENGTH = 512
 # Median and 99th percentile of events per stay in the eICU demo mortality24 + los cohorts, measured with
@@ -239,11 +239,7 @@ def main() -> None:
         "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()},
         "date": time.strftime("%Y-%m-%d"),
     }
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, output)
+    write_json(args.output, results)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,12 @@ Conventions
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
+
+from .utils import atomic_path
 
 AGE_BANDS = ("18-44", "45-64", "65-79", "80+")
 
@@ -284,18 +284,9 @@ def regression_report(y_true, y_pred) -> dict:
 
 # ---------------------------------------------------------------------------------------------- plots
 def _save_figure_atomic(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return Path(path)
 
 
 def _new_figure(size=(5.0, 5.0)):

@@ -28,13 +28,14 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
+
+from .utils import atomic_path
 
 TOKENIZER_FILE = "event_tokenizer.json"
 FORMAT_NAME = "ehr_event_tokenizer"
@@ -520,15 +521,8 @@ class EHREventTokenizer:
             raise ValueError(f"{directory} exists and is not a directory")
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / TOKENIZER_FILE
-        fd, tmp = tempfile.mkstemp(prefix=".event_tokenizer.", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(self.to_dict(), handle, indent=1, sort_keys=False)
-                handle.write("\n")
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(target) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
         return target
 
     @classmethod

@@ -15,7 +15,6 @@ A checkpoint folder holds `config.json`, `model.safetensors`, `event_tokenizer.j
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ from .data.dataset import build_labeled_dataset, build_pretraining_dataset, buil
 from .data.meds import iter_shards, read_labels, read_subject_splits
 from .modeling_ehr import EHRTransformerForMaskedEventModeling, EHRTransformerForSequenceClassification
 from .tokenization_ehr import EHREventTokenizer
+from .utils import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -289,9 +289,7 @@ def evaluate_checkpoint(
         output_dir.mkdir(parents=True, exist_ok=True)
         plot_roc(y, p, output_dir / "roc.png")
         plot_calibration(y, p, output_dir / "calibration.png")
-        tmp = output_dir / "metrics.json.tmp"
-        tmp.write_text(json.dumps(report, indent=2, default=float))
-        os.replace(tmp, output_dir / "metrics.json")
+        write_json(output_dir / "metrics.json", report)
     return report
 
 
