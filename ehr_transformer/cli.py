@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-from pathlib import Path
 
 
 def _parse_training(argv: list[str]):
@@ -68,6 +66,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from .training import predict
+    from .utils import atomic_path
 
     predictions = predict(args.checkpoint, args.data_dir, args.labels, split=args.split or None)
     if args.explain:  # the N events that moved each risk most (integrated gradients), same row order
@@ -78,12 +77,10 @@ def _predict(args: argparse.Namespace) -> int:
         )
         assert subject_ids == predictions["subject_id"].to_list(), "explanations out of step with predictions"
         predictions = predictions.with_columns(top_events)
-    output = Path(args.output)
-    tmp = output.with_name(output.name + ".tmp")
-    predictions.write_parquet(tmp)
-    os.replace(tmp, output)
+    with atomic_path(args.output) as tmp:
+        predictions.write_parquet(tmp)
     print(predictions.head(10))
-    print(f"{len(predictions)} predictions written to {output}")
+    print(f"{len(predictions)} predictions written to {args.output}")
     return 0
 
 
