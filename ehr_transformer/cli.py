@@ -75,7 +75,8 @@ def _predict(args: argparse.Namespace) -> int:
         top_events, subject_ids = explain_checkpoint(
             args.checkpoint, args.data_dir, args.labels, split=args.split or None, top_k=args.explain
         )
-        assert subject_ids == predictions["subject_id"].to_list(), "explanations out of step with predictions"
+        if subject_ids != predictions["subject_id"].to_list():
+            raise RuntimeError("explanations and predictions are not in the same row order")
         predictions = predictions.with_columns(top_events)
     with atomic_path(args.output) as tmp:
         predictions.write_parquet(tmp)
