@@ -54,7 +54,10 @@ class ContinuousEmbedding(nn.Module):
 
 
 class EHRTransformerEmbeddings(nn.Module):
-    """Event embedding = code + value (gated by value presence) + time + age, then LayerNorm and dropout."""
+    """Event embedding = code + value (gated by value presence) + time + age, then LayerNorm and dropout.
+
+    The value part is a shared non-linear function of the normalised value plus the value times a per-code
+    direction (`code_value_embeddings`), so that a high lactate and a high heart rate need not look alike."""
 
     def __init__(self, config: EHRTransformerConfig):
         super().__init__()
@@ -65,6 +68,9 @@ class EHRTransformerEmbeddings(nn.Module):
             nn.Linear(1, config.hidden_size),
             ACT2FN[config.hidden_activation],
             nn.Linear(config.hidden_size, config.hidden_size),
+        )
+        self.code_value_embeddings = nn.Embedding(
+            config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
         )
         self.time_embeddings = ContinuousEmbedding(
             config.num_time_frequencies, config.max_time_hours, config.hidden_size
@@ -84,7 +90,10 @@ class EHRTransformerEmbeddings(nn.Module):
         if values is not None:
             has_value = ~torch.isnan(values)  # (B, L)
             value_input = torch.where(has_value, values, 0.0).unsqueeze(-1).to(embeddings.dtype)  # (B, L, 1)
-            embeddings = embeddings + self.value_embeddings(value_input) * has_value.unsqueeze(-1)
+            value_embeddings = self.value_embeddings(value_input) + value_input * self.code_value_embeddings(
+                input_ids
+            )
+            embeddings = embeddings + value_embeddings * has_value.unsqueeze(-1)  # (B, L, H)
         if times is not None:
             embeddings = embeddings + self.time_embeddings(times)
         if ages is not None:
