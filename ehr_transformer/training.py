@@ -15,6 +15,7 @@ A checkpoint folder holds `config.json`, `model.safetensors`, `event_tokenizer.j
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -24,13 +25,15 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
+from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from .configuration_ehr import EHRTransformerConfig
 from .data.collators import DataCollatorForEventClassification, DataCollatorForMaskedEventModeling
 from .data.dataset import build_labeled_dataset, build_pretraining_dataset, build_stats
 from .data.meds import iter_shards, read_labels, read_subject_splits
 from .modeling_ehr import EHRTransformerForMaskedEventModeling, EHRTransformerForSequenceClassification
+from .safety import ReproducibleMasking, ResumableTrainer, check_checkpoint_folder
 from .tokenization_ehr import EHREventTokenizer
 from .utils import write_json
 
@@ -41,14 +44,20 @@ logger = logging.getLogger(__name__)
 class DataArguments:
     """Where the data is. `data_dir` is a MEDS folder (data/, metadata/subject_splits.parquet)."""
 
-    data_dir: str = field(metadata={"help": "MEDS dataset folder (data/**/*.parquet, metadata/subject_splits.parquet)."})
-    labels: str | None = field(
-        default=None, metadata={"help": "MEDS label file (subject_id, prediction_time, *_value) for fine-tuning."}
+    data_dir: str = field(
+        metadata={"help": "MEDS dataset folder (data/**/*.parquet, metadata/subject_splits.parquet)."}
     )
-    train_split: str = field(default="train", metadata={"help": "Split used for training and fitting the tokenizer."})
+    labels: str | None = field(
+        default=None,
+        metadata={"help": "MEDS label file (subject_id, prediction_time, *_value) for fine-tuning."},
+    )
+    train_split: str = field(
+        default="train", metadata={"help": "Split used for training and fitting the tokenizer."}
+    )
     eval_split: str = field(default="tuning", metadata={"help": "Split used for evaluation during training."})
     label_fraction: float = field(
-        default=1.0, metadata={"help": "Fraction of training labels used for fine-tuning (low-label experiments)."}
+        default=1.0,
+        metadata={"help": "Fraction of training labels used for fine-tuning (low-label experiments)."},
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Cache folder of the tokenized datasets."})
 
@@ -64,11 +73,16 @@ class ModelArguments:
     num_hidden_layers: int = field(default=4, metadata={"help": "Transformer blocks."})
     num_attention_heads: int = field(default=4, metadata={"help": "Attention heads."})
     intermediate_size: int = field(default=512, metadata={"help": "Feed-forward width."})
-    max_length: int = field(default=512, metadata={"help": "Events per sequence; longer timelines keep the latest."})
-    min_code_count: int = field(default=5, metadata={"help": "Codes seen in fewer training subjects map to [UNK]."})
+    max_length: int = field(
+        default=512, metadata={"help": "Events per sequence; longer timelines keep the latest."}
+    )
+    min_code_count: int = field(
+        default=5, metadata={"help": "Codes seen in fewer training subjects map to [UNK]."}
+    )
     mlm_probability: float = field(default=0.15, metadata={"help": "Share of events masked in pretraining."})
     value_mask_probability: float = field(
-        default=0.3, metadata={"help": "Share of valued events whose value is hidden and reconstructed (0 = off)."}
+        default=0.3,
+        metadata={"help": "Share of valued events whose value is hidden and reconstructed (0 = off)."},
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2."})
     classifier_pooling: str = field(default="mean", metadata={"help": "mean or cls pooling for fine-tuning."})
@@ -99,12 +113,55 @@ def fit_tokenizer(data_args: DataArguments, model_args: ModelArguments) -> EHREv
     )
 
 
-def save_checkpoint(model, tokenizer: EHREventTokenizer, output_dir: str | os.PathLike) -> Path:
-    """Write model (safetensors + config + modeling code) and tokenizer into one folder."""
+def seed_before_model_init(training_args: TrainingArguments) -> None:
+    """Seed (or make fully deterministic) before the model is built: the Trainer seeds only inside its own
+    `__init__`, after our model's random initialisation, so two runs with one seed would otherwise differ."""
+    if training_args.full_determinism:
+        enable_full_determinism(training_args.seed)
+    else:
+        set_seed(training_args.seed)
+
+
+def save_checkpoint(
+    model, tokenizer: EHREventTokenizer, output_dir: str | os.PathLike, card: dict | None = None
+) -> Path:
+    """Write model (safetensors + config + modeling code), tokenizer and model card (README.md) into one folder.
+    `card` holds the keyword arguments of `model_card.render_model_card` other than the config."""
+    from .model_card import render_model_card, write_model_card
+
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
+    if card is not None:
+        write_model_card(output_dir, render_model_card(model.config, **card))
     return output_dir
+
+
+def card_for_training(
+    data_args: DataArguments,
+    tokenizer: EHREventTokenizer,
+    train_dataset,
+    training_args: TrainingArguments,
+    **details,
+) -> dict:
+    """Model-card fields of a training run: counts of the data (never identifiers) and the settings used."""
+    from .model_card import data_summary
+
+    counts = read_subject_splits(data_args.data_dir).group_by("split").len()
+    subjects = dict(zip(counts["split"].to_list(), counts["len"].to_list(), strict=True))
+    events = int(sum(train_dataset["length"])) if "length" in train_dataset.column_names else None
+    training = {
+        "epochs": training_args.num_train_epochs
+        if training_args.max_steps <= 0
+        else f"{training_args.max_steps} steps",
+        "batch size per device": training_args.per_device_train_batch_size,
+        "learning rate": training_args.learning_rate,
+        "weight decay": training_args.weight_decay,
+        "seed": training_args.seed,
+        "events per sequence (max_length)": tokenizer.max_length,
+        **details,
+    }
+    return {"data": data_summary(subjects, events, tokenizer), "training": training}
 
 
 def pretrain(
@@ -112,8 +169,13 @@ def pretrain(
 ) -> EHRTransformerForMaskedEventModeling:
     """Masked event modeling on the unlabeled timelines of the training split; saves to `output_dir`."""
     tokenizer = fit_tokenizer(data_args, model_args)
-    train_dataset = build_pretraining_dataset(data_args.data_dir, tokenizer, data_args.train_split, data_args.cache_dir)
-    eval_dataset = build_pretraining_dataset(data_args.data_dir, tokenizer, data_args.eval_split, data_args.cache_dir)
+    seed_before_model_init(training_args)
+    train_dataset = build_pretraining_dataset(
+        data_args.data_dir, tokenizer, data_args.train_split, data_args.cache_dir
+    )
+    eval_dataset = build_pretraining_dataset(
+        data_args.data_dir, tokenizer, data_args.eval_split, data_args.cache_dir
+    )
     logger.info("pretraining on %d subjects, evaluating on %d", len(train_dataset), len(eval_dataset))
     config = EHRTransformerConfig(
         vocab_size=tokenizer.vocab_size,
@@ -127,21 +189,31 @@ def pretrain(
         mask_token_id=tokenizer.mask_token_id,
         cls_token_id=tokenizer.cls_token_id,
     )
-    model = EHRTransformerForMaskedEventModeling._from_config(config, attn_implementation=model_args.attn_implementation)
-    trainer = Trainer(
+    model = EHRTransformerForMaskedEventModeling._from_config(
+        config, attn_implementation=model_args.attn_implementation
+    )
+    trainer = ResumableTrainer(  # a Trainer whose killed runs resume bit-identically (see safety.py)
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset if len(eval_dataset) else None,
-        data_collator=DataCollatorForMaskedEventModeling(
-            tokenizer,
-            mlm_probability=model_args.mlm_probability,
-            value_mask_probability=model_args.value_mask_probability,
+        data_collator=ReproducibleMasking(
+            DataCollatorForMaskedEventModeling(
+                tokenizer,
+                mlm_probability=model_args.mlm_probability,
+                value_mask_probability=model_args.value_mask_probability,
+            ),
+            seed=training_args.seed,
         ),
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if trainer.is_world_process_zero():
-        save_checkpoint(trainer.model, tokenizer, training_args.output_dir)
+        card = card_for_training(
+            data_args, tokenizer, train_dataset, training_args,
+            objectives=f"masked code prediction ({model_args.mlm_probability:.0%} of events, 80/10/10) + value "
+            f"reconstruction ({model_args.value_mask_probability:.0%} of valued events, MSE)",
+        )  # fmt: skip
+        save_checkpoint(trainer.model, tokenizer, training_args.output_dir, {"kind": "pretrained", **card})
     return trainer.model
 
 
@@ -159,8 +231,14 @@ def finetune(
     from .metrics import compute_classification_metrics
 
     if data_args.labels is None:
-        raise ValueError("fine-tuning needs --labels: a MEDS label file with subject_id, prediction_time, *_value")
+        raise ValueError(
+            "fine-tuning needs --labels: a MEDS label file with subject_id, prediction_time, *_value"
+        )
+    seed_before_model_init(training_args)
     if model_args.model_name_or_path:
+        check_checkpoint_folder(
+            model_args.model_name_or_path
+        )  # refuse pickle-only/absurd folders before loading
         tokenizer = EHREventTokenizer.from_pretrained(model_args.model_name_or_path)
         model = EHRTransformerForSequenceClassification.from_pretrained(
             model_args.model_name_or_path,
@@ -194,7 +272,7 @@ def finetune(
         data_args.data_dir, labels, tokenizer, data_args.eval_split, cache_dir=data_args.cache_dir
     )
     logger.info("fine-tuning on %d labelled samples, evaluating on %d", len(train_dataset), len(eval_dataset))
-    trainer = Trainer(
+    trainer = ResumableTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -204,7 +282,15 @@ def finetune(
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if trainer.is_world_process_zero():
-        save_checkpoint(trainer.model, tokenizer, training_args.output_dir)
+        card = card_for_training(
+            data_args, tokenizer, train_dataset, training_args,
+            objective="binary cross entropy on one logit",
+            labels=f"{Path(data_args.labels).stem}, {data_args.label_fraction:.0%} of training labels",
+            started_from=model_args.model_name_or_path or "random initialisation",
+        )  # fmt: skip
+        card = {"kind": "fine-tuned", "task": Path(data_args.labels).stem, **card}
+        save_checkpoint(trainer.model, tokenizer, training_args.output_dir, card)
+        write_json(Path(training_args.output_dir) / "model_card_fields.json", card)
     return trainer.model
 
 
@@ -217,7 +303,9 @@ def predict_dataset(model, dataset, tokenizer: EHREventTokenizer, batch_size: in
     outputs = []
     for start in range(0, len(dataset), batch_size):
         rows = dataset.select_columns(columns)[start : start + batch_size]
-        features = [dict(zip(rows.keys(), values, strict=True)) for values in zip(*rows.values(), strict=True)]
+        features = [
+            dict(zip(rows.keys(), values, strict=True)) for values in zip(*rows.values(), strict=True)
+        ]
         batch = {k: v.to(model.device) for k, v in collator(features).items()}
         logits = model(**batch).logits.float()
         if model.config.problem_type == "regression":
@@ -240,6 +328,7 @@ def predict(
     """
     from transformers import AutoModelForSequenceClassification
 
+    check_checkpoint_folder(checkpoint)  # refuse pickle-only/absurd folders before loading
     tokenizer = EHREventTokenizer.from_pretrained(checkpoint)
     model = AutoModelForSequenceClassification.from_pretrained(checkpoint, use_safetensors=True)
     dataset = build_labeled_dataset(data_dir, labels, tokenizer, split=split)
@@ -284,6 +373,17 @@ def evaluate_checkpoint(
         report[f"{baseline}_baseline"] = binary_classification_report(
             y, baseline_probabilities, n_bootstrap=n_bootstrap, groups=groups
         )
+    fields = Path(checkpoint) / "model_card_fields.json"
+    if split == "held_out" and fields.exists():  # the card of the checkpoint gets its held-out evaluation
+        from transformers import AutoConfig
+
+        from .model_card import render_model_card, write_model_card
+
+        card = json.loads(fields.read_text())
+        write_model_card(
+            checkpoint,
+            render_model_card(AutoConfig.from_pretrained(checkpoint), evaluation=report["model"], **card),
+        )
     if output_dir is not None:
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -311,7 +411,9 @@ def fit_baseline_and_predict(
     train_labels = labels.filter(pl.col("subject_id").is_in(train_subjects.implode()))
     train_events = read_events(data_dir, subject_ids=train_labels["subject_id"].unique().to_list())
     baseline = TabularBaseline(kind=kind, seed=seed).fit(train_events, train_labels)
-    test_rows = rows.select("subject_id", "prediction_time", pl.col("label").cast(pl.Boolean).alias("boolean_value"))
+    test_rows = rows.select(
+        "subject_id", "prediction_time", pl.col("label").cast(pl.Boolean).alias("boolean_value")
+    )
     test_events = read_events(data_dir, subject_ids=test_rows["subject_id"].unique().to_list())
     return baseline.predict_proba(test_events, test_rows)
 
@@ -324,9 +426,15 @@ def subgroups_for(data_dir: str | os.PathLike, predictions: pl.DataFrame) -> dic
     births, sexes = [], []
     for _, frame in iter_shards(data_dir):
         frame = frame.filter(pl.col("subject_id").is_in(subjects.implode()))
-        births.append(frame.filter(pl.col("code") == "MEDS_BIRTH").group_by("subject_id").agg(birth=pl.col("time").min()))
+        births.append(
+            frame.filter(pl.col("code") == "MEDS_BIRTH")
+            .group_by("subject_id")
+            .agg(birth=pl.col("time").min())
+        )
         sex_events = frame.filter(pl.col("code").str.to_uppercase().str.contains(r"^(GENDER|SEX)//"))
-        sexes.append(sex_events.group_by("subject_id").agg(sex=pl.col("code").first().str.split("//").list.last()))
+        sexes.append(
+            sex_events.group_by("subject_id").agg(sex=pl.col("code").first().str.split("//").list.last())
+        )
     rows = predictions.select("subject_id", "prediction_time")
     if births:
         rows = rows.join(pl.concat(births), on="subject_id", how="left")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -143,3 +144,32 @@ def test_pretrain_script_runs_as_a_command(synthetic_meds, tmp_path):
     assert (tmp_path / "out" / "model.safetensors").exists()
     vocab_size = json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"]
     assert vocab_size == len(EHREventTokenizer.from_pretrained(tmp_path / "out")) > 4
+
+
+def test_checkpoints_carry_a_model_card_without_identifiers(pretrained, synthetic_meds, tmp_path):
+    from ehr_transformer.model_card import read_card_metadata
+
+    pretrained_dir, _ = pretrained
+    metadata = read_card_metadata(pretrained_dir)
+    assert metadata["library_name"] == "transformers" and "ehr-transformer" in metadata["tags"]
+    card = (pretrained_dir / "README.md").read_text()
+    assert "## Intended use" in card and "## Limitations and known biases" in card
+    assert "masked code prediction" in card
+
+    labels = synthetic_meds / "labels" / "in_hospital_mortality.parquet"
+    finetune(
+        DataArguments(data_dir=str(synthetic_meds), labels=str(labels), cache_dir=str(tmp_path / "cache")),
+        ModelArguments(model_name_or_path=str(pretrained_dir)),
+        training_args(tmp_path / "finetuned", max_steps=2),
+    )
+    report = evaluate_checkpoint(tmp_path / "finetuned", synthetic_meds, labels, n_bootstrap=20, baseline=None)
+    metadata = read_card_metadata(tmp_path / "finetuned")
+    (result,) = metadata["model-index"][0]["results"]
+    auroc = next(m["value"] for m in result["metrics"] if m["type"] == "roc_auc")
+    assert auroc == pytest.approx(report["model"]["auroc"]["estimate"], abs=1e-4)
+
+    # no date of a real event anywhere in the card (identifiers: see tests/test_safety.py's scan of whole folders)
+    events = pl.read_parquet(sorted((synthetic_meds / "data").glob("**/*.parquet")))
+    card = (tmp_path / "finetuned" / "README.md").read_text()
+    stamps = events["time"].drop_nulls().dt.strftime("%Y-%m-%d").unique().to_list()
+    assert not any(stamp in card for stamp in stamps)

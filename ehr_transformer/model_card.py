@@ -1,0 +1,148 @@
+"""Model cards: a `README.md` in every saved checkpoint folder, in the hub's format (YAML metadata + Markdown).
+
+The card says what the checkpoint is, what it was trained on (counts only: never a subject identifier, a real
+event's timestamp, or a code outside the vocabulary, which already excludes codes seen in fewer than
+`min_code_count` training subjects), how it was trained and, once evaluated, how well it did with intervals.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .utils import atomic_path
+
+TEMPLATE = Path(__file__).with_name("model_card_template.md")
+
+
+def data_summary(n_subjects: dict[str, int], n_events: int | None, tokenizer) -> dict[str, Any]:
+    """Counts that describe the training data without identifying anyone: subjects per split, events, and the
+    code systems (prefix before `//`) of the vocabulary with how many codes each contributes."""
+    systems = Counter(
+        code.split("//")[0] if "//" in code else code for code in tokenizer.vocab if not code.startswith("[")
+    )
+    return {
+        "subjects": n_subjects,
+        "events": n_events,
+        "vocabulary_size": tokenizer.vocab_size,
+        "min_code_count": tokenizer.min_code_count,
+        "code_systems": dict(sorted(systems.items(), key=lambda kv: -kv[1])[:12]),
+    }
+
+
+def render_model_card(
+    config,
+    *,
+    kind: str,
+    data: dict[str, Any],
+    training: dict[str, Any],
+    evaluation: dict[str, Any] | None = None,
+    task: str | None = None,
+    license: str = "other",
+    datasets: list[str] | None = None,
+) -> str:
+    """The card's text. `kind` is "pretrained" or "fine-tuned"; `evaluation` is a report of
+    `ehr_transformer.evaluation.binary_classification_report` (optional)."""
+    metadata: dict[str, Any] = {
+        "library_name": "transformers",
+        "license": license,
+        "tags": ["ehr-transformer", "ehr", "meds", "clinical", "medical", kind] + ([task] if task else []),
+        "datasets": datasets or [],
+        "metrics": ["roc_auc", "average_precision", "brier_score"],
+    }
+    if evaluation and evaluation.get("auroc"):
+        metadata["model-index"] = [
+            {
+                "name": f"ehr-transformer {task or kind}",
+                "results": [
+                    {
+                        "task": {"type": "tabular-classification", "name": task or "binary outcome"},
+                        "dataset": {
+                            "type": "meds",
+                            "name": (datasets or ["MEDS dataset"])[0],
+                            "split": "held_out",
+                        },
+                        "metrics": [
+                            {"type": "roc_auc", "value": round(evaluation["auroc"]["estimate"], 4)},
+                            {"type": "average_precision", "value": round(evaluation["auprc"]["estimate"], 4)},
+                            {"type": "brier_score", "value": round(evaluation["brier"], 4)},
+                        ],
+                    }
+                ],
+            }
+        ]
+    sizes = (
+        f"{config.hidden_size} wide, {config.num_hidden_layers} layers, {config.num_attention_heads} heads, "
+        f"feed-forward {config.intermediate_size}, vocabulary {config.vocab_size}"
+    )
+    body = TEMPLATE.read_text().format(
+        kind=kind,
+        task=task or "none (pretrained backbone)",
+        sizes=sizes,
+        subjects=", ".join(f"{split}: {n:,}" for split, n in data["subjects"].items()),
+        events=f"{data['events']:,}" if data.get("events") is not None else "not counted",
+        vocabulary=data["vocabulary_size"],
+        min_code_count=data["min_code_count"],
+        code_systems=", ".join(f"{system} ({n})" for system, n in data["code_systems"].items()),
+        training="\n".join(f"- {key}: {value}" for key, value in training.items()),
+        evaluation=_evaluation_text(evaluation),
+        temperature=config.temperature,
+    )
+    return "---\n" + yaml.safe_dump(metadata, sort_keys=False) + "---\n\n" + body
+
+
+def _evaluation_text(report: dict[str, Any] | None) -> str:
+    if not report:
+        return "Not evaluated yet: run `ehr-transformer evaluate` on held-out data."
+
+    def interval(metric: dict | None) -> str:
+        if metric is None:
+            return "n/a"
+        if metric.get("ci_lower") is None:
+            return f"{metric['estimate']:.3f}"
+        return f"{metric['estimate']:.3f} (95% CI {metric['ci_lower']:.3f}–{metric['ci_upper']:.3f})"
+
+    lines = [
+        f"Held-out: n = {report['n']:,}, prevalence {report['prevalence']:.3f}.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| AUROC | {interval(report['auroc'])} |",
+        f"| AUPRC | {interval(report['auprc'])} |",
+        f"| Brier score | {report['brier']:.3f} |",
+        f"| expected calibration error (10 bins) | {report['ece']:.3f} |",
+    ]
+    for group, values in (report.get("subgroups") or {}).items():
+        lines += [
+            "",
+            f"By {group.replace('_', ' ')}:",
+            "",
+            "| group | n | AUROC | ECE |",
+            "|---|---|---|---|",
+        ]
+        for value, metrics in values.items():
+            lines.append(
+                f"| {value} | {metrics['n']:,} | {interval(metrics['auroc'])} | {metrics['ece']:.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def write_model_card(folder: str | os.PathLike, text: str) -> Path:
+    with atomic_path(Path(folder) / "README.md") as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(folder) / "README.md"
+
+
+def read_card_metadata(folder: str | os.PathLike) -> dict[str, Any]:
+    """The YAML metadata block of a checkpoint's card."""
+    text = (Path(folder) / "README.md").read_text(encoding="utf-8")
+    if not text.startswith("---\n"):
+        raise ValueError(f"{folder}/README.md has no YAML metadata block")
+    return yaml.safe_load(text.split("---\n", 2)[1])
+
+
+__all__ = ["data_summary", "render_model_card", "write_model_card", "read_card_metadata"]
