@@ -51,9 +51,10 @@ def render_model_card(
         "library_name": "transformers",
         "license": license,
         "tags": ["ehr-transformer", "ehr", "meds", "clinical", "medical", kind] + ([task] if task else []),
-        "datasets": datasets or [],
         "metrics": ["roc_auc", "average_precision", "brier_score"],
     }
+    if datasets:
+        metadata["datasets"] = datasets
     if evaluation and evaluation.get("auroc"):
         metadata["model-index"] = [
             {

@@ -72,10 +72,26 @@ def _as_frames(events: pl.DataFrame | pl.LazyFrame | Iterable[pl.DataFrame]) -> 
     return (item[1] if isinstance(item, tuple) else item for item in events)
 
 
+_COLUMN_DTYPES = {  # dtypes each column may have (those `meds.validate_events` produces, or castable without parsing)
+    "subject_id": lambda d: d.is_integer() or d == pl.Null,
+    "time": lambda d: isinstance(d, pl.Datetime) or d in (pl.Date, pl.Null),
+    "prediction_time": lambda d: isinstance(d, pl.Datetime) or d == pl.Date,
+    "code": lambda d: d in (pl.String, pl.Null),
+    "numeric_value": lambda d: d.is_numeric() or d == pl.Null,
+}
+
+
 def _check_columns(frame: pl.DataFrame, needed: Iterable[str], what: str = "events") -> None:
     missing = [name for name in needed if name not in frame.columns]
     if missing:
         raise ValueError(f"{what} frame lacks column(s) {missing}; it has {frame.columns}")
+    for name in needed:
+        dtype = frame.schema[name]
+        if name in _COLUMN_DTYPES and not _COLUMN_DTYPES[name](dtype):
+            raise ValueError(
+                f"{what} frame: column {name!r} has dtype {dtype}, not a MEDS dtype; validate the frame with "
+                "ehr_transformer.data.meds.validate_events first"
+            )
 
 
 class _ValueReservoir:

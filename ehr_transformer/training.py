@@ -286,7 +286,7 @@ def finetune(
             data_args, tokenizer, train_dataset, training_args,
             objective="binary cross entropy on one logit",
             labels=f"{Path(data_args.labels).stem}, {data_args.label_fraction:.0%} of training labels",
-            started_from=model_args.model_name_or_path or "random initialisation",
+            started_from=Path(model_args.model_name_or_path).name if model_args.model_name_or_path else "random init",
         )  # fmt: skip
         card = {"kind": "fine-tuned", "task": Path(data_args.labels).stem, **card}
         save_checkpoint(trainer.model, tokenizer, training_args.output_dir, card)

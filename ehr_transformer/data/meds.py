@@ -238,8 +238,12 @@ def _shard_paths(meds_dir: Path) -> list[Path]:
 
 
 def _scan_shard(path: Path) -> pl.LazyFrame:
-    lf = pl.scan_parquet(path)
-    return _events_lazy(lf, str(path))
+    try:
+        return _events_lazy(pl.scan_parquet(path), str(path))
+    except (pl.exceptions.PolarsError, OSError) as err:  # truncated, empty or non-parquet file
+        raise MEDSValidationError(
+            f"{path}: not a readable parquet file, so its columns cannot be read (expected {EXPECTED_SCHEMA_TEXT}): {err}"
+        ) from err
 
 
 def iter_shards(

@@ -1,0 +1,548 @@
+"""Safety of shared checkpoints: refuse untrusted files before loading them, and find private data in saved folders.
+
+Checkpoints travel between institutions that must not trust each other's files.
+
+- :func:`check_checkpoint_folder` is called before every ``from_pretrained`` of this package (``predict``,
+  ``finetune`` from a pretrained folder). It refuses, with an :class:`UnsafeCheckpointError` (a ``ValueError``):
+  a folder whose only weights are pickle files (``pytorch_model.bin``, ``*.pt``, ``*.pth``, ``*.pkl``, ``*.ckpt``:
+  unpickling runs arbitrary code), a ``config.json`` that is not an ``ehr_transformer`` config, has fields this
+  version does not know, values of the wrong JSON type, non-finite numbers or absurd sizes (vocabulary above
+  10 million, hidden size above 65,536, more than 256 layers, more than 2 billion parameters in all), and a
+  safetensors file whose header is malformed or points outside the file. All of it reads only the small JSON
+  files and the safetensors header, so nothing large is allocated for a hostile folder. Models are then loaded
+  with ``use_safetensors=True`` and never with ``trust_remote_code``. The tokenizer file is validated by
+  :meth:`EHREventTokenizer.from_pretrained` (size limit, unknown fields, vocabulary limit) and its vocabulary
+  size must equal the config's.
+
+- :class:`ResumableTrainer` (a ``transformers.Trainer``) and :class:`ReproducibleMasking` (a collator wrapper) make a
+  run killed at any step and resumed with ``--resume_from_checkpoint`` end with bit-identical weights on CPU. The
+  plain Trainer cannot: (1) accelerate's data loader collates one batch ahead, so a collator that masks with the
+  global RNG draws at different moments in a resumed run (its RNG state is restored only after the first batches
+  are collated); (2) the length-grouped sampler draws each epoch's order from the global RNG when the epoch's
+  iterator is created, before the resumed run restores that RNG. Here the masking randomness of a batch is a
+  function of (seed, epoch, the batch's content) and each epoch's order a function of (seed, epoch); the global
+  RNG, saved in and restored from every checkpoint by the Trainer, is left to dropout alone.
+
+- :func:`scan_folder_for_leaks` lists every place in a saved folder where a training subject's identifier, the
+  timestamp of one of their real events, or a code seen in fewer than ``min_code_count`` training subjects
+  appears. How each kind is searched (and why):
+
+  * codes: as whole tokens (not inside a longer code) in the bytes of every file, binary ones included; a code
+    is a string, so it can only be written as its UTF-8 bytes.
+  * timestamps: every ``YYYY-MM-DD[T ]HH:MM`` in every file is compared with the real events' times truncated to
+    the minute; and integers of 9 digits or more are compared with the events' epoch seconds/milliseconds/
+    microseconds.
+  * subject identifiers: small integers (1, 2, 17) appear everywhere in weights metadata, step counts and
+    vocabularies, so an identifier counts as found only where it could be an identifier: (a) in a JSON file,
+    as the value (or an element of the list value) of a key that names an identifier (``subject_id``,
+    ``patient_id``, ``stay_id``, ``person_id``, ``hadm_id``, ``subject_ids``, ...); (b) in any file, as a number
+    right after such a name (``subject_id=17``, ``"subject_ids": [3, 17]``, ``patient 17``); and (c) for
+    identifiers of 6 digits or more, which do not occur by chance, as a whole number anywhere in any file's
+    text. Tests use a cohort with 10-digit identifiers so that (c) covers everything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import re
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+CONFIG_FILE = "config.json"
+SAFE_WEIGHT_SUFFIX = ".safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# Trainer checkpoints hold pickles of optimizer/scheduler/RNG state beside the safetensors weights: those are
+# never read by from_pretrained, only by a resume of one's own run.
+TRAINER_STATE_PICKLES = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin", "scaler.pt"}
+
+MAX_CONFIG_BYTES = 16 * 1024**2
+MAX_SAFETENSORS_HEADER_BYTES = 100 * 1024**2
+MAX_PARAMETERS = 2_000_000_000
+MAX_INT = 2**31 - 1
+SIZE_LIMITS: dict[str, tuple[int, int]] = {
+    "vocab_size": (5, 10_000_000),  # 4 special tokens and at least one code
+    "hidden_size": (1, 65_536),
+    "num_hidden_layers": (1, 256),
+    "num_attention_heads": (1, 1_024),
+    "intermediate_size": (1, 262_144),
+    "num_time_frequencies": (1, 4_096),
+}
+MAX_LABELS = 100_000
+# Fields a saved config may hold besides the config dataclass's own fields.
+# Fields a saved config may hold besides the config dataclass's own fields (transformers or the Trainer set
+# some of them, e.g. `use_cache`), with the JSON kinds they may take.
+EXTRA_CONFIG_FIELDS: dict[str, str] = {
+    "model_type": "str", "auto_map": "dict", "transformers_version": "str null", "_name_or_path": "str",
+    "torch_dtype": "str null", "num_labels": "int", "use_cache": "bool", "output_attentions": "bool",
+    "bos_token_id": "int null", "eos_token_id": "int null list", "sep_token_id": "int null",
+}  # fmt: skip
+SAFETENSORS_DTYPES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint folder is refused before loading: pickle-only weights, an unexpected or absurd config, a
+    malformed safetensors header. The message names the file and the field."""
+
+
+@dataclass
+class CheckedCheckpoint:
+    """What :func:`check_checkpoint_folder` found: the parsed config and the safetensors weight files."""
+
+    path: Path
+    config: dict[str, Any]
+    weight_files: list[Path]
+    n_parameters: int
+    ignored_pickles: list[Path] = dataclasses.field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+def check_checkpoint_folder(path: str | os.PathLike, max_parameters: int = MAX_PARAMETERS) -> CheckedCheckpoint:
+    """Check a checkpoint folder before anything is loaded from it; raise :class:`UnsafeCheckpointError`."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such checkpoint folder (a local folder is expected)")
+    config = _check_config(folder / CONFIG_FILE, max_parameters)
+    weights, pickles = _weight_files(folder)
+    for weight in weights:
+        read_safetensors_header(weight)
+    _check_tokenizer(folder, config)
+    return CheckedCheckpoint(folder, config, weights, estimate_parameters(config), pickles)
+
+
+def _weight_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    files = [p for p in folder.iterdir() if p.is_file()]
+    pickles = sorted(p for p in files if p.suffix.lower() in PICKLE_SUFFIXES and p.name not in TRAINER_STATE_PICKLES)
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        data = _read_json(index, MAX_CONFIG_BYTES)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UnsafeCheckpointError(f"{index}: field 'weight_map' must map tensor names to file names")
+        weights = []
+        for name in sorted(set(weight_map.values())):
+            if Path(name).name != name or not name.endswith(SAFE_WEIGHT_SUFFIX):
+                raise UnsafeCheckpointError(
+                    f"{index}: field 'weight_map' names {name!r}; only .safetensors files inside the folder are allowed"
+                )
+            if not (folder / name).is_file():
+                raise UnsafeCheckpointError(f"{index}: field 'weight_map' names {name!r}, which is missing")
+            weights.append(folder / name)
+        return weights, pickles
+    weights = sorted(p for p in files if p.name.endswith(SAFE_WEIGHT_SUFFIX))
+    if not weights:
+        if pickles:
+            names = ", ".join(p.name for p in pickles)
+            raise UnsafeCheckpointError(
+                f"{folder}: the only weights are pickle files ({names}). Loading a pickle can run arbitrary code, "
+                "so this package loads safetensors weights only (use_safetensors=True). Convert the checkpoint "
+                "where its origin is trusted (load it, then model.save_pretrained(folder) writes model.safetensors)."
+            )
+        raise UnsafeCheckpointError(f"{folder}: no model.safetensors weights found")
+    return weights, pickles
+
+
+def _read_json(path: Path, limit: int) -> Any:
+    if not path.is_file():
+        raise UnsafeCheckpointError(f"{path}: missing")
+    size = path.stat().st_size
+    if size > limit:
+        raise UnsafeCheckpointError(f"{path}: {size} bytes, more than the {limit} allowed for this file")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as error:
+        raise UnsafeCheckpointError(f"{path}: not valid JSON ({error})") from error
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name} is not allowed")
+
+
+def _config_fields() -> dict[str, Any]:
+    from .configuration_ehr import EHRTransformerConfig
+
+    return {f.name: f.type for f in dataclasses.fields(EHRTransformerConfig)}
+
+
+def _allowed_kinds(annotation: Any) -> set[str]:
+    """JSON kinds a dataclass field annotation admits (int, float, bool, str, list, dict, null)."""
+    text = annotation if isinstance(annotation, str) else str(annotation)
+    kinds = set()
+    outer = re.sub(r"\[.*\]", "", text)  # the kinds inside list[...] / dict[...] are the elements'
+    for kind in ("int", "float", "bool", "str", "list", "dict"):
+        if re.search(rf"\b{kind}\b", outer):
+            kinds.add(kind)
+    if "Literal" in text:
+        kinds.add("str")
+    if "None" in text:
+        kinds.add("null")
+    if "dtype" in text:
+        kinds.add("str")
+    if "float" in kinds:
+        kinds.add("int")
+    return kinds
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, list):
+        return "list"
+    return "dict"
+
+
+def _check_config(path: Path, max_parameters: int) -> dict[str, Any]:
+    config = _read_json(path, MAX_CONFIG_BYTES)
+    if not isinstance(config, dict):
+        raise UnsafeCheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    if config.get("model_type") != "ehr_transformer":
+        raise UnsafeCheckpointError(
+            f"{path}: field 'model_type' is {config.get('model_type')!r}, expected 'ehr_transformer'"
+        )
+    fields = _config_fields()
+    unknown = sorted(set(config) - set(fields) - set(EXTRA_CONFIG_FIELDS))
+    if unknown:
+        raise UnsafeCheckpointError(
+            f"{path}: unknown field(s) {unknown}; this version of ehr_transformer reads {sorted(fields)}"
+        )
+    for name, value in config.items():
+        allowed = _allowed_kinds(fields[name]) if name in fields else set(EXTRA_CONFIG_FIELDS[name].split())
+        if _kind(value) not in allowed:
+            shown = repr(value) if len(repr(value)) < 80 else repr(value)[:80] + "..."
+            raise UnsafeCheckpointError(
+                f"{path}: field {name!r} is {shown} ({_kind(value)}), expected {' or '.join(sorted(allowed))}"
+            )
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UnsafeCheckpointError(f"{path}: field {name!r} is not a finite number ({value!r})")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+            raise UnsafeCheckpointError(f"{path}: field {name!r} = {value} is outside the sane range [-{MAX_INT}, {MAX_INT}]")
+    for name, (low, high) in SIZE_LIMITS.items():
+        value = config.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise UnsafeCheckpointError(f"{path}: field {name!r} = {value!r} is outside the sane range [{low}, {high}]")
+    for name in ("id2label", "label2id"):
+        value = config.get(name)
+        if isinstance(value, dict) and len(value) > MAX_LABELS:
+            raise UnsafeCheckpointError(f"{path}: field {name!r} has {len(value)} labels (limit {MAX_LABELS})")
+    vocab_size = config.get("vocab_size", 1024)
+    for name in ("pad_token_id", "unk_token_id", "mask_token_id", "cls_token_id"):
+        value = config.get(name)
+        if isinstance(value, int) and not 0 <= value < vocab_size:
+            raise UnsafeCheckpointError(f"{path}: field {name!r} = {value} is not an id below vocab_size {vocab_size}")
+    n_parameters = estimate_parameters(config)
+    if n_parameters > max_parameters:
+        raise UnsafeCheckpointError(
+            f"{path}: fields vocab_size/hidden_size/num_hidden_layers/intermediate_size describe a model of about "
+            f"{n_parameters:,} parameters, more than the limit {max_parameters:,}"
+        )
+    return config
+
+
+def estimate_parameters(config: dict[str, Any]) -> int:
+    """Rough parameter count of the model a config describes (embeddings + blocks), without building it."""
+    vocab = int(config.get("vocab_size", 1024))
+    hidden = int(config.get("hidden_size", 128))
+    layers = int(config.get("num_hidden_layers", 4))
+    inter = int(config.get("intermediate_size", 512))
+    return vocab * hidden + layers * (4 * hidden * hidden + 2 * hidden * inter + 9 * hidden)
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of a safetensors file, checked: size, dtypes, shapes and offsets inside the file."""
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise UnsafeCheckpointError(f"{path}: too short for a safetensors file ({size} bytes)")
+        (length,) = struct.unpack("<Q", head)
+        if length > MAX_SAFETENSORS_HEADER_BYTES or 8 + length > size:
+            raise UnsafeCheckpointError(f"{path}: safetensors header length {length} is invalid for a {size}-byte file")
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise UnsafeCheckpointError(f"{path}: safetensors header is not valid JSON ({error})") from error
+    if not isinstance(header, dict):
+        raise UnsafeCheckpointError(f"{path}: safetensors header must be a JSON object")
+    data_size = size - 8 - length
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise UnsafeCheckpointError(f"{path}: field '__metadata__' must map strings to strings")
+            continue
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise UnsafeCheckpointError(f"{path}: tensor {name!r}: expected fields dtype, shape, data_offsets")
+        itemsize = SAFETENSORS_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+        shape, offsets = entry["shape"], entry["data_offsets"]
+        if itemsize is None:
+            raise UnsafeCheckpointError(f"{path}: tensor {name!r}: unknown dtype {entry['dtype']!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise UnsafeCheckpointError(f"{path}: tensor {name!r}: invalid shape {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_size
+            or offsets[1] - offsets[0] != math.prod(shape) * itemsize
+        ):
+            raise UnsafeCheckpointError(
+                f"{path}: tensor {name!r}: data_offsets {offsets!r} do not match shape {shape} in a "
+                f"{data_size}-byte data section"
+            )
+    return header
+
+
+def _check_tokenizer(folder: Path, config: dict[str, Any]) -> None:
+    from .tokenization_ehr import TOKENIZER_FILE, EHREventTokenizer
+
+    if not (folder / TOKENIZER_FILE).is_file():
+        return
+    try:
+        tokenizer = EHREventTokenizer.from_pretrained(folder)
+    except ValueError as error:
+        raise UnsafeCheckpointError(str(error)) from error
+    if "vocab_size" in config and tokenizer.vocab_size != config["vocab_size"]:
+        raise UnsafeCheckpointError(
+            f"{folder / TOKENIZER_FILE}: {tokenizer.vocab_size} codes, but {folder / CONFIG_FILE} field "
+            f"'vocab_size' is {config['vocab_size']}"
+        )
+
+
+# ----------------------------------------------------------------------------------------- crash-safe training
+@dataclass
+class ReproducibleMasking:
+    """Wraps a collator that draws from its `generator` (e.g. `DataCollatorForMaskedEventModeling`): before each
+    batch the generator is seeded from (seed, epoch, the batch's input_ids), so a batch gets the same masks
+    whenever and in whatever process it is collated. Batches of one epoch differ in content, so their masks are
+    independent draws; `epoch` (set by :class:`ResumableTrainer`) makes them differ between epochs."""
+
+    collator: Any
+    seed: int = 0
+    epoch: int = 0
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        digest = hashlib.blake2b(f"{self.seed}:{self.epoch}".encode(), digest_size=8)
+        for feature in features:
+            digest.update(np.asarray(feature["input_ids"], dtype=np.int64).tobytes() + b"|")
+        self.collator.generator = torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
+        return self.collator(features)
+
+    def __getattr__(self, name: str) -> Any:  # tokenizer, mlm_probability, ... of the wrapped collator
+        if name == "collator":
+            raise AttributeError(name)
+        return getattr(self.collator, name)
+
+
+class _EpochCallback(TrainerCallback):
+    def __init__(self, trainer: ResumableTrainer) -> None:
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        epoch = math.floor((state.epoch or 0.0) + 1e-9)  # state.epoch is k.0 exactly at the start of epoch k
+        self.trainer.set_epoch(epoch)
+
+
+class ResumableTrainer(Trainer):
+    """`transformers.Trainer` whose runs resume bit-identically after a kill: the length-grouped training order is
+    seeded by (seed, epoch) rather than drawn from the global RNG, and a :class:`ReproducibleMasking` collator is
+    told the epoch. Everything else (checkpoints, RNG state, optimizer and scheduler) is the Trainer's own."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._samplers: list[LengthGroupedSampler] = []
+        self.add_callback(_EpochCallback(self))
+
+    def set_epoch(self, epoch: int) -> None:
+        if isinstance(self.data_collator, ReproducibleMasking):
+            self.data_collator.epoch = epoch
+        for sampler in self._samplers:
+            sampler.generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + epoch)
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler) and sampler.generator is None:
+            sampler.generator = torch.Generator().manual_seed(self.args.seed * 1_000_003)
+            self._samplers.append(sampler)
+        return sampler
+
+
+# ------------------------------------------------------------------------------------------------ privacy
+IDENTIFIER_NAME = r"(?:subject|patient|person|stay|hadm|encounter|visit|admission|mrn|member)s?[_ -]?(?:ids?|no|number)?"
+_IDENTIFIER_KEY = re.compile(rf"(?:^|_){IDENTIFIER_NAME}$", re.IGNORECASE)
+_NAMED_NUMBERS = re.compile(
+    rf"\b{IDENTIFIER_NAME}\b[\"']?\s*[:=]?\s*[\[(]?((?:\s*[\"']?\d+[\"']?\s*,?)+)".encode(), re.IGNORECASE
+)
+_DATETIME = re.compile(rb"(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2})")
+_LONG_NUMBER = re.compile(rb"(?<![\w.])\d{6,}(?![\w])")
+_CODE_CHARS = re.compile(rb"[\w/.\-+]")
+FREE_ID_DIGITS = 6
+
+
+@dataclass(frozen=True)
+class LeakFinding:
+    """One place where private training data was found: file, kind (subject_id, timestamp, rare_code),
+    the value (as text) and where in the file (byte offset, or a JSON key path)."""
+
+    file: str
+    kind: str
+    value: str
+    where: str
+
+
+def _minute_keys(timestamps: Iterable[Any]) -> tuple[set[str], set[int]]:
+    minutes, epochs = set(), set()
+    for value in timestamps:
+        if value is None:
+            continue
+        if isinstance(value, str):
+            value = _dt.datetime.fromisoformat(value)
+        if isinstance(value, _dt.date) and not isinstance(value, _dt.datetime):
+            value = _dt.datetime(value.year, value.month, value.day)
+        minutes.add(value.strftime("%Y-%m-%d %H:%M"))
+        seconds = (value.replace(tzinfo=None) - _dt.datetime(1970, 1, 1)) // _dt.timedelta(microseconds=1)
+        if abs(seconds) >= 10**14:  # epoch microseconds, milliseconds and seconds, where they have >= 9 digits
+            for divisor in (1, 1_000, 1_000_000):
+                if abs(seconds // divisor) >= 10**8:
+                    epochs.add(seconds // divisor)
+    return minutes, epochs
+
+
+def _find_code(data: bytes, code: bytes) -> Iterable[int]:
+    start = 0
+    while (index := data.find(code, start)) >= 0:
+        start = index + 1
+        before = data[index - 1 : index]
+        after = data[index + len(code) : index + len(code) + 1]
+        if (not before or not _CODE_CHARS.fullmatch(before)) and (not after or not _CODE_CHARS.fullmatch(after)):
+            yield index
+
+
+def _walk_json(value: Any, path: str = "") -> Iterable[tuple[str, str, Any]]:
+    """(key path, last key, value) of every leaf and every list in a parsed JSON document."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            child = f"{path}.{key}"
+            yield child, str(key), item
+            yield from _walk_json(item, child)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _walk_json(item, f"{path}[{i}]")
+
+
+def _as_ids(value: Any) -> list[int]:
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for item in items:
+        if isinstance(item, bool):
+            continue
+        if isinstance(item, int):
+            out.append(item)
+        elif isinstance(item, str) and item.strip().isdigit():
+            out.append(int(item))
+    return out
+
+
+def scan_folder_for_leaks(
+    folder: str | os.PathLike,
+    subject_ids: Iterable[int],
+    rare_codes: Iterable[str],
+    timestamps: Iterable[Any],
+    max_file_bytes: int = 512 * 1024**2,
+) -> list[LeakFinding]:
+    """Every file under `folder` (recursively, binary files included) searched for the given subject
+    identifiers, rare codes and real event timestamps (see the module docstring for how). Returns the findings
+    (an empty list when nothing leaked). Files larger than `max_file_bytes` are reported as a finding of kind
+    `unscanned` rather than silently skipped."""
+    ids = {int(i) for i in subject_ids}
+    free_ids = {i for i in ids if len(str(abs(i))) >= FREE_ID_DIGITS}
+    codes = sorted({c.encode("utf-8", "surrogateescape") for c in rare_codes if c})
+    minutes, epochs = _minute_keys(timestamps)
+    findings: list[LeakFinding] = []
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        name = str(path)
+        if path.stat().st_size > max_file_bytes:
+            findings.append(LeakFinding(name, "unscanned", str(path.stat().st_size), "file too large to scan"))
+            continue
+        data = path.read_bytes()
+        for code in codes:
+            for index in _find_code(data, code):
+                findings.append(LeakFinding(name, "rare_code", code.decode("utf-8", "replace"), f"byte {index}"))
+        for match in _DATETIME.finditer(data):
+            text = f"{match.group(1).decode()} {match.group(2).decode()}"
+            if text in minutes:
+                findings.append(LeakFinding(name, "timestamp", text, f"byte {match.start()}"))
+        for match in _LONG_NUMBER.finditer(data):
+            number = int(match.group())
+            if number in epochs:
+                findings.append(LeakFinding(name, "timestamp", str(number), f"byte {match.start()} (epoch)"))
+            if number in free_ids:
+                findings.append(LeakFinding(name, "subject_id", str(number), f"byte {match.start()}"))
+        for match in _NAMED_NUMBERS.finditer(data):
+            for number in re.findall(rb"\d+", match.group(1)):
+                if int(number) in ids and int(number) not in free_ids:
+                    findings.append(LeakFinding(name, "subject_id", number.decode(), f"byte {match.start()}"))
+        if path.suffix == ".json" or path.name.endswith(".index.json"):
+            findings.extend(_scan_json_fields(name, data, ids - free_ids))
+        elif path.suffix == SAFE_WEIGHT_SUFFIX:
+            try:
+                header = read_safetensors_header(path)
+            except UnsafeCheckpointError:
+                header = {}
+            findings.extend(_scan_parsed(name, header, ids - free_ids))
+    return sorted(set(findings), key=lambda f: (f.file, f.kind, f.value, f.where))
+
+
+def _scan_json_fields(name: str, data: bytes, ids: set[int]) -> list[LeakFinding]:
+    try:
+        parsed = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return []
+    return _scan_parsed(name, parsed, ids)
+
+
+def _scan_parsed(name: str, parsed: Any, ids: set[int]) -> list[LeakFinding]:
+    out = []
+    for where, key, value in _walk_json(parsed):
+        if _IDENTIFIER_KEY.search(key):
+            out.extend(LeakFinding(name, "subject_id", str(i), where) for i in _as_ids(value) if i in ids)
+    return out
+
+
+__all__ = [
+    "CheckedCheckpoint",
+    "ReproducibleMasking",
+    "ResumableTrainer",
+    "LeakFinding",
+    "UnsafeCheckpointError",
+    "check_checkpoint_folder",
+    "estimate_parameters",
+    "read_safetensors_header",
+    "scan_folder_for_leaks",
+]
