@@ -213,7 +213,9 @@ def explain_checkpoint(
     from transformers import AutoModelForSequenceClassification
 
     from .data.dataset import build_labeled_dataset
+    from .safety import check_checkpoint_folder
 
+    check_checkpoint_folder(checkpoint)  # refuse pickle-only/absurd folders before loading
     tokenizer = EHREventTokenizer.from_pretrained(checkpoint)
     model = AutoModelForSequenceClassification.from_pretrained(checkpoint, use_safetensors=True)
     dataset = build_labeled_dataset(data_dir, labels, tokenizer, split=split)
