@@ -7,6 +7,8 @@
     ehr-transformer finetune --data_dir MEDS --labels FILE --model_name_or_path DIR --output_dir DIR [...]
     ehr-transformer evaluate --checkpoint DIR --data_dir MEDS --labels FILE [--output DIR]
     ehr-transformer predict --checkpoint DIR --data_dir MEDS --labels FILE --output predictions.parquet
+    ehr-transformer adapt --checkpoint DIR --data_dir TARGET_MEDS --labels FILE --output_dir DIR [--no_refit_values]
+    ehr-transformer select --data MEDS --candidates DIR_OR_HUB_ID ... [--labels FILE] [--output ranking.json]
 
 `pretrain` and `finetune` take every `transformers.TrainingArguments` flag (`--num_train_epochs`,
 `--per_device_train_batch_size`, `--learning_rate`, ...) and work under `accelerate launch`.
@@ -85,6 +87,35 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _select(args: argparse.Namespace) -> int:
+    from .selection import format_ranking, select_checkpoints, write_ranking
+
+    result = select_checkpoints(
+        args.data, args.candidates, labels=args.labels, split=args.split or None,
+        max_subjects=args.max_subjects, max_labels=args.max_labels, seed=args.seed,
+    )  # fmt: skip
+    print(format_ranking(result))
+    if args.output:
+        print(f"ranking written to {write_ranking(result, args.output)}")
+    return 0
+
+
+def _adapt(args: argparse.Namespace) -> int:
+    from .calibration import adapt_checkpoint, format_adaptation
+
+    result = adapt_checkpoint(
+        args.checkpoint, args.data_dir, args.labels, args.output_dir,
+        refit_values=not args.no_refit_values,
+        continued_pretraining_epochs=args.continued_pretraining_epochs,
+        continued_pretraining_max_steps=args.continued_pretraining_max_steps,
+        continued_pretraining_learning_rate=args.continued_pretraining_learning_rate,
+        unlabeled_split=args.unlabeled_split, tuning_split=args.tuning_split, eval_split=args.eval_split or None,
+        batch_size=args.batch_size, seed=args.seed, cache_dir=args.cache_dir, overwrite=args.overwrite,
+    )  # fmt: skip
+    print(format_adaptation(result))
+    return 0
+
+
 def _synthetic(args: argparse.Namespace) -> int:
     from .data.synthetic import write_synthetic_meds
 
@@ -148,6 +179,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subjects", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_quickstart)
+
+    p = sub.add_parser("select", help="rank candidate checkpoints for a dataset (coverage, fit, LogME)")
+    p.add_argument("--data", required=True, help="MEDS dataset folder of the user")
+    p.add_argument("--candidates", required=True, nargs="+", help="checkpoint folders or hub ids")
+    p.add_argument("--labels", default=None, help="optional label file: adds LogME transferability")
+    p.add_argument("--output", default=None, help="ranking JSON (written atomically)")
+    p.add_argument("--split", default="train", help="split of the user's data to score ('' for all subjects)")
+    p.add_argument("--max_subjects", type=int, default=1000, help="subjects embedded per candidate (sample)")
+    p.add_argument("--max_labels", type=int, default=2000, help="label rows used for LogME (sample)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_select)
+
+    p = sub.add_parser("adapt", help="calibrate a fine-tuned checkpoint for a new population (refit, DAPT, T)")
+    p.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint folder")
+    p.add_argument("--data_dir", required=True, help="the target population's MEDS folder")
+    p.add_argument("--labels", required=True, help="the target's label file (comma-separated files: multitask)")
+    p.add_argument("--output_dir", required=True, help="adapted checkpoint folder (written atomically)")
+    p.add_argument("--no_refit_values", action="store_true", help="keep the source's value statistics")
+    p.add_argument("--continued_pretraining_epochs", type=float, default=0.0,
+                   help="epochs of masked event pretraining on the target's unlabeled train split (0 = none)")
+    p.add_argument("--continued_pretraining_max_steps", type=int, default=-1, help="> 0: steps instead of epochs")
+    p.add_argument("--continued_pretraining_learning_rate", type=float, default=1e-4)
+    p.add_argument("--unlabeled_split", default="train", help="split whose events refit values / pretrain")
+    p.add_argument("--tuning_split", default="tuning", help="labelled split the temperature is fitted on")
+    p.add_argument("--eval_split", default="held_out", help="split also reported, never fitted on ('' = none)")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache_dir", default=None, help="cache folder of the tokenized datasets")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+    p.set_defaults(func=_adapt)
 
     p = sub.add_parser("synthetic", help="write a synthetic MEDS cohort")
     p.add_argument("--output", required=True)

@@ -5,6 +5,9 @@ from typing import Literal
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+# Names of the pretraining objectives of `EHRTransformerForMaskedEventModeling` (see `pretraining_objectives`).
+PRETRAINING_OBJECTIVES = ("code", "value", "time", "feature")
+
 
 @strict
 class EHRTransformerConfig(PreTrainedConfig):
@@ -58,10 +61,29 @@ class EHRTransformerConfig(PreTrainedConfig):
             are identical either way (to floating-point tolerance).
         value_loss_weight (`float`, defaults to 1.0):
             Weight of the value-reconstruction loss (MSE of hidden normalised values) beside the masked-code
-            cross entropy in [`EHRTransformerForMaskedEventModeling`].
+            cross entropy in [`EHRTransformerForMaskedEventModeling`], unless `objective_weights` sets "value".
+        pretraining_objectives (`list[str]`, defaults to `("code", "value")`):
+            Objectives of [`EHRTransformerForMaskedEventModeling`], among `"code"` (masked code prediction),
+            `"value"` (masked value reconstruction), `"time"` (masked time-gap reconstruction) and `"feature"`
+            (regression of an EMA teacher's hidden states at masked positions, data2vec-style). Only the heads of
+            the chosen objectives are built.
+        objective_weights (`dict[str, float]`, *optional*):
+            Static weight of each objective's loss in `loss` (missing names weigh 1.0, "value" weighs
+            `value_loss_weight`). Learned balancing (`ehr_transformer.pretraining`) replaces them.
+        feature_target_layers (`int`, defaults to 2):
+            The feature objective's target is the mean of the layer-normed outputs of the teacher's top K layers
+            (all of them if the model has fewer).
         temperature (`float`, defaults to 1.0):
             Post-hoc calibration temperature; classification logits are divided by it at inference
             (`model.eval()`). Fitted on a validation split by `ehr_transformer.calibration`; 1.0 = none.
+            With `task_types`, only the logits of the "binary" tasks are divided.
+        task_names (`list[str]`, *optional*):
+            Multitask fine-tuning: one name per task (e.g. `["in_hospital_mortality", "length_of_stay"]`).
+            [`EHRTransformerForSequenceClassification`] then gives `(B, T)` logits, one output row per task over
+            the shared backbone and pooled head, and sets `id2label` to the task names. None = one task, as before.
+        task_types (`list[str]`, *optional*):
+            `"binary"` (BCE on the logit; predictions are probabilities) or `"regression"` (MSE) for each of
+            `task_names`; required with them. Missing labels (NaN) of a task are ignored by its loss.
         pad_token_id, unk_token_id, mask_token_id, cls_token_id (`int`):
             Ids of the tokenizer's special tokens (0, 1, 2, 3).
         tie_word_embeddings (`bool`, defaults to `True`):
@@ -81,6 +103,8 @@ class EHRTransformerConfig(PreTrainedConfig):
     """
 
     model_type = "ehr_transformer"
+    # per-batch losses, not predictions: left out of `Trainer.prediction_step`'s outputs
+    keys_to_ignore_at_inference = ["task_losses"]
 
     vocab_size: int = 1024
     hidden_size: int = 128
@@ -100,7 +124,12 @@ class EHRTransformerConfig(PreTrainedConfig):
     sparse_prediction: bool = True
     unpad_inputs: bool = True
     value_loss_weight: float | int = 1.0
+    pretraining_objectives: list[str] | tuple[str, ...] = ("code", "value")
+    objective_weights: dict[str, float | int] | None = None
+    feature_target_layers: int = 2
     temperature: float | int = 1.0
+    task_names: list[str] | None = None
+    task_types: list[str] | None = None
     pad_token_id: int | None = 0
     unk_token_id: int = 1
     mask_token_id: int = 2
@@ -117,7 +146,39 @@ class EHRTransformerConfig(PreTrainedConfig):
             raise ValueError(f"classifier_pooling must be 'cls' or 'mean', got {self.classifier_pooling!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
+        objectives = list(self.pretraining_objectives)
+        unknown = sorted(set(objectives) - set(PRETRAINING_OBJECTIVES))
+        if not objectives or unknown or len(set(objectives)) != len(objectives):
+            raise ValueError(
+                f"pretraining_objectives must be distinct names among {PRETRAINING_OBJECTIVES}, got {objectives}"
+            )
+        for name, weight in (self.objective_weights or {}).items():
+            if name not in objectives or not 0 <= weight < float("inf"):
+                raise ValueError(
+                    f"objective_weights[{name!r}] = {weight}: expected a finite weight >= 0 of one of {objectives}"
+                )
+        if self.feature_target_layers < 1:
+            raise ValueError(f"feature_target_layers must be at least 1, got {self.feature_target_layers}")
         super().__post_init__(**kwargs)
+        self._check_tasks()
+
+    def _check_tasks(self) -> None:
+        if self.task_names is None and self.task_types is None:
+            return
+        names, types = list(self.task_names or []), list(self.task_types or [])
+        if not names or len(names) != len(types):
+            raise ValueError(
+                f"task_names and task_types must be given together, one type per task; got task_names={names}, "
+                f"task_types={types}"
+            )
+        if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"task_names must be distinct non-empty strings, got {names}")
+        bad = [t for t in types if t not in ("binary", "regression")]
+        if bad:
+            raise ValueError(f"task_types must each be 'binary' or 'regression', got {bad} in {types}")
+        self.task_names, self.task_types = names, types
+        self.id2label = dict(enumerate(names))  # num_labels = number of tasks
+        self.label2id = {name: i for i, name in enumerate(names)}
 
 
-__all__ = ["EHRTransformerConfig"]
+__all__ = ["EHRTransformerConfig", "PRETRAINING_OBJECTIVES"]

@@ -2,7 +2,13 @@
 
 The card says what the checkpoint is, what it was trained on (counts only: never a subject identifier, a real
 event's timestamp, or a code outside the vocabulary, which already excludes codes seen in fewer than
-`min_code_count` training subjects), how it was trained and, once evaluated, how well it did with intervals.
+`min_code_count` training subjects; the time span is given in calendar years), how it was trained and, once
+evaluated, how well it did with intervals, by subgroup, and how well calibrated.
+
+The YAML block holds the hub's model-card fields (`huggingface_hub.ModelCardData`): `library_name`, `license`,
+`tags`, `pipeline_tag` (`feature-extraction` for a pretrained backbone, `tabular-classification` once fine-tuned),
+`datasets`, `metrics` and, once evaluated on held-out data, a `model-index` whose results
+`huggingface_hub.repocard_data.model_index_to_eval_results` parses.
 """
 
 from __future__ import annotations
@@ -44,12 +50,17 @@ def render_model_card(
     task: str | None = None,
     license: str = "other",
     datasets: list[str] | None = None,
+    population: dict[str, Any] | None = None,
 ) -> str:
     """The card's text. `kind` is "pretrained" or "fine-tuned"; `evaluation` is a report of
-    `ehr_transformer.evaluation.binary_classification_report` (optional)."""
+    `ehr_transformer.evaluation.binary_classification_report` (optional); `population` is what
+    `ehr_transformer.selection.write_population_summary` returns (prototypes, code frequencies, time span)."""
+    population = population or {}
+    datasets = datasets or ([population["dataset_name"]] if population.get("dataset_name") else None)
     metadata: dict[str, Any] = {
         "library_name": "transformers",
         "license": license,
+        "pipeline_tag": "feature-extraction" if kind == "pretrained" else "tabular-classification",
         "tags": ["ehr-transformer", "ehr", "meds", "clinical", "medical", kind] + ([task] if task else []),
         "metrics": ["roc_auc", "average_precision", "brier_score"],
     }
@@ -89,11 +100,34 @@ def render_model_card(
         vocabulary=data["vocabulary_size"],
         min_code_count=data["min_code_count"],
         code_systems=", ".join(f"{system} ({n})" for system, n in data["code_systems"].items()),
+        time_span=population.get("time_span", "not recorded"),
+        population=_population_text(population),
         training="\n".join(f"- {key}: {value}" for key, value in training.items()),
         evaluation=_evaluation_text(evaluation),
         temperature=config.temperature,
     )
     return "---\n" + yaml.safe_dump(metadata, sort_keys=False) + "---\n\n" + body
+
+
+def _population_text(population: dict[str, Any]) -> str:
+    if not population.get("prototypes"):
+        why = population.get("prototypes_missing_because", "they are written after pretraining")
+        return (
+            f"No population prototypes in this folder ({why}). "
+            "`ehr-transformer select` ranks it by code coverage and, with labels, LogME only."
+        )
+    return "\n".join(
+        [
+            f"- `prototypes.safetensors`: {population['prototypes']}.",
+            f"- `code_frequencies.json`: the number of training subjects with each of the "
+            f"{population.get('codes_counted', 'vocabulary')} codes of the vocabulary (codes below the subject "
+            "threshold are not in it).",
+            "",
+            "`ehr-transformer select --data MEDS_DIR --candidates THIS_FOLDER OTHER ...` uses them to rank "
+            "checkpoints for a new dataset (code coverage, distance to these prototypes, LogME with labels) "
+            "without any training data.",
+        ]
+    )
 
 
 def _evaluation_text(report: dict[str, Any] | None) -> str:

@@ -57,7 +57,8 @@ class EHRTransformerEmbeddings(nn.Module):
     """Event embedding = code + value (gated by value presence) + time + age, then LayerNorm and dropout.
 
     The value part is a shared non-linear function of the normalised value plus the value times a per-code
-    direction (`code_value_embeddings`), so that a high lactate and a high heart rate need not look alike."""
+    direction (`code_value_embeddings`), so that a high lactate and a high heart rate need not look alike.
+    A NaN time or age (hidden for time reconstruction) adds nothing, as a NaN value does."""
 
     def __init__(self, config: EHRTransformerConfig):
         super().__init__()
@@ -94,10 +95,10 @@ class EHRTransformerEmbeddings(nn.Module):
                 input_ids
             )
             embeddings = embeddings + value_embeddings * has_value.unsqueeze(-1)  # (B, L, H)
-        if times is not None:
-            embeddings = embeddings + self.time_embeddings(times)
-        if ages is not None:
-            embeddings = embeddings + self.age_embeddings(ages)
+        for x, embed in ((times, self.time_embeddings), (ages, self.age_embeddings)):
+            if x is not None:
+                known = ~torch.isnan(x)  # (B, L)
+                embeddings = embeddings + embed(torch.where(known, x, 0.0)) * known.unsqueeze(-1)  # (B, L, H)
         return self.dropout(self.norm(embeddings))  # (B, L, H)
 
 
@@ -322,14 +323,21 @@ class EHRTransformerModelOutput(ModelOutput):
 class MaskedEventModelingOutput(ModelOutput):
     """
     Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*): `code_loss + config.value_loss_weight * value_loss`.
+        loss (`torch.FloatTensor` of shape `()`, *optional*): the objectives' losses weighted by
+            [`EHRTransformerForMaskedEventModeling.loss_weights`] (the static weights), summed.
         logits (`torch.FloatTensor`): code logits, `(N, V)` at the masked positions when
             `config.sparse_prediction` and labels are given, else `(B, L, V)`.
         code_loss (`torch.FloatTensor` of shape `()`, *optional*): cross entropy of the masked codes.
         value_loss (`torch.FloatTensor` of shape `()`, *optional*): mean squared error of the hidden normalised
             values, when `value_labels` are given.
+        time_loss (`torch.FloatTensor` of shape `()`, *optional*): mean squared error of the hidden log1p time
+            gaps, when `time_labels` are given.
+        feature_loss (`torch.FloatTensor` of shape `()`, *optional*): mean squared error between the predicted and
+            the EMA teacher's features at the masked positions, when the teacher inputs are given.
         value_predictions (`torch.FloatTensor` of shape `(M,)`, *optional*): predicted values at the M positions
             whose value was hidden.
+        time_predictions (`torch.FloatTensor` of shape `(T,)`, *optional*): predicted log1p time gaps at the T
+            positions whose time was hidden.
         hidden_states, attentions: as in [`EHRTransformerModelOutput`].
     """
 
@@ -337,7 +345,10 @@ class MaskedEventModelingOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
     code_loss: torch.FloatTensor | None = None
     value_loss: torch.FloatTensor | None = None
+    time_loss: torch.FloatTensor | None = None
+    feature_loss: torch.FloatTensor | None = None
     value_predictions: torch.FloatTensor | None = None
+    time_predictions: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
@@ -346,14 +357,19 @@ class MaskedEventModelingOutput(ModelOutput):
 class EHRSequenceClassifierOutput(ModelOutput):
     """
     Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*): MSE, cross entropy or BCE (`config.problem_type`).
-        logits (`torch.FloatTensor` of shape `(B, C)`): divided by `config.temperature` in eval mode.
+        loss (`torch.FloatTensor` of shape `()`, *optional*): MSE, cross entropy or BCE (`config.problem_type`);
+            with `config.task_names`, the mean of the task losses over the tasks labelled in the batch.
+        logits (`torch.FloatTensor` of shape `(B, C)`): divided by `config.temperature` in eval mode (with
+            `config.task_types`, `C = T` tasks and only the binary tasks' logits are divided).
+        task_losses (`torch.FloatTensor` of shape `(T,)`, *optional*): multitask only, each task's loss (BCE or
+            MSE over its non-NaN labels); NaN for a task without any label in the batch. For loss balancing.
         pooler_output (`torch.FloatTensor` of shape `(B, H)`): the pooled sequence summary, for feature use.
         hidden_states, attentions: as in [`EHRTransformerModelOutput`].
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
+    task_losses: torch.FloatTensor | None = None
     pooler_output: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
@@ -457,19 +473,36 @@ class EHRTransformerModel(EHRTransformerPreTrainedModel):
 
 
 class EHRTransformerForMaskedEventModeling(EHRTransformerPreTrainedModel):
-    """The backbone with a code decoder (tied to the code embeddings), BERT's masked language modeling over
-    events, and a value decoder that reconstructs hidden numeric values (MAE-style). Pretrain it with
-    [`DataCollatorForMaskedEventModeling`]."""
+    """The backbone with one head per pretraining objective of `config.pretraining_objectives`:
+
+    - "code": BERT's masked language modeling over events (a code decoder tied to the code embeddings);
+    - "value": the normalised value of events whose value was hidden (MAE-style regression);
+    - "time": the log1p hours since the previous event, for events whose time (and age) was hidden;
+    - "feature": at the masked positions, the features of an exponential-moving-average teacher that saw the
+      unmasked sequence (data2vec): the mean of its top `config.feature_target_layers` layer outputs, each
+      layer-normed. The teacher is attached with `set_feature_teacher` (`ehr_transformer.pretraining.
+      EMATeacherCallback` does it and updates it) and kept out of the module tree: it is not in `state_dict`,
+      never saved, moved by `.to()` or trained.
+
+    Pretrain it with [`DataCollatorForMaskedEventModeling`]; `loss` weighs the objectives by `loss_weights()`,
+    `ehr_transformer.pretraining.PretrainingTrainer` balances them by a learned strategy instead."""
 
     _tied_weights_keys = {"decoder.weight": "model.embeddings.code_embeddings.weight"}
 
     def __init__(self, config: EHRTransformerConfig):
         super().__init__(config)
+        objectives = config.pretraining_objectives
         self.model = EHRTransformerModel(config)
         self.head = EHRTransformerPredictionHead(config)
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
-        self.value_head = EHRTransformerPredictionHead(config)
-        self.value_decoder = nn.Linear(config.hidden_size, 1)
+        self.value_head = EHRTransformerPredictionHead(config) if "value" in objectives else None
+        self.value_decoder = nn.Linear(config.hidden_size, 1) if "value" in objectives else None
+        self.time_head = EHRTransformerPredictionHead(config) if "time" in objectives else None
+        self.time_decoder = nn.Linear(config.hidden_size, 1) if "time" in objectives else None
+        self.feature_head = (
+            nn.Linear(config.hidden_size, config.hidden_size) if "feature" in objectives else None
+        )
+        self.__dict__["feature_teacher"] = None  # not a submodule: see `set_feature_teacher`
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
@@ -477,6 +510,42 @@ class EHRTransformerForMaskedEventModeling(EHRTransformerPreTrainedModel):
 
     def set_output_embeddings(self, new_embeddings: nn.Linear):
         self.decoder = new_embeddings
+
+    def set_feature_teacher(self, teacher: EHRTransformerModel | None) -> None:
+        """Attach the "feature" objective's teacher (a frozen backbone) without registering it as a submodule,
+        so that it is not in `state_dict()`, `parameters()` or a saved checkpoint. (`model.feature_teacher = x`
+        would register it.)"""
+        self.__dict__["feature_teacher"] = teacher
+
+    def loss_weights(self) -> dict[str, float]:
+        """Static weight of each objective: `config.objective_weights`, else `value_loss_weight` for "value", else 1."""
+        weights = {name: 1.0 for name in self.config.pretraining_objectives}
+        if "value" in weights:
+            weights["value"] = float(self.config.value_loss_weight)
+        return {**weights, **{k: float(v) for k, v in (self.config.objective_weights or {}).items()}}
+
+    @staticmethod
+    def regress(head: nn.Module, decoder: nn.Linear, hidden_states: torch.Tensor, targets: torch.Tensor):
+        """Predictions `(M,)` at the M positions where `targets` `(B, L)` is not NaN, and their MSE (None if M = 0)."""
+        is_target = ~torch.isnan(targets)  # (B, L)
+        predictions = decoder(head(hidden_states[is_target])).squeeze(-1)  # (M,)
+        if not is_target.any():
+            return predictions, None
+        return predictions, nn.functional.mse_loss(predictions.float(), targets[is_target].float())
+
+    @torch.no_grad()
+    def feature_targets(self, input_ids, attention_mask, values, times, ages) -> torch.Tensor:
+        """`(B, L, H)`: the teacher's mean of its top `config.feature_target_layers` layer outputs, each layer-normed."""
+        if self.feature_teacher is None:
+            raise ValueError(
+                'the "feature" objective needs an EMA teacher: train with ehr_transformer.pretraining.PretrainingTrainer '
+                "or add its EMATeacherCallback to the Trainer (or call model.set_feature_teacher)"
+            )
+        outputs = self.feature_teacher(
+            input_ids, attention_mask, values=values, times=times, ages=ages, output_hidden_states=True
+        )
+        top = outputs.hidden_states[1:][-self.config.feature_target_layers :]  # K x (B, L, H), layer outputs
+        return torch.stack([nn.functional.layer_norm(h.float(), h.shape[-1:]) for h in top]).mean(dim=0)
 
     def forward(
         self,
@@ -487,6 +556,11 @@ class EHRTransformerForMaskedEventModeling(EHRTransformerPreTrainedModel):
         ages: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         value_labels: torch.Tensor | None = None,
+        time_labels: torch.Tensor | None = None,
+        teacher_input_ids: torch.LongTensor | None = None,
+        teacher_values: torch.Tensor | None = None,
+        teacher_times: torch.Tensor | None = None,
+        teacher_ages: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
@@ -494,11 +568,16 @@ class EHRTransformerForMaskedEventModeling(EHRTransformerPreTrainedModel):
     ) -> MaskedEventModelingOutput | tuple:
         r"""
         Args:
-            input_ids, attention_mask, values, times, ages: as in [`EHRTransformerModel.forward`], `(B, L)`.
+            input_ids, attention_mask, values, times, ages: as in [`EHRTransformerModel.forward`], `(B, L)`; the
+                collator's corrupted view (masked codes, hidden values, NaN times and ages where time is hidden).
             labels (`torch.LongTensor` of shape `(B, L)`, *optional*): the original code at masked positions,
                 -100 elsewhere.
             value_labels (`torch.FloatTensor` of shape `(B, L)`, *optional*): the hidden normalised value where
                 a value was hidden from the input, NaN elsewhere.
+            time_labels (`torch.FloatTensor` of shape `(B, L)`, *optional*): log1p of the hours since the previous
+                event where the time was hidden from the input, NaN elsewhere.
+            teacher_input_ids, teacher_values, teacher_times, teacher_ages (`(B, L)`, *optional*): the unmasked
+                sequence, seen only by the "feature" objective's teacher.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
@@ -519,30 +598,37 @@ class EHRTransformerForMaskedEventModeling(EHRTransformerPreTrainedModel):
             code_states, code_labels = hidden_states[is_masked], labels[is_masked]  # (N, H), (N,)
         logits = self.decoder(self.head(code_states))  # (N, V) or (B, L, V)
 
-        loss = code_loss = value_loss = value_predictions = None
-        if labels is not None:
-            code_loss = nn.functional.cross_entropy(
+        losses, value_predictions, time_predictions = {}, None, None
+        if labels is not None and "code" in self.config.pretraining_objectives:
+            losses["code"] = nn.functional.cross_entropy(
                 logits.view(-1, logits.shape[-1]).float(), code_labels.reshape(-1), ignore_index=-100
             )
-            loss = code_loss
-        if value_labels is not None:
-            is_hidden = ~torch.isnan(value_labels)  # (B, L)
-            value_predictions = self.value_decoder(self.value_head(hidden_states[is_hidden])).squeeze(
-                -1
-            )  # (M,)
-            if is_hidden.any():
-                value_loss = nn.functional.mse_loss(
-                    value_predictions.float(), value_labels[is_hidden].float()
-                )
-                weighted = self.config.value_loss_weight * value_loss
-                loss = weighted if loss is None else loss + weighted
+        if value_labels is not None and self.value_head is not None:
+            value_predictions, losses["value"] = self.regress(
+                self.value_head, self.value_decoder, hidden_states, value_labels
+            )  # (M,), ()
+        if time_labels is not None and self.time_head is not None:
+            time_predictions, losses["time"] = self.regress(
+                self.time_head, self.time_decoder, hidden_states, time_labels
+            )  # (T,), ()
+        if teacher_input_ids is not None and self.feature_head is not None and labels is not None:
+            is_masked = labels != -100  # (B, L)
+            targets = self.feature_targets(
+                teacher_input_ids, attention_mask, teacher_values, teacher_times, teacher_ages
+            )  # (B, L, H)
+            predictions = self.feature_head(hidden_states[is_masked])  # (N, H)
+            if len(predictions):
+                losses["feature"] = nn.functional.mse_loss(predictions.float(), targets[is_masked])  # ()
+        losses = {name: value for name, value in losses.items() if value is not None}
+        weights = self.loss_weights()
+        loss = sum(weights[name] * value for name, value in losses.items()) if losses else None
 
         output = MaskedEventModelingOutput(
             loss=loss,
             logits=logits,
-            code_loss=code_loss,
-            value_loss=value_loss,
+            **{f"{name}_loss": value for name, value in losses.items()},
             value_predictions=value_predictions,
+            time_predictions=time_predictions,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
@@ -552,7 +638,12 @@ class EHRTransformerForMaskedEventModeling(EHRTransformerPreTrainedModel):
 class EHRTransformerForSequenceClassification(EHRTransformerPreTrainedModel):
     """The backbone with a pooled classification / regression head: in-hospital mortality (binary,
     `num_labels=1` with `problem_type="multi_label_classification"`), a multi-class outcome, several binary
-    outcomes at once, or a regression target such as length of stay, as chosen by `config.problem_type`."""
+    outcomes at once, or a regression target such as length of stay, as chosen by `config.problem_type`.
+
+    Multitask (`config.task_names` / `config.task_types`): T tasks share the backbone and the pooled head; each
+    task has its own output row of `classifier` (a `(T, H)` weight), so the logits are `(B, T)` and a single-task
+    checkpoint's layout is unchanged. The loss is the mean over tasks of BCE ("binary") or MSE ("regression"),
+    each over the task's non-NaN labels; `task_losses` gives them one by one."""
 
     def __init__(self, config: EHRTransformerConfig):
         super().__init__(config)
@@ -562,6 +653,42 @@ class EHRTransformerForSequenceClassification(EHRTransformerPreTrainedModel):
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
+
+    def binary_task_mask(self) -> torch.Tensor:
+        """`(T,)` bool, True for the tasks of type "binary" (multitask configs only)."""
+        return torch.tensor([t == "binary" for t in self.config.task_types], dtype=torch.bool)
+
+    def multitask_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean over tasks of BCE (binary) / MSE (regression) on each task's non-NaN labels, and the `(T,)` task
+        losses (NaN for a task with no label here; not detached, for loss balancing). A batch with no label at all gives a zero loss that still
+        reaches every logit, so distributed backward passes stay in step."""
+        num_tasks = len(self.config.task_names)
+        if labels.dim() == 1 and num_tasks == 1:
+            labels = labels.unsqueeze(-1)
+        if labels.shape != logits.shape:
+            raise ValueError(
+                f"multitask labels must have shape (B, T) = {tuple(logits.shape)} for tasks "
+                f"{self.config.task_names}, got {tuple(labels.shape)}"
+            )
+        logits, labels = logits.float(), labels.to(logits.device, torch.float32)  # (B, T)
+        present = ~torch.isnan(labels)  # (B, T)
+        targets = torch.where(present, labels, torch.zeros_like(labels))  # (B, T)
+        binary = self.binary_task_mask().to(logits.device).expand_as(logits)  # (B, T)
+        per_label = torch.where(
+            binary,
+            nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none"),
+            (logits - targets) ** 2,
+        )  # (B, T)
+        counts = present.sum(dim=0)  # (T,)
+        sums = (per_label * present).sum(dim=0)  # (T,)
+        task_losses = sums / counts.clamp(min=1)  # (T,)
+        labelled = counts > 0  # (T,)
+        if labelled.any():
+            loss = task_losses[labelled].mean()
+        else:
+            loss = (logits * 0.0).sum()
+        task_losses = torch.where(labelled, task_losses, torch.full_like(task_losses, float("nan")))
+        return loss, task_losses
 
     def forward(
         self,
@@ -580,7 +707,8 @@ class EHRTransformerForSequenceClassification(EHRTransformerPreTrainedModel):
         Args:
             input_ids, attention_mask, values, times, ages: as in [`EHRTransformerModel.forward`], `(B, L)`.
             labels (`torch.Tensor`, *optional*): `(B,)` float targets for regression or one binary outcome,
-                `(B,)` long class ids for single-label classification, `(B, C)` floats for multi-label.
+                `(B,)` long class ids for single-label classification, `(B, C)` floats for multi-label;
+                with `config.task_names`, `(B, T)` floats, NaN where a task has no label.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
@@ -597,10 +725,16 @@ class EHRTransformerForSequenceClassification(EHRTransformerPreTrainedModel):
         pooled = outputs.pooler_output  # (B, H)
         logits = self.classifier(self.dropout(self.head(pooled)))  # (B, C)
         if not self.training and self.config.temperature != 1.0:
-            logits = logits / self.config.temperature
+            if self.config.task_types is None:
+                logits = logits / self.config.temperature
+            else:  # temperature scaling applies to the binary tasks' logits only
+                binary = self.binary_task_mask().to(logits.device)  # (T,)
+                logits = torch.where(binary, logits / self.config.temperature, logits)
 
-        loss = None
-        if labels is not None:
+        loss = task_losses = None
+        if labels is not None and self.config.task_names is not None:
+            loss, task_losses = self.multitask_loss(logits, labels)
+        elif labels is not None:
             if self.config.problem_type is None:
                 if self.num_labels == 1:
                     self.config.problem_type = "regression"
@@ -622,6 +756,7 @@ class EHRTransformerForSequenceClassification(EHRTransformerPreTrainedModel):
         output = EHRSequenceClassifierOutput(
             loss=loss,
             logits=logits,
+            task_losses=task_losses,
             pooler_output=pooled,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,

@@ -12,7 +12,8 @@ Checkpoints travel between institutions that must not trust each other's files.
   files and the safetensors header, so nothing large is allocated for a hostile folder. Models are then loaded
   with ``use_safetensors=True`` and never with ``trust_remote_code``. The tokenizer file is validated by
   :meth:`EHREventTokenizer.from_pretrained` (size limit, unknown fields, vocabulary limit) and its vocabulary
-  size must equal the config's.
+  size must equal the config's. A ``prototypes.safetensors`` (population prototypes, ``ehr_transformer.selection``)
+  is not counted as weights; its header must hold only ``centroids`` (K, hidden_size) F32 and ``counts`` (K,) I64.
 
 - :class:`ResumableTrainer` (a ``transformers.Trainer``) and :class:`ReproducibleMasking` (a collator wrapper) make a
   run killed at any step and resumed with ``--resume_from_checkpoint`` end with bit-identical weights on CPU. The
@@ -64,6 +65,8 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 CONFIG_FILE = "config.json"
 SAFE_WEIGHT_SUFFIX = ".safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+# Population prototypes of a pretrained folder (ehr_transformer.selection): a safetensors file that is not weights.
+PROTOTYPES_FILE = "prototypes.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Trainer checkpoints hold pickles of optimizer/scheduler/RNG state beside the safetensors weights: those are
 # never read by from_pretrained, only by a resume of one's own run.
@@ -123,6 +126,7 @@ def check_checkpoint_folder(path: str | os.PathLike, max_parameters: int = MAX_P
     for weight in weights:
         read_safetensors_header(weight)
     _check_tokenizer(folder, config)
+    _check_prototypes(folder, config)
     return CheckedCheckpoint(folder, config, weights, estimate_parameters(config), pickles)
 
 
@@ -145,7 +149,7 @@ def _weight_files(folder: Path) -> tuple[list[Path], list[Path]]:
                 raise UnsafeCheckpointError(f"{index}: field 'weight_map' names {name!r}, which is missing")
             weights.append(folder / name)
         return weights, pickles
-    weights = sorted(p for p in files if p.name.endswith(SAFE_WEIGHT_SUFFIX))
+    weights = sorted(p for p in files if p.name.endswith(SAFE_WEIGHT_SUFFIX) and p.name != PROTOTYPES_FILE)
     if not weights:
         if pickles:
             names = ", ".join(p.name for p in pickles)
@@ -332,6 +336,28 @@ def _check_tokenizer(folder: Path, config: dict[str, Any]) -> None:
         raise UnsafeCheckpointError(
             f"{folder / TOKENIZER_FILE}: {tokenizer.vocab_size} codes, but {folder / CONFIG_FILE} field "
             f"'vocab_size' is {config['vocab_size']}"
+        )
+
+
+def _check_prototypes(folder: Path, config: dict[str, Any]) -> None:
+    """`prototypes.safetensors`, where present: a valid header holding only `centroids` (K, hidden_size) float32
+    and `counts` (K,) int64, K at most 4,096."""
+    path = folder / PROTOTYPES_FILE
+    if not path.is_file():
+        return
+    header = read_safetensors_header(path)
+    tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
+    if set(tensors) != {"centroids", "counts"}:
+        raise UnsafeCheckpointError(f"{path}: expected tensors 'centroids' and 'counts', found {sorted(tensors)}")
+    centroids, counts = tensors["centroids"], tensors["counts"]
+    k = centroids["shape"][0] if len(centroids["shape"]) == 2 else -1
+    if (
+        centroids["dtype"] != "F32" or counts["dtype"] != "I64" or not 1 <= k <= 4096
+        or centroids["shape"][1] != config.get("hidden_size", centroids["shape"][1]) or counts["shape"] != [k]
+    ):  # fmt: skip
+        raise UnsafeCheckpointError(
+            f"{path}: 'centroids' {centroids['dtype']} {centroids['shape']} and 'counts' {counts['dtype']} "
+            f"{counts['shape']} are not (K <= 4096, hidden_size) F32 and (K,) I64"
         )
 
 

@@ -30,7 +30,7 @@ from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from .configuration_ehr import EHRTransformerConfig
 from .data.collators import DataCollatorForEventClassification, DataCollatorForMaskedEventModeling
-from .data.dataset import build_labeled_dataset, build_pretraining_dataset, build_stats
+from .data.dataset import build_labeled_dataset, build_pretraining_dataset, build_stats, join_task_labels
 from .data.meds import iter_shards, read_labels, read_subject_splits
 from .modeling_ehr import EHRTransformerForMaskedEventModeling, EHRTransformerForSequenceClassification
 from .safety import ReproducibleMasking, ResumableTrainer, check_checkpoint_folder
@@ -49,7 +49,18 @@ class DataArguments:
     )
     labels: str | None = field(
         default=None,
-        metadata={"help": "MEDS label file (subject_id, prediction_time, *_value) for fine-tuning."},
+        metadata={
+            "help": "MEDS label file (subject_id, prediction_time, *_value) for fine-tuning. Several files separated "
+            "by commas (a.parquet,b.parquet) = multitask fine-tuning, one task per file named by its stem, joined on "
+            "(subject_id, prediction_time)."
+        },
+    )
+    task_types: str | None = field(
+        default=None,
+        metadata={
+            "help": "Multitask only: comma-separated 'binary' or 'regression' per label file; default from each "
+            "file's value column (boolean_value = binary, float_value / integer_value = regression)."
+        },
     )
     train_split: str = field(
         default="train", metadata={"help": "Split used for training and fitting the tokenizer."}
@@ -83,6 +94,31 @@ class ModelArguments:
     value_mask_probability: float = field(
         default=0.3,
         metadata={"help": "Share of valued events whose value is hidden and reconstructed (0 = off)."},
+    )
+    objectives: str = field(
+        default="code,value",
+        metadata={"help": "Pretraining objectives, comma-separated among code, value, time, feature."},
+    )
+    objective_weights: str | None = field(
+        default=None, metadata={"help": "Static objective weights, e.g. 'code=1,value=0.5' (others weigh 1)."}
+    )
+    loss_balancing: str = field(
+        default="static",
+        metadata={"help": "How objectives are balanced: static, uncertainty, gradnorm or pcgrad."},
+    )
+    balancing_learning_rate: float = field(
+        default=0.025,
+        metadata={"help": "Learning rate of the learned objective weights (uncertainty, gradnorm)."},
+    )
+    time_mask_probability: float = field(
+        default=0.15,
+        metadata={"help": "Share of events whose time is hidden and reconstructed (objective time)."},
+    )
+    ema_decay: float = field(
+        default=0.999, metadata={"help": "Decay of the EMA teacher per optimizer step (objective feature)."}
+    )
+    feature_target_layers: int = field(
+        default=2, metadata={"help": "Teacher layers averaged into the feature target (objective feature)."}
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2."})
     classifier_pooling: str = field(default="mean", metadata={"help": "mean or cls pooling for fine-tuning."})
@@ -164,11 +200,65 @@ def card_for_training(
     return {"data": data_summary(subjects, events, tokenizer), "training": training}
 
 
+def parse_objectives(model_args: ModelArguments) -> dict:
+    """The config fields of `--objectives`, `--objective_weights` and `--feature_target_layers`."""
+    objectives = [name.strip() for name in model_args.objectives.split(",") if name.strip()]
+    weights = None
+    if model_args.objective_weights:
+        try:
+            pairs = [item.split("=") for item in model_args.objective_weights.split(",") if item.strip()]
+            weights = {name.strip(): float(value) for name, value in pairs}
+        except ValueError as error:
+            raise ValueError(
+                f"--objective_weights {model_args.objective_weights!r}: expected name=weight pairs separated by "
+                "commas, e.g. 'code=1,value=0.5'"
+            ) from error
+    return {
+        "pretraining_objectives": objectives,
+        "objective_weights": weights,
+        "feature_target_layers": model_args.feature_target_layers,
+    }
+
+
+def describe_objectives(model: EHRTransformerForMaskedEventModeling, model_args: ModelArguments) -> str:
+    """The model card's `objectives` line: each objective with its masking ratio, and the loss balancing."""
+    config = model.config
+    parts = {
+        "code": f"masked code prediction ({model_args.mlm_probability:.0%} of events, 80/10/10)",
+        "value": f"value reconstruction ({model_args.value_mask_probability:.0%} of valued events, MSE)",
+        "time": f"time-gap reconstruction ({model_args.time_mask_probability:.0%} of events, MSE of log1p hours)",
+        "feature": f"feature reconstruction (EMA teacher, decay {model_args.ema_decay}, mean of its top "
+        f"{config.feature_target_layers} layers, MSE at masked events)",
+    }
+    weights = ", ".join(f"{name} {weight:g}" for name, weight in model.loss_weights().items())
+    if model_args.loss_balancing in ("uncertainty", "gradnorm"):
+        weights = "learned"
+    described = " + ".join(parts[name] for name in config.pretraining_objectives)
+    return f"{described}; loss balancing: {model_args.loss_balancing} (weights: {weights})"
+
+
 def pretrain(
-    data_args: DataArguments, model_args: ModelArguments, training_args: TrainingArguments
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    training_args: TrainingArguments,
+    tokenizer: EHREventTokenizer | None = None,
 ) -> EHRTransformerForMaskedEventModeling:
-    """Masked event modeling on the unlabeled timelines of the training split; saves to `output_dir`."""
-    tokenizer = fit_tokenizer(data_args, model_args)
+    """Pretraining on the unlabeled timelines of the training split (`model_args.objectives`, balanced by
+    `model_args.loss_balancing`); saves to `output_dir`.
+
+    From scratch, the tokenizer is fitted on the training split. With `model_args.model_name_or_path`, pretraining
+    continues from that checkpoint (domain-adaptive pretraining on a new population): its weights, its architecture
+    and its tokenizer, or `tokenizer` when given (e.g. the checkpoint's vocabulary with value statistics refitted
+    on the new data; its vocabulary size must equal the checkpoint's). Heads of objectives the checkpoint lacks
+    start fresh."""
+    from .pretraining import PretrainingTrainer
+
+    objective_fields = parse_objectives(model_args)
+    if model_args.model_name_or_path:
+        check_checkpoint_folder(model_args.model_name_or_path)  # refuse pickle-only/absurd folders
+        tokenizer = tokenizer or EHREventTokenizer.from_pretrained(model_args.model_name_or_path)
+    else:
+        tokenizer = tokenizer or fit_tokenizer(data_args, model_args)
     seed_before_model_init(training_args)
     train_dataset = build_pretraining_dataset(
         data_args.data_dir, tokenizer, data_args.train_split, data_args.cache_dir
@@ -177,22 +267,37 @@ def pretrain(
         data_args.data_dir, tokenizer, data_args.eval_split, data_args.cache_dir
     )
     logger.info("pretraining on %d subjects, evaluating on %d", len(train_dataset), len(eval_dataset))
-    config = EHRTransformerConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=model_args.hidden_size,
-        num_hidden_layers=model_args.num_hidden_layers,
-        num_attention_heads=model_args.num_attention_heads,
-        intermediate_size=model_args.intermediate_size,
-        classifier_pooling=model_args.classifier_pooling,
-        pad_token_id=tokenizer.pad_token_id,
-        unk_token_id=tokenizer.unk_token_id,
-        mask_token_id=tokenizer.mask_token_id,
-        cls_token_id=tokenizer.cls_token_id,
-    )
-    model = EHRTransformerForMaskedEventModeling._from_config(
-        config, attn_implementation=model_args.attn_implementation
-    )
-    trainer = ResumableTrainer(  # a Trainer whose killed runs resume bit-identically (see safety.py)
+    if model_args.model_name_or_path:
+        model = EHRTransformerForMaskedEventModeling.from_pretrained(
+            model_args.model_name_or_path,
+            **objective_fields,
+            attn_implementation=model_args.attn_implementation,
+            use_safetensors=True,
+        )
+        if model.config.vocab_size != tokenizer.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} codes but {model_args.model_name_or_path} has vocab_size "
+                f"{model.config.vocab_size}: continued pretraining keeps the checkpoint's vocabulary"
+            )
+    else:
+        config = EHRTransformerConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=model_args.hidden_size,
+            num_hidden_layers=model_args.num_hidden_layers,
+            num_attention_heads=model_args.num_attention_heads,
+            intermediate_size=model_args.intermediate_size,
+            classifier_pooling=model_args.classifier_pooling,
+            pad_token_id=tokenizer.pad_token_id,
+            unk_token_id=tokenizer.unk_token_id,
+            mask_token_id=tokenizer.mask_token_id,
+            cls_token_id=tokenizer.cls_token_id,
+            **objective_fields,
+        )
+        model = EHRTransformerForMaskedEventModeling._from_config(
+            config, attn_implementation=model_args.attn_implementation
+        )
+    objectives = model.config.pretraining_objectives
+    trainer = PretrainingTrainer(  # a ResumableTrainer: killed runs resume bit-identically (see safety.py)
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -201,18 +306,26 @@ def pretrain(
             DataCollatorForMaskedEventModeling(
                 tokenizer,
                 mlm_probability=model_args.mlm_probability,
-                value_mask_probability=model_args.value_mask_probability,
+                value_mask_probability=model_args.value_mask_probability if "value" in objectives else 0.0,
+                time_mask_probability=model_args.time_mask_probability if "time" in objectives else 0.0,
+                return_teacher_inputs="feature" in objectives,
             ),
             seed=training_args.seed,
         ),
+        loss_balancing=model_args.loss_balancing,
+        balancing_learning_rate=model_args.balancing_learning_rate,
+        ema_decay=model_args.ema_decay,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if trainer.is_world_process_zero():
+        started_from = Path(model_args.model_name_or_path or "random init").name
         card = card_for_training(
             data_args, tokenizer, train_dataset, training_args,
-            objectives=f"masked code prediction ({model_args.mlm_probability:.0%} of events, 80/10/10) + value "
-            f"reconstruction ({model_args.value_mask_probability:.0%} of valued events, MSE)",
+            objectives=describe_objectives(trainer.model, model_args), started_from=started_from,
         )  # fmt: skip
+        from .selection import write_population_summary  # prototypes + code frequencies for model selection
+
+        card["population"] = write_population_summary(trainer.model, tokenizer, train_dataset, eval_dataset, data_args.data_dir, training_args.output_dir, data_args.train_split, training_args.seed)  # fmt: skip
         save_checkpoint(trainer.model, tokenizer, training_args.output_dir, {"kind": "pretrained", **card})
     return trainer.model
 
@@ -224,16 +337,73 @@ def _subsample_labels(dataset, fraction: float, seed: int):
     return dataset.shuffle(seed=seed).select(range(n))
 
 
+def label_sources(labels) -> dict[str, str | os.PathLike | pl.DataFrame]:
+    """Task name -> label source for multitask use: "a.parquet,b.parquet", a list of paths/frames, or a mapping.
+    Paths are named by their file stem, frames `labels_<i>`."""
+    if isinstance(labels, dict):
+        return dict(labels)
+    if isinstance(labels, str):
+        labels = [part.strip() for part in labels.split(",") if part.strip()]
+    elif isinstance(labels, (os.PathLike, pl.DataFrame)):
+        labels = [labels]
+    sources: dict[str, str | os.PathLike | pl.DataFrame] = {}
+    for i, source in enumerate(labels):
+        name = f"labels_{i}" if isinstance(source, pl.DataFrame) else Path(source).name.split(".")[0]
+        if name in sources:
+            raise ValueError(f"two label files are named {name!r}; each task needs its own file name")
+        sources[name] = source
+    return sources
+
+
+def multitask_metrics(task_names: list[str], task_types: list[str]):
+    """A Trainer `compute_metrics` for (N, T) logits and labels with NaN: `<task>_auroc/_auprc/_brier/_ece` for
+    binary tasks, `<task>_mse/_mae` for regression tasks, each over the rows labelled for that task."""
+    from .metrics import compute_classification_metrics
+
+    def compute(eval_pred) -> dict[str, float]:
+        logits, labels = eval_pred.predictions, eval_pred.label_ids
+        logits = np.asarray(logits[0] if isinstance(logits, (tuple, list)) else logits, dtype=np.float64)
+        labels = np.asarray(labels, dtype=np.float64).reshape(logits.shape)
+        results = {}
+        for i, (name, kind) in enumerate(zip(task_names, task_types, strict=True)):
+            keep = ~np.isnan(labels[:, i])
+            if not keep.any():
+                continue
+            if kind == "binary":
+                task = compute_classification_metrics((logits[keep, i], labels[keep, i]))
+                results.update({f"{name}_{key}": value for key, value in task.items()})
+            else:
+                error = logits[keep, i] - labels[keep, i]
+                results.update(
+                    {f"{name}_mse": float(np.mean(error**2)), f"{name}_mae": float(np.mean(np.abs(error)))}
+                )
+        return results
+
+    return compute
+
+
+def _with_tasks(config: EHRTransformerConfig, **changes) -> EHRTransformerConfig:
+    """A copy of `config` with `changes` (task_names/task_types ...) applied through the constructor's checks."""
+    return EHRTransformerConfig.from_dict({**config.to_dict(), **changes})
+
+
 def finetune(
     data_args: DataArguments, model_args: ModelArguments, training_args: TrainingArguments
 ) -> EHRTransformerForSequenceClassification:
-    """Fine-tune a classifier on one binary label (BCE on one logit), from a pretrained folder or from scratch."""
+    """Fine-tune a classifier on one binary label (BCE on one logit), from a pretrained folder or from scratch.
+
+    With several label files (`data_args.labels = "a.parquet,b.parquet"`), multitask fine-tuning: one output per
+    task over the shared backbone (`config.task_names`/`task_types`), loss = mean of the tasks' BCE / MSE, each
+    ignoring rows where its task has no label."""
     from .metrics import compute_classification_metrics
 
     if data_args.labels is None:
         raise ValueError(
             "fine-tuning needs --labels: a MEDS label file with subject_id, prediction_time, *_value"
         )
+    sources = label_sources(data_args.labels)
+    if len(sources) > 1 or data_args.task_types:
+        return _finetune_multitask(data_args, model_args, training_args, sources)
     seed_before_model_init(training_args)
     if model_args.model_name_or_path:
         check_checkpoint_folder(
@@ -294,9 +464,90 @@ def finetune(
     return trainer.model
 
 
+def _finetune_multitask(data_args, model_args, training_args, sources):
+    _, names, types = join_task_labels(sources)
+    if data_args.task_types:
+        types = [t.strip() for t in data_args.task_types.split(",")]
+        if len(types) != len(names):
+            raise ValueError(f"--task_types gives {len(types)} types for {len(names)} label files {names}")
+    tasks = {"task_names": names, "task_types": types, "num_labels": len(names), "problem_type": None}
+    seed_before_model_init(training_args)
+    if model_args.model_name_or_path:
+        check_checkpoint_folder(model_args.model_name_or_path)
+        tokenizer = EHREventTokenizer.from_pretrained(model_args.model_name_or_path)
+        base = EHRTransformerConfig.from_pretrained(model_args.model_name_or_path)
+        config = _with_tasks(base, classifier_pooling=model_args.classifier_pooling, **tasks)
+        model = EHRTransformerForSequenceClassification.from_pretrained(
+            model_args.model_name_or_path,
+            config=config,
+            attn_implementation=model_args.attn_implementation,
+            ignore_mismatched_sizes=True,  # a single-task classifier's output row does not fit T tasks
+            use_safetensors=True,
+        )
+    else:
+        tokenizer = fit_tokenizer(data_args, model_args)
+        config = EHRTransformerConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=model_args.hidden_size,
+            num_hidden_layers=model_args.num_hidden_layers,
+            num_attention_heads=model_args.num_attention_heads,
+            intermediate_size=model_args.intermediate_size,
+            classifier_pooling=model_args.classifier_pooling,
+            **tasks,
+        )
+        model = EHRTransformerForSequenceClassification._from_config(
+            config, attn_implementation=model_args.attn_implementation
+        )
+    train_dataset = build_labeled_dataset(
+        data_args.data_dir, sources, tokenizer, data_args.train_split, cache_dir=data_args.cache_dir
+    )
+    train_dataset = _subsample_labels(train_dataset, data_args.label_fraction, training_args.seed)
+    eval_dataset = build_labeled_dataset(
+        data_args.data_dir, sources, tokenizer, data_args.eval_split, cache_dir=data_args.cache_dir
+    )
+    logger.info(
+        "multitask fine-tuning (%s) on %d samples, evaluating on %d",
+        ", ".join(f"{n}: {t}" for n, t in zip(names, types, strict=True)),
+        len(train_dataset),
+        len(eval_dataset),
+    )
+    trainer = ResumableTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=DataCollatorForEventClassification(tokenizer),
+        compute_metrics=multitask_metrics(names, types),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if trainer.is_world_process_zero():
+        card = card_for_training(
+            data_args, tokenizer, train_dataset, training_args,
+            objective="multitask: mean over tasks of BCE (binary) / MSE (regression), missing labels ignored",
+            labels=f"{', '.join(f'{n} ({t})' for n, t in zip(names, types, strict=True))}, "
+            f"{data_args.label_fraction:.0%} of training labels",
+            started_from=Path(model_args.model_name_or_path).name if model_args.model_name_or_path else "random init",
+        )  # fmt: skip
+        card = {"kind": "fine-tuned", "task": "+".join(names), **card}
+        save_checkpoint(trainer.model, tokenizer, training_args.output_dir, card)
+    return trainer.model
+
+
 @torch.no_grad()
-def predict_dataset(model, dataset, tokenizer: EHREventTokenizer, batch_size: int = 64) -> np.ndarray:
-    """Probabilities (sigmoid of the single logit) or regression outputs for every row of a tokenized dataset."""
+def init_bias_to_prevalence(model: EHRTransformerForSequenceClassification, labels) -> float:
+    """Set a binary classifier's output bias to the log-odds of the training labels' prevalence, so fine-tuning
+    starts at the base rate instead of spending its first epochs learning it (with 5% positives the loss sits at
+    the prevalence entropy for several epochs otherwise). Returns the prevalence used."""
+    y = np.asarray(labels, dtype=np.float64).reshape(len(labels), -1)
+    prevalence = np.clip(np.nanmean(y, axis=0), 1e-4, 1 - 1e-4)  # (C,)
+    model.classifier.bias.copy_(torch.as_tensor(np.log(prevalence / (1 - prevalence)), dtype=model.classifier.bias.dtype))
+    return float(prevalence.mean())
+
+
+@torch.no_grad()
+def predict_logits(model, dataset, tokenizer: EHREventTokenizer, batch_size: int = 64) -> np.ndarray:
+    """`(N, C)` float32 logits of a classifier in eval mode (so divided by `config.temperature`) for every row of a
+    tokenized dataset, in row order."""
     model.eval()
     collator = DataCollatorForEventClassification(tokenizer)
     columns = ["input_ids", "values", "times", "ages"]
@@ -307,12 +558,21 @@ def predict_dataset(model, dataset, tokenizer: EHREventTokenizer, batch_size: in
             dict(zip(rows.keys(), values, strict=True)) for values in zip(*rows.values(), strict=True)
         ]
         batch = {k: v.to(model.device) for k, v in collator(features).items()}
-        logits = model(**batch).logits.float()
-        if model.config.problem_type == "regression":
-            outputs.append(logits.squeeze(-1).cpu().numpy())
-        else:
-            outputs.append(torch.sigmoid(logits).squeeze(-1).cpu().numpy())
-    return np.concatenate(outputs) if outputs else np.zeros(0, dtype=np.float32)
+        outputs.append(model(**batch).logits.float().cpu().numpy())  # (B, C)
+    return np.concatenate(outputs) if outputs else np.zeros((0, model.config.num_labels), dtype=np.float32)
+
+
+def predict_dataset(model, dataset, tokenizer: EHREventTokenizer, batch_size: int = 64) -> np.ndarray:
+    """Probabilities (sigmoid of the single logit) or regression outputs for every row of a tokenized dataset:
+    `(N,)` for one output. Multitask models (`config.task_types`) give `(N, T)`: the probability for a binary
+    task, the predicted value for a regression task."""
+    logits = predict_logits(model, dataset, tokenizer, batch_size)  # (N, C)
+    if model.config.task_types is not None:
+        binary = np.array([t == "binary" for t in model.config.task_types])
+        return np.where(binary, 1.0 / (1.0 + np.exp(-logits)), logits).astype(np.float32)  # (N, T)
+    if model.config.problem_type != "regression":
+        logits = 1.0 / (1.0 + np.exp(-logits))
+    return logits[:, 0] if logits.shape[1] == 1 else logits
 
 
 def predict(
@@ -325,12 +585,18 @@ def predict(
     """Score every (subject_id, prediction_time) row of a label/prediction-time file with a checkpoint.
 
     Returns subject_id, prediction_time, probability (and the true label where the file has one).
+    A multitask checkpoint (`config.task_names`) takes one or several files (as `finetune`'s `labels`), scores
+    every (subject_id, prediction_time) of any of them and returns subject_id, prediction_time, one column per
+    task named by the task (probability for binary, value for regression) and `<task>_label` for each task whose
+    label file was given (NaN where that file has no label at that time).
     """
     from transformers import AutoModelForSequenceClassification
 
     check_checkpoint_folder(checkpoint)  # refuse pickle-only/absurd folders before loading
     tokenizer = EHREventTokenizer.from_pretrained(checkpoint)
     model = AutoModelForSequenceClassification.from_pretrained(checkpoint, use_safetensors=True)
+    if model.config.task_names is not None:
+        return _predict_multitask(model, tokenizer, data_dir, labels, split, batch_size)
     dataset = build_labeled_dataset(data_dir, labels, tokenizer, split=split)
     scores = predict_dataset(model, dataset, tokenizer, batch_size)
     return pl.DataFrame(
@@ -341,6 +607,20 @@ def predict(
             "label": dataset["labels"],
         }
     )
+
+
+def _predict_multitask(model, tokenizer, data_dir, labels, split, batch_size) -> pl.DataFrame:
+    sources = label_sources(labels)
+    dataset = build_labeled_dataset(data_dir, sources, tokenizer, split=split)
+    scores = predict_dataset(model, dataset, tokenizer, batch_size).reshape(len(dataset), -1)  # (N, T)
+    given = np.asarray(dataset["labels"], dtype=np.float32).reshape(len(dataset), len(sources))  # (N, files)
+    columns = {"subject_id": dataset["subject_id"], "prediction_time": dataset["prediction_time"]}
+    for i, name in enumerate(model.config.task_names):
+        columns[name] = scores[:, i]
+    for j, name in enumerate(sources):
+        if name in model.config.task_names:
+            columns[f"{name}_label"] = given[:, j]
+    return pl.DataFrame(columns)
 
 
 def evaluate_checkpoint(
@@ -359,6 +639,11 @@ def evaluate_checkpoint(
     from .evaluation import binary_classification_report, plot_calibration, plot_roc
 
     predictions = predict(checkpoint, data_dir, labels, split)
+    if "label" not in predictions.columns:
+        raise ValueError(
+            f"{checkpoint} is a multitask checkpoint (columns {predictions.columns[2:]}); evaluate_checkpoint reports "
+            "one binary task: score it with predict() and ehr_transformer.evaluation per task"
+        )
     y = predictions["label"].to_numpy().astype(int)
     p = predictions["probability"].to_numpy()
     groups = subgroups_for(data_dir, predictions)
@@ -455,6 +740,9 @@ __all__ = [
     "finetune",
     "predict",
     "predict_dataset",
+    "predict_logits",
+    "label_sources",
+    "multitask_metrics",
     "evaluate_checkpoint",
     "save_checkpoint",
     "build_stats",

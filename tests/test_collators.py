@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -162,3 +163,56 @@ def test_value_reconstruction_targets_are_hidden_from_the_input():
     share = targets.sum().item() / had_value.sum().item()
     assert 0.4 < share < 0.6
     assert "value_labels" not in DataCollatorForMaskedEventModeling(tokenizer)(features)
+
+
+def test_multitask_labels_keep_missing_as_nan():
+    collate = DataCollatorForEventClassification(make_tokenizer())
+    labels = collate([make_feature(3, label=[1.0, None]), make_feature(4, label=[NAN, 2.5])])["labels"]
+    assert labels.shape == (2, 2) and labels.dtype == torch.float32
+    assert labels[0, 0] == 1.0 and labels[1, 1] == 2.5
+    assert torch.isnan(labels[0, 1]) and torch.isnan(labels[1, 0])
+    with pytest.raises(ValueError, match="different lengths"):
+        collate([make_feature(3, label=[1.0, 0.0]), make_feature(4, label=[1.0])])
+
+
+def test_time_reconstruction_targets_are_hidden_and_are_log_gaps():
+    tokenizer = make_tokenizer()
+    features = [make_feature(n, offset=n) for n in (2, 9, 30, 60)] * 5
+    for feature in features:  # irregular times: gaps of 0 to 7.5 hours
+        gaps = [(k * 7) % 16 / 2 for k in range(len(feature["times"]) - 1)]
+        feature["times"] = [0.0, *itertools.accumulate(gaps)]
+    plain = DataCollatorForEventClassification(tokenizer)(features)
+    masked = DataCollatorForMaskedEventModeling(
+        tokenizer, time_mask_probability=0.3, generator=torch.Generator().manual_seed(0)
+    )(features)
+    targets = ~torch.isnan(masked["time_labels"])  # (B, L)
+    special = torch.isin(plain["input_ids"], torch.tensor(tokenizer.all_special_ids))
+    assert targets.any() and not (targets & special).any()  # never CLS
+    assert not (targets & (plain["attention_mask"] == 0)).any()  # never padding
+    # the time and the age of a target never reach the model; everything else is the original
+    assert torch.isnan(masked["times"][targets]).all() and torch.isnan(masked["ages"][targets]).all()
+    assert torch.equal(masked["times"][~targets], plain["times"][~targets])
+    assert torch.equal(masked["ages"][~targets], plain["ages"][~targets])
+    # the target is log1p of the hours since the previous position's original time
+    gaps = torch.log1p(plain["times"][:, 1:] - plain["times"][:, :-1])
+    torch.testing.assert_close(masked["time_labels"][:, 1:][targets[:, 1:]], gaps[targets[:, 1:]])
+    eligible = (plain["attention_mask"] == 1) & ~special
+    assert 0.2 < targets.sum().item() / eligible.sum().item() < 0.4
+    # time masking draws after the code masking: the code masks are those of a collator without it
+    codes_only = DataCollatorForMaskedEventModeling(tokenizer, generator=torch.Generator().manual_seed(0))(features)
+    assert torch.equal(codes_only["labels"], masked["labels"]) and "time_labels" not in codes_only
+
+
+def test_teacher_inputs_are_the_unmasked_batch():
+    tokenizer = make_tokenizer()
+    features = [make_feature(n, offset=n) for n in (3, 12, 25)]
+    plain = DataCollatorForEventClassification(tokenizer)(features)
+    batch = DataCollatorForMaskedEventModeling(
+        tokenizer, mlm_probability=0.5, value_mask_probability=0.5, time_mask_probability=0.5,
+        return_teacher_inputs=True,
+    )(features)  # fmt: skip
+    for key in ("input_ids", "values", "times", "ages"):
+        assert torch.equal(batch[f"teacher_{key}"].nan_to_num(-7.0), plain[key].nan_to_num(-7.0)), key
+    assert not torch.equal(batch["input_ids"], plain["input_ids"])  # the student's view is masked
+    with pytest.raises(ValueError, match="time_mask_probability"):
+        DataCollatorForMaskedEventModeling(tokenizer, time_mask_probability=1.5)

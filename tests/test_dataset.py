@@ -139,3 +139,23 @@ def test_labels_from_path_and_label_column_check(meds_dir, tokenizer, tmp_path):
     assert ds["labels"] == [2.5]
     with pytest.raises(ValueError, match="label_column"):
         build_labeled_dataset(meds_dir, path, tokenizer, label_column="text_value", cache_dir=tmp_path / "c2")
+
+
+def test_multitask_labels_joined_with_nan_where_a_task_has_none(meds_dir, tokenizer, tmp_path):
+    from ehr_transformer.data.dataset import join_task_labels
+
+    death = pl.DataFrame(
+        {"subject_id": [0, 3], "prediction_time": [hours(30), hours(30)], "boolean_value": [True, False]}
+    )
+    stay = pl.DataFrame({"subject_id": [0, 6], "prediction_time": [hours(30), hours(30)], "float_value": [2.5, 4.0]})
+    joined, names, types = join_task_labels({"death": death, "stay": stay})
+    assert names == ["death", "stay"] and types == ["binary", "regression"] and joined.height == 3
+    ds = build_labeled_dataset(meds_dir, {"death": death, "stay": stay}, tokenizer, cache_dir=tmp_path / "c")
+    assert build_stats(ds)["tasks"] == ["death", "stay"]
+    rows = {s: labels for s, labels in zip(ds["subject_id"], ds["labels"], strict=True)}
+    assert rows[0] == [1.0, 2.5]
+    assert rows[3][0] == 0.0 and math.isnan(rows[3][1])
+    assert math.isnan(rows[6][0]) and rows[6][1] == 4.0
+    twice = pl.concat([death, death])
+    with pytest.raises(ValueError, match="subject_id 0 .* prediction_time"):
+        join_task_labels({"death": twice, "stay": stay})

@@ -341,3 +341,152 @@ def test_unpadded_path_gives_same_outputs_losses_and_gradients():
         torch.testing.assert_close(h_a[real], h_b[real], atol=1e-5, rtol=1e-5)
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------- multitask
+TASKS = dict(task_names=["mortality", "length_of_stay"], task_types=["binary", "regression"])
+NAN = float("nan")
+
+
+def test_multitask_logits_loss_with_missing_labels_and_backward():
+    set_seed(0)
+    model = EHRTransformerForSequenceClassification(tiny_config(**TASKS))
+    assert model.config.num_labels == 2 and model.config.id2label == {0: "mortality", 1: "length_of_stay"}
+    labels = torch.tensor([[1.0, NAN], [NAN, 3.5], [0.0, 2.0]])  # (B, T), NaN = no label for that task
+    out = model(**make_inputs(), labels=labels)
+    assert out.logits.shape == (3, 2)
+    assert torch.isfinite(out.loss) and out.task_losses.shape == (2,)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(out.logits[[0, 2], 0], labels[[0, 2], 0])
+    mse = torch.nn.functional.mse_loss(out.logits[[1, 2], 1], labels[[1, 2], 1])
+    torch.testing.assert_close(out.task_losses, torch.stack([bce, mse]))
+    torch.testing.assert_close(out.loss, (bce + mse) / 2)
+    out.loss.backward()
+    assert model.classifier.weight.grad.abs().sum(dim=1).gt(0).all()  # both task rows learn
+    assert all(p.grad is not None for p in model.model.parameters() if p.requires_grad)
+
+
+def test_multitask_task_without_labels_is_left_out_of_the_loss():
+    set_seed(0)
+    model = EHRTransformerForSequenceClassification(tiny_config(**TASKS))
+    out = model(**make_inputs(), labels=torch.tensor([[1.0, NAN], [0.0, NAN], [1.0, NAN]]))
+    assert torch.isnan(out.task_losses[1]) and torch.isfinite(out.loss)
+    torch.testing.assert_close(out.loss, out.task_losses[0])
+    none = model(**make_inputs(), labels=torch.full((3, 2), NAN))
+    assert none.loss.item() == 0.0
+    none.loss.backward()  # still connected to the graph
+
+
+def test_multitask_save_load_round_trip_and_temperature_on_binary_tasks_only(tmp_path):
+    set_seed(0)
+    model = EHRTransformerForSequenceClassification(tiny_config(**TASKS)).eval()
+    inputs = make_inputs()
+    base = model(**inputs).logits
+    model.config.temperature = 2.0
+    scaled = model(**inputs).logits
+    torch.testing.assert_close(scaled[:, 0], base[:, 0] / 2.0)
+    torch.testing.assert_close(scaled[:, 1], base[:, 1])  # a regression output is not a logit
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert reloaded.config.task_names == TASKS["task_names"]
+    assert reloaded.config.task_types == TASKS["task_types"]
+    torch.testing.assert_close(reloaded(**inputs).logits, scaled)
+
+
+def test_multitask_config_is_checked_and_single_task_is_unchanged():
+    with pytest.raises(ValueError, match="together"):
+        tiny_config(task_names=["a", "b"], task_types=["binary"])
+    with pytest.raises(ValueError, match="'binary' or 'regression'"):
+        tiny_config(task_names=["a"], task_types=["multiclass"])
+    with pytest.raises(ValueError, match="distinct"):
+        tiny_config(task_names=["a", "a"], task_types=["binary", "binary"])
+    set_seed(0)
+    config = tiny_config(num_labels=1, problem_type="multi_label_classification")
+    model = EHRTransformerForSequenceClassification(config)
+    labels = torch.tensor([1.0, 0.0, 1.0])
+    out = model(**make_inputs(), labels=labels)
+    assert out.task_losses is None and out.logits.shape == (3, 1)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(out.logits[:, 0], labels)
+    torch.testing.assert_close(out.loss, bce)
+
+
+def all_objective_inputs(inputs):
+    """value, time and feature targets on top of `mlm_labels`: values hidden at position 4, times and ages at 6,
+    and the unmasked sequence for the teacher."""
+    teacher = {f"teacher_{k}": inputs[k] for k in ("input_ids", "values", "times", "ages")}
+    inputs, value_labels = value_labels_for(inputs)
+    time_labels = torch.full_like(inputs["times"], float("nan"))
+    time_labels[:, 6] = torch.log1p(inputs["times"][:, 6] - inputs["times"][:, 5])
+    times, ages = inputs["times"].clone(), inputs["ages"].clone()
+    times[:, 6] = ages[:, 6] = float("nan")
+    targets = dict(labels=mlm_labels(inputs), value_labels=value_labels, time_labels=time_labels)
+    return {**inputs, "times": times, "ages": ages, **teacher, **targets}
+
+
+def test_every_objective_has_a_head_a_loss_and_a_gradient():
+    set_seed(0)
+    objectives, weights = ["code", "value", "time", "feature"], {"time": 2.0, "feature": 0.5}
+    config = tiny_config(pretraining_objectives=objectives, objective_weights=weights)
+    model = EHRTransformerForMaskedEventModeling(config)
+    teacher = copy.deepcopy(model.model).requires_grad_(False).eval()
+    model.set_feature_teacher(teacher)
+    out = model(**all_objective_inputs(make_inputs(pad_last=False)))
+    assert out.time_predictions.shape == (3,) and out.value_predictions.shape == (3,)
+    expected = out.code_loss + out.value_loss + 2.0 * out.time_loss + 0.5 * out.feature_loss
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert missing == []
+    assert all(p.grad is None for p in teacher.parameters())  # the teacher is never trained
+    assert not any(k.startswith("feature_teacher") for k in model.state_dict())
+
+
+def test_only_the_configured_objectives_have_heads():
+    model = EHRTransformerForMaskedEventModeling(tiny_config(pretraining_objectives=["code", "time"]))
+    assert model.value_head is None and model.feature_head is None and model.time_head is not None
+    out = model(**all_objective_inputs(make_inputs(pad_last=False)))  # absent objectives' targets are ignored
+    assert out.value_loss is None and out.feature_loss is None
+    torch.testing.assert_close(out.loss, out.code_loss + out.time_loss)
+    with pytest.raises(ValueError, match="pretraining_objectives"):
+        tiny_config(pretraining_objectives=["code", "colour"])
+    with pytest.raises(ValueError, match="objective_weights"):
+        tiny_config(pretraining_objectives=["code"], objective_weights={"value": 1.0})
+
+
+def test_a_hidden_time_or_age_is_invisible():
+    """A NaN time or age adds nothing to the embedding: what the hidden time was cannot change any output."""
+    set_seed(0)
+    model = EHRTransformerModel(tiny_config()).eval()
+    inputs = make_inputs(pad_last=False)
+    outputs = []
+    for shift in (0.0, 500.0):
+        changed = {**inputs, "times": inputs["times"].clone(), "ages": inputs["ages"].clone()}
+        changed["times"][:, 4] += shift  # a different original time ...
+        changed["ages"][:, 4] += shift / 8766
+        changed["times"][:, 4] = changed["ages"][:, 4] = float("nan")  # ... hidden
+        outputs.append(model(**changed).last_hidden_state)
+    assert torch.isfinite(outputs[0]).all()
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    assert not torch.allclose(outputs[0], model(**inputs).last_hidden_state)  # hiding did remove information
+
+
+def test_unpadded_path_agrees_for_every_objective():
+    set_seed(0)
+    inputs = all_objective_inputs(make_inputs(pad_last=False))
+    inputs["attention_mask"][2, 7:] = 0  # two samples of different lengths
+    inputs["input_ids"][2, 7:] = inputs["teacher_input_ids"][2, 7:] = 0
+    for key in ("labels", "value_labels", "time_labels"):
+        assert not (~inputs[key].eq(-100) & ~inputs[key].isnan() & (inputs["attention_mask"] == 0)).any()
+    results = {}
+    for unpad in (True, False):
+        set_seed(0)
+        config = tiny_config(unpad_inputs=unpad, pretraining_objectives=["code", "value", "time", "feature"])
+        model = EHRTransformerForMaskedEventModeling(config)
+        model.set_feature_teacher(copy.deepcopy(model.model).requires_grad_(False).eval())
+        out = model(**inputs)
+        out.loss.backward()
+        results[unpad] = (out, {n: p.grad.clone() for n, p in model.named_parameters()})
+    (a, grads_a), (b, grads_b) = results[True], results[False]
+    for name in ("loss", "code_loss", "value_loss", "time_loss", "feature_loss"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-6, rtol=1e-5, msg=name)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4, msg=name)

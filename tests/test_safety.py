@@ -184,6 +184,24 @@ def test_tokenizer_must_match_the_config(checkpoint, tmp_path):
         check_checkpoint_folder(folder2)
 
 
+def test_prototypes_file_is_checked_and_not_taken_for_weights(checkpoint, tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder = copy_of(checkpoint, tmp_path)
+    hidden = json.loads((folder / "config.json").read_text())["hidden_size"]
+    good = {"centroids": np.zeros((3, hidden), np.float32), "counts": np.full(3, 10, np.int64)}
+    save_file(good, str(folder / "prototypes.safetensors"))
+    assert [p.name for p in check_checkpoint_folder(folder).weight_files] == ["model.safetensors"]
+    for bad in (
+        {**good, "subject_vectors": np.zeros((1, hidden), np.float32)},  # anything but the two aggregates
+        {"centroids": np.zeros((3, hidden + 1), np.float32), "counts": good["counts"]},  # not this model's width
+    ):
+        save_file(bad, str(folder / "prototypes.safetensors"))
+        with pytest.raises(UnsafeCheckpointError, match="prototypes.safetensors"):
+            check_checkpoint_folder(folder)
+
+
 def test_trainer_checkpoint_state_pickles_are_tolerated(checkpoint, tmp_path):
     folder = copy_of(checkpoint, tmp_path)
     torch.save({"state": {}}, folder / "optimizer.pt")
@@ -249,6 +267,7 @@ def test_saved_folders_hold_no_identifier_timestamp_or_rare_code(tmp_path):
     files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     names = {p.name for p in files}
     assert {"config.json", "event_tokenizer.json", "model.safetensors", "trainer_state.json"} <= names
+    assert {"prototypes.safetensors", "code_frequencies.json"} <= names  # the population summary is scanned too
     findings = scan_folder_for_leaks(
         tmp_path / "out", subject_ids=train_ids.to_list(), rare_codes=rare_codes, timestamps=train["time"].drop_nulls()
     )

@@ -172,3 +172,51 @@ def test_command_line(tmp_path, capsys):
     main(["--subjects", "40", "--output", str(tmp_path / "cli"), "--seed", "2"])
     assert "wrote 40 synthetic subjects" in capsys.readouterr().out
     assert np.array_equal(read_events(tmp_path / "cli")["subject_id"].unique().sort().to_numpy(), np.arange(1, 41))
+
+
+# ---------------------------------------------------------------------------------------------- hospitals
+def test_default_profile_changes_nothing():
+    from ehr_transformer.data.synthetic import HospitalProfile
+
+    plain, profiled = generate_synthetic_cohort(300, seed=2), generate_synthetic_cohort(300, seed=2, profile=HospitalProfile())
+    assert plain.events.equals(profiled.events) and plain.splits.equals(profiled.splits)
+    assert all(plain.labels[t].equals(profiled.labels[t]) for t in plain.labels)
+
+
+def test_hospital_profiles_change_coding_population_and_outcome(tmp_path):
+    from ehr_transformer.data.synthetic import HospitalProfile
+
+    base = generate_synthetic_cohort(800, seed=4)
+    renamed = generate_synthetic_cohort(800, seed=4, profile=HospitalProfile(code_systems={"LOINC": "LAB"}))
+    assert renamed.events.height == base.events.height
+    assert not renamed.events["code"].str.starts_with("LOINC//").any()
+    assert renamed.events["code"].to_list() == base.events["code"].str.replace("^LOINC//", "LAB//").to_list()
+    meds = write_synthetic_meds(tmp_path / "lab", 50, seed=1, profile=HospitalProfile(name="lab", code_systems={"LOINC": "LAB"}))
+    codes = pl.read_parquet(meds / "metadata" / "codes.parquet")
+    assert codes["code"].str.starts_with("LAB//").sum() == 17 and not codes["code"].str.starts_with("LOINC//").any()
+
+    def first_admission_age(cohort):
+        ev = cohort.events
+        birth = ev.filter(pl.col("code") == "MEDS_BIRTH").select("subject_id", pl.col("time").alias("birth"))
+        first = ev.filter(pl.col("code").str.starts_with("ADMISSION//")).group_by("subject_id").agg(pl.col("time").min())
+        return birth.join(first, on="subject_id").select((pl.col("time") - pl.col("birth")).dt.total_days() / 365.25)
+
+    older = generate_synthetic_cohort(800, seed=4, profile=HospitalProfile(age_shift=10.0, emergency_share=0.9))
+    assert first_admission_age(older).mean().item() > first_admission_age(base).mean().item() + 7
+    assert first_admission_age(older).max().item() < 95.1
+
+    def emergency_share(cohort):
+        admissions = cohort.events.filter(pl.col("code").str.starts_with("ADMISSION//"))
+        return (admissions["code"] == "ADMISSION//EMERGENCY").mean()
+
+    assert emergency_share(older) > 0.85 > 0.7 > emergency_share(base)
+    sicker = generate_synthetic_cohort(800, seed=4, profile=HospitalProfile(severity_scale=1.8))
+    lactate = lambda c: c.events.filter(pl.col("code") == "LOINC//2524-7")["numeric_value"].mean()  # noqa: E731
+    assert lactate(sicker) > lactate(base) * 1.15
+
+    history = generate_synthetic_cohort(2000, seed=4, profile=HospitalProfile(mortality_mechanism="history"))
+    assert 0.05 < history.labels[MORTALITY]["boolean_value"].mean() < 0.25
+    with pytest.raises(ValueError, match="mortality_mechanism"):
+        HospitalProfile(mortality_mechanism="luck")
+    with pytest.raises(ValueError, match="code_systems"):
+        HospitalProfile(code_systems={"SNOMED": "X"})

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -172,3 +173,44 @@ def test_checkpoints_carry_a_model_card_without_identifiers(pretrained, syntheti
     card = (tmp_path / "finetuned" / "README.md").read_text()
     stamps = events["time"].drop_nulls().dt.strftime("%Y-%m-%d").unique().to_list()
     assert not any(stamp in card for stamp in stamps)
+
+
+def test_multitask_finetune_and_predict_one_column_per_task(synthetic_meds, tmp_path):
+    """Mortality (binary) and a length-of-stay target (regression, labelled for half the rows) in one model."""
+    mortality = synthetic_meds / "labels" / "in_hospital_mortality.parquet"
+    long_stay = pl.read_parquet(synthetic_meds / "labels" / "long_length_of_stay.parquet")
+    stay = tmp_path / "stay_days.parquet"
+    long_stay.gather_every(2).select(
+        "subject_id", "prediction_time", (pl.col("boolean_value").cast(pl.Float64) * 7 + 2).alias("float_value")
+    ).write_parquet(stay)
+    model = finetune(
+        DataArguments(data_dir=str(synthetic_meds), labels=f"{mortality},{stay}", cache_dir=str(tmp_path / "cache")),
+        ModelArguments(**TINY, min_code_count=3),
+        training_args(tmp_path / "multi", max_steps=4, eval_strategy="steps", eval_steps=4),
+    )
+    assert model.config.task_names == ["in_hospital_mortality", "stay_days"]
+    assert model.config.task_types == ["binary", "regression"]
+
+    predictions = predict(tmp_path / "multi", synthetic_meds, f"{mortality},{stay}", split="held_out")
+    assert predictions.columns == [
+        "subject_id", "prediction_time", "in_hospital_mortality", "stay_days",
+        "in_hospital_mortality_label", "stay_days_label",
+    ]  # fmt: skip
+    assert predictions["in_hospital_mortality"].is_between(0, 1).all()
+    assert predictions["stay_days_label"].is_nan().sum() > 0  # the rows without a stay label are still scored
+    assert predictions["stay_days"].is_finite().all()
+    only_mortality = predict(tmp_path / "multi", synthetic_meds, mortality, split="held_out")
+    assert only_mortality.columns[2:] == ["in_hospital_mortality", "stay_days", "in_hospital_mortality_label"]
+
+
+
+def test_multitask_metrics_score_each_task_on_its_labelled_rows():
+    from transformers import EvalPrediction
+
+    from ehr_transformer.training import multitask_metrics
+
+    logits = np.array([[2.0, 1.0], [-2.0, 3.0], [1.0, 5.0], [-1.0, 0.0]])
+    labels = np.array([[1.0, np.nan], [0.0, 2.0], [np.nan, 4.0], [0.0, np.nan]])
+    metrics = multitask_metrics(["death", "stay"], ["binary", "regression"])(EvalPrediction(logits, labels))
+    assert metrics["death_auroc"] == 1.0 and metrics["death_prevalence"] == pytest.approx(1 / 3)
+    assert metrics["stay_mse"] == pytest.approx((1.0 + 1.0) / 2) and metrics["stay_mae"] == pytest.approx(1.0)

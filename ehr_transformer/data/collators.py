@@ -8,6 +8,8 @@ Both return a dict of tensors whose keys are the model's forward arguments:
     ages            (B, L) float32, 0 at padding
     labels          (B, L) int64 for masked event modeling (-100 = not a target);
                     (B,) float32 / int64 (or (B, T)) for classification.
+Masked event modeling may add value_labels and time_labels (B, L) float32 (NaN = not a target) and the
+unmasked teacher_input_ids / teacher_values / teacher_times / teacher_ages (B, L) for the feature objective.
 Keys of the features other than these (subject_id, prediction_time, length, ...) are ignored.
 """
 
@@ -77,6 +79,14 @@ class DataCollatorForMaskedEventModeling:
     visible; `value_labels` (B, L) hold the hidden (normalised) values there and NaN elsewhere, so the model
     learns what a lactate of 4 means rather than only which codes co-occur. 0 disables it.
 
+    Time reconstruction (its own ratio): each real, non-special event after the first position has its time and age
+    hidden (NaN, which the model embeds as "unknown") with probability `time_mask_probability`, independently of
+    the other masks; `time_labels` (B, L) hold log1p of the hours since the previous position's original time
+    there and NaN elsewhere. (The age is hidden too because age differences give the time away.) 0 disables it.
+
+    `return_teacher_inputs=True` adds the unmasked sequence as `teacher_input_ids`, `teacher_values`,
+    `teacher_times`, `teacher_ages`, which the EMA teacher of the "feature" objective sees.
+
     Randomness comes from `generator` if given, else torch's global RNG (so `transformers.set_seed` fixes it).
     """
 
@@ -87,12 +97,16 @@ class DataCollatorForMaskedEventModeling:
     value_mask_probability: float = 0.0
     pad_to_multiple_of: int | None = None
     generator: torch.Generator | None = None
+    time_mask_probability: float = 0.0
+    return_teacher_inputs: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mlm_probability <= 1.0:
             raise ValueError(f"mlm_probability must be in (0, 1], got {self.mlm_probability}")
         if not 0.0 <= self.value_mask_probability <= 1.0:
             raise ValueError(f"value_mask_probability must be in [0, 1], got {self.value_mask_probability}")
+        if not 0.0 <= self.time_mask_probability <= 1.0:
+            raise ValueError(f"time_mask_probability must be in [0, 1], got {self.time_mask_probability}")
         if self.mask_replace_prob < 0 or self.random_replace_prob < 0:
             raise ValueError("mask_replace_prob and random_replace_prob must be non-negative")
         if self.mask_replace_prob + self.random_replace_prob > 1.0 + 1e-9:
@@ -106,6 +120,7 @@ class DataCollatorForMaskedEventModeling:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = _pad_batch(features, self.tokenizer.pad_token_id, self.pad_to_multiple_of)
+        original = dict(batch)  # the unmasked tensors (masking below makes new ones)
         input_ids = batch["input_ids"]  # (B, L)
         special = torch.tensor(self.tokenizer.all_special_ids, dtype=torch.long)
         maskable = ~torch.isin(input_ids, special) & batch["attention_mask"].bool()  # (B, L)
@@ -137,6 +152,18 @@ class DataCollatorForMaskedEventModeling:
             hide_value = has_value & (value_draws < self.value_mask_probability)  # (B, L)
             batch["value_labels"] = torch.where(hide_value, values, torch.full_like(values, float("nan")))
             batch["values"] = values.masked_fill(hide_value, float("nan"))
+        if self.time_mask_probability > 0:
+            times = original["times"]  # (B, L)
+            gaps = torch.log1p((times[:, 1:] - times[:, :-1]).clamp(min=0.0))  # (B, L - 1), to position - 1
+            time_draws = torch.rand(input_ids.shape, generator=self.generator)  # (B, L)
+            hide_time = maskable & (time_draws < self.time_mask_probability)  # (B, L)
+            hide_time[:, 0] = False  # no previous position
+            batch["time_labels"] = torch.full_like(times, float("nan"))
+            batch["time_labels"][:, 1:] = torch.where(hide_time[:, 1:], gaps, float("nan"))
+            batch["times"] = times.masked_fill(hide_time, float("nan"))
+            batch["ages"] = original["ages"].masked_fill(hide_time, float("nan"))
+        if self.return_teacher_inputs:
+            batch.update({f"teacher_{key}": original[key] for key in _SEQUENCE_KEYS})
         return batch
 
 
@@ -144,7 +171,9 @@ class DataCollatorForMaskedEventModeling:
 class DataCollatorForEventClassification:
     """Pads a batch and stacks its labels: float32 for float/bool labels, int64 for integer labels.
 
-    A feature's `labels` may be a scalar or a list (multi-label / multi-target gives (B, T)).
+    A feature's `labels` may be a scalar or a list (multi-label / multitask gives (B, T)). In a list, a missing
+    label (None or NaN: a task without a label at that prediction time) becomes NaN, which the multitask loss
+    ignores; float32 then.
     """
 
     tokenizer: EHREventTokenizer
@@ -156,6 +185,13 @@ class DataCollatorForEventClassification:
             raw = [feature["labels"] for feature in features]
             if any(label is None for label in raw):
                 raise ValueError("a feature has labels=None; drop unlabeled samples before collating")
+            if any(isinstance(label, (list, tuple)) and None in label for label in raw):
+                raw = [[float("nan") if v is None else float(v) for v in label] for label in raw]
+            lengths = {len(label) for label in raw if isinstance(label, (list, tuple))}
+            if len(lengths) > 1:
+                raise ValueError(
+                    f"features have labels of different lengths {sorted(lengths)}; expected one per task"
+                )
             tensor = torch.as_tensor(raw)
             if tensor.dtype == torch.bool or tensor.is_floating_point():
                 tensor = tensor.to(torch.float32)

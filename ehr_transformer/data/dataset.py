@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -221,9 +222,57 @@ def _resolve_label_column(labels: pl.DataFrame, label_column: str | None) -> str
     return present[0]
 
 
+def _read_label_source(labels: pl.DataFrame | str | os.PathLike, source: str) -> tuple[pl.DataFrame, str]:
+    from ehr_transformer.data.meds import read_labels, validate_labels
+
+    if isinstance(labels, (str, os.PathLike)):
+        return read_labels(labels), str(labels)
+    if isinstance(labels, pl.DataFrame):
+        return validate_labels(labels, source=source), source
+    raise TypeError(f"labels must be a polars DataFrame or a path, got {type(labels).__name__}")
+
+
+def join_task_labels(
+    labels: Mapping[str, pl.DataFrame | str | os.PathLike],
+) -> tuple[pl.DataFrame, list[str], list[str]]:
+    """Join the label files of several tasks on (subject_id, prediction_time), for multitask fine-tuning.
+
+    `labels` maps a task name to a label frame or MEDS label file. Returns the joined frame (subject_id,
+    prediction_time, one Float64 column per task, null where that task has no label at that time, sorted), the
+    task names (in the mapping's order) and their types: "binary" for a `boolean_value` file, "regression" for
+    `float_value` / `integer_value`. A (subject_id, prediction_time) repeated within one file is an error.
+    """
+    if not labels:
+        raise ValueError("join_task_labels needs at least one task")
+    joined: pl.DataFrame | None = None
+    names, types = [], []
+    for name, source in labels.items():
+        if name in ("subject_id", "prediction_time", "labels") or not name:
+            raise ValueError(f"task name {name!r} is reserved or empty; rename the label file")
+        frame, where = _read_label_source(source, f"<labels of task {name!r}>")
+        column = _resolve_label_column(frame, None)
+        repeated = frame.filter(pl.struct("subject_id", "prediction_time").is_duplicated())
+        if repeated.height:
+            row = repeated.row(0, named=True)
+            raise ValueError(
+                f"{where}: subject_id {row['subject_id']} has {repeated.height} rows sharing a prediction_time "
+                f"(first at {row['prediction_time']}); multitask labels need one row per (subject_id, prediction_time)"
+            )
+        task = frame.select("subject_id", "prediction_time", pl.col(column).cast(pl.Float64).alias(name))
+        joined = (
+            task
+            if joined is None
+            else joined.join(task, on=["subject_id", "prediction_time"], how="full", coalesce=True)
+        )
+        names.append(name)
+        types.append("binary" if column == "boolean_value" else "regression")
+    assert joined is not None
+    return joined.sort(["subject_id", "prediction_time"]), names, types
+
+
 def build_labeled_dataset(
     meds_dir: str | os.PathLike,
-    labels: pl.DataFrame | str | os.PathLike,
+    labels: pl.DataFrame | str | os.PathLike | Mapping[str, pl.DataFrame | str | os.PathLike],
     tokenizer: EHREventTokenizer,
     split: str = "train",
     label_column: str | None = None,
@@ -235,29 +284,34 @@ def build_labeled_dataset(
     `labels` is a label frame or a path to a MEDS label parquet. The label column (boolean_value,
     integer_value or float_value) is auto-detected unless given and stored as `labels`: float32 for
     boolean/float labels (BCE/MSE), int64 for integer labels (cross entropy).
+    Multitask: `labels` maps task names to label frames/paths (see `join_task_labels`); there is one row per
+    (subject_id, prediction_time) of any task and `labels` is a list<float32> of one value per task, in the
+    mapping's order, NaN where a task has no label (`build_stats(...)["tasks"]` names them).
     Columns: subject_id, prediction_time, input_ids, values, times, ages, labels, length.
     Dropped label rows are counted by reason (`n_dropped_missing_label`, `n_dropped_subject_not_in_data`,
     `n_dropped_no_events_before_prediction_time`), logged as warnings, and available via
     `build_stats(dataset)`. Label rows of subjects in other splits (`n_labels_other_split`) or without
     a split (`n_labels_subject_without_split`) are filtered out, not dropped.
     """
-    from ehr_transformer.data.meds import iter_shards, read_labels, validate_labels
+    from ehr_transformer.data.meds import iter_shards
 
     meds_dir = Path(meds_dir)
-    source = "<labels>"
-    if isinstance(labels, (str, os.PathLike)):
-        source = str(labels)
-        labels = read_labels(labels)
-    elif isinstance(labels, pl.DataFrame):
-        labels = validate_labels(labels, source=source)
+    tasks = task_types = None
+    if isinstance(labels, Mapping):  # multitask: one float per task, NaN where missing
+        labels, tasks, task_types = join_task_labels(labels)
+        source, column = ",".join(tasks), "multitask:" + ",".join(tasks)
+        label_expr = pl.concat_list([pl.col(t).cast(pl.Float32).fill_null(float("nan")) for t in tasks])
+        label_type, label_dtype = pa.list_(pa.float32()), pl.List(pl.Float32)
     else:
-        raise TypeError(f"labels must be a polars DataFrame or a path, got {type(labels).__name__}")
-    column = _resolve_label_column(labels, label_column)
+        labels, source = _read_label_source(labels, "<labels>")
+        column = _resolve_label_column(labels, label_column)
+        label_expr = pl.col(column)
+        label_type = pa.int64() if column == "integer_value" else pa.float32()
+        label_dtype = pl.Int64 if column == "integer_value" else pl.Float32
     subjects, splits = _split_subjects(meds_dir, split)
 
-    label_dtype = pl.Int64 if column == "integer_value" else pl.Float32
-    schema = _schema(labelled=True, label_type=pa.int64() if column == "integer_value" else pa.float32())
-    with_split = labels.select("subject_id", "prediction_time", pl.col(column).alias("labels")).join(
+    schema = _schema(labelled=True, label_type=label_type)
+    with_split = labels.select("subject_id", "prediction_time", label_expr.alias("labels")).join(
         splits, on="subject_id", how="left", maintain_order="left"
     )
     in_split = with_split.filter(pl.col("split") == split).drop("split")
@@ -273,6 +327,8 @@ def build_labeled_dataset(
         "n_labels_in_split": in_split.height,
         "n_dropped_missing_label": in_split.height - valid.height,
     }
+    if tasks is not None:
+        stats.update(tasks=tasks, task_types=task_types)
     label_hash = int(valid.hash_rows(seed=0).sum()) if valid.height else 0
     key = _fingerprint(
         meds_dir,
@@ -338,4 +394,4 @@ def _warn_drops(stats: dict[str, Any]) -> None:
         )
 
 
-__all__ = ["build_pretraining_dataset", "build_labeled_dataset", "build_stats"]
+__all__ = ["build_pretraining_dataset", "build_labeled_dataset", "build_stats", "join_task_labels"]

@@ -21,6 +21,15 @@ Tasks (``labels``), one row per admission lasting >= 24 h, ``prediction_time`` =
   After ``prediction_time`` a dying subject's vitals deteriorate (the data path cuts those events).
 - ``long_length_of_stay`` (boolean): the stay lasts more than 7 days.
 
+Hospitals (:class:`HospitalProfile`, default: none, which changes nothing): several synthetic "hospitals" that
+differ in how they code (a code system renamed, e.g. ``LOINC//2524-7`` written ``LAB//2524-7``), whom they treat
+(older, frailer or sicker subjects, more emergency admissions) and what drives their outcome (``physiology``: the
+logistic mortality model above; ``history``: chronic diagnoses of earlier admissions and age weigh more, labs and
+vitals less). Used by the model-selection example and benchmark to build zoos of checkpoints whose right answer
+is known::
+
+    generate_synthetic_cohort(1500, seed=3, profile=HospitalProfile(code_systems={"LOINC": "LAB"}, age_shift=8))
+
 Nothing happens after ``MEDS_DEATH``: a subject who dies has no later admission or event. Splits are
 by subject, 70 / 15 / 15 % train / tuning / held_out. Everything is deterministic for
 ``(n_subjects, seed)``; subjects are generated in fixed chunks of :data:`CHUNK_SIZE` with numpy,
@@ -35,7 +44,7 @@ import argparse
 import math
 import time as _time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -234,13 +243,62 @@ def _ix(code: str) -> int:
     return CODE_INDEX[code]
 
 
-def synthetic_codes_metadata() -> pl.DataFrame:
-    """``metadata/codes.parquet`` content for the synthetic vocabulary (code, description, parent_codes)."""
-    parents = [[c.split("//")[0]] if "//" in c else [] for c in CODES]
-    return pl.DataFrame(
-        {"code": CODES, "description": CODE_DESCRIPTIONS, "parent_codes": parents},
-        schema={"code": pl.String, "description": pl.String, "parent_codes": pl.List(pl.String)},
-    )
+def synthetic_codes_metadata(profile: HospitalProfile | None = None) -> pl.DataFrame:
+    """``metadata/codes.parquet`` content for the synthetic vocabulary (code, description, parent_codes), with
+    the code systems of `profile` renamed."""
+    profile = profile or DEFAULT_PROFILE
+    frame = pl.DataFrame({"code": CODES, "description": CODE_DESCRIPTIONS}, schema={"code": pl.String, "description": pl.String})
+    frame = frame.with_columns(profile.rename(pl.col("code")).alias("code"))
+    parents = [[c.split("//")[0]] if "//" in c else [] for c in frame["code"]]
+    return frame.with_columns(pl.Series("parent_codes", parents, dtype=pl.List(pl.String)))
+
+
+# ---------------------------------------------------------------------------------------------- hospitals
+MORTALITY_MECHANISMS = ("physiology", "history")
+
+
+@dataclass(frozen=True)
+class HospitalProfile:
+    """How one synthetic hospital differs from the default one. Every default leaves the cohort unchanged (the
+    same events, labels and splits for a seed as without a profile)."""
+
+    name: str = "default"  # written into the MEDS dataset name
+    code_systems: dict[str, str] = field(default_factory=dict)  # {"LOINC": "LAB"}: LOINC//x is written LAB//x
+    age_shift: float = 0.0  # years added to every subject's age at the first admission (result clipped to 18-95)
+    frailty_shift: float = 0.0  # added to the latent frailty (more admissions, comorbidities, longer stays)
+    severity_scale: float = 1.0  # multiplies the severity of every acute illness (labs, vitals, procedures)
+    emergency_share: float | None = None  # share of emergency admissions (default 0.62; urgent/elective keep 14:24)
+    mortality_mechanism: str = "physiology"  # "physiology" (module docstring) or "history" (see _history_logit)
+
+    def __post_init__(self) -> None:
+        if self.mortality_mechanism not in MORTALITY_MECHANISMS:
+            raise ValueError(f"mortality_mechanism must be one of {MORTALITY_MECHANISMS}, got {self.mortality_mechanism!r}")
+        if self.emergency_share is not None and not 0.0 <= self.emergency_share <= 1.0:
+            raise ValueError(f"emergency_share must be in [0, 1], got {self.emergency_share}")
+        if self.severity_scale <= 0:
+            raise ValueError(f"severity_scale must be positive, got {self.severity_scale}")
+        systems = {code.split("//")[0] for code in CODES if "//" in code}
+        for old, new in self.code_systems.items():
+            if old not in systems or not new or "//" in new:
+                raise ValueError(
+                    f"code_systems: {old!r} -> {new!r}: the key must be one of {sorted(systems)} and the new name "
+                    "non-empty without '//'"
+                )
+
+    def admission_type_p(self) -> list[float]:
+        if self.emergency_share is None:
+            return [0.62, 0.14, 0.24]
+        rest = 1.0 - self.emergency_share
+        return [self.emergency_share, rest * 14 / 38, rest * 24 / 38]
+
+    def rename(self, codes: pl.Expr) -> pl.Expr:
+        """The code column with renamed code systems."""
+        for old, new in self.code_systems.items():
+            codes = codes.str.replace(f"^{old}//", f"{new}//")
+        return codes
+
+
+DEFAULT_PROFILE = HospitalProfile()
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -356,15 +414,37 @@ def _mortality_logit(age, prior, emergency, lac, cr, hr_trend, sbp_trend, sbp_la
     return z
 
 
-def _generate_chunk(subject_ids: np.ndarray, rng: np.random.Generator) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _history_logit(age, prior, emergency, lac, cr, hr_trend, sbp_trend, sbp_last) -> np.ndarray:
+    """Risk of in-hospital death at a "history" hospital: chronic diagnoses coded in earlier admissions and age
+    weigh about twice as much as in :func:`_mortality_logit`, first-day physiology about a third as much."""
+    physiology = _mortality_logit(age, np.zeros_like(prior), np.zeros_like(emergency), lac, cr, hr_trend, sbp_trend, sbp_last)
+    physiology = physiology + 3.0 - 0.035 * (age - 65.0)  # its physiological part only
+    return (
+        -2.9
+        + 0.06 * (age - 65.0)
+        + 1.1 * prior[:, CHRONIC_INDEX["chf"]]
+        + 0.8 * prior[:, CHRONIC_INDEX["copd"]]
+        + 0.8 * prior[:, CHRONIC_INDEX["ckd"]]
+        + 1.6 * prior[:, CHRONIC_INDEX["cancer"]]
+        + 0.5 * prior[:, CHRONIC_INDEX["afib"]]
+        + 0.3 * emergency
+        + physiology / 3.0
+    )
+
+
+def _generate_chunk(
+    subject_ids: np.ndarray, rng: np.random.Generator, profile: HospitalProfile = DEFAULT_PROFILE
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Events and labels (both tasks in one frame) for one chunk of subjects."""
     n = subject_ids.size
     buf = _EventBuffer()
     subj_all = np.arange(n)
 
     # --- subjects
-    frailty = rng.normal(size=n)
+    frailty = rng.normal(size=n) + profile.frailty_shift
     age0 = 18.0 + 72.0 * rng.beta(2.2, 1.6, size=n)
+    if profile.age_shift:
+        age0 = np.clip(age0 + profile.age_shift, 18.0, 95.0)
     female = rng.random(n) < 0.52
     ethnicity = rng.choice(len(ETHNICITIES), size=n, p=ETHNICITY_P)
     dec = (age0 - 60.0)[:, None] / 10.0
@@ -394,7 +474,7 @@ def _generate_chunk(subject_ids: np.ndarray, rng: np.random.Generator) -> tuple[
     adm_h = cs - (cs[starts] - inc[starts])[a_subj]
     adm_h = np.round(adm_h * 60.0) / 60.0
     age = age0[a_subj] + (adm_h - first_h[a_subj]) / 8766.0
-    adm_type = rng.choice(3, size=A, p=[0.62, 0.14, 0.24])
+    adm_type = rng.choice(3, size=A, p=profile.admission_type_p())
     emergency = (adm_type == 0).astype(np.float64)
 
     # acute reason and severity (latent; drive labs, vitals, codes)
@@ -410,7 +490,7 @@ def _generate_chunk(subject_ids: np.ndarray, rng: np.random.Generator) -> tuple[
     ], axis=1)
     acute = np.argmax(logits + rng.gumbel(size=logits.shape), axis=1)
     is_ = {name: (acute == i).astype(np.float64) for i, (name, _c, _d) in enumerate(ACUTE)}
-    sev = rng.gamma(2.0, 0.5, size=A) * np.exp(0.2 * f_a) * np.where(acute == 0, 0.25, 1.0)
+    sev = rng.gamma(2.0, 0.5, size=A) * np.exp(0.2 * f_a) * np.where(acute == 0, 0.25, 1.0) * profile.severity_scale
     infection = is_["sepsis"] + is_["pneumonia"]
     deterioration = 0.6 * rng.normal(size=A) + sev * (is_["sepsis"] + 0.6 * is_["pneumonia"] + 0.6 * is_["hf"])
 
@@ -494,7 +574,8 @@ def _generate_chunk(subject_ids: np.ndarray, rng: np.random.Generator) -> tuple[
 
     # --- death: sampled from what is visible at admission + 24 h only
     long_enough = los >= 24.0
-    p_die = _sigmoid(_mortality_logit(age, prior, emergency, lac_max, cr_max, hr_trend, sbp_trend, sbp_last))
+    logit = _history_logit if profile.mortality_mechanism == "history" else _mortality_logit
+    p_die = _sigmoid(logit(age, prior, emergency, lac_max, cr_max, hr_trend, sbp_trend, sbp_last))
     dies = long_enough & (rng.random(A) < p_die)
     death_rank = np.full(n, np.iinfo(np.int64).max)
     np.minimum.at(death_rank, a_subj[dies], a_rank[dies])
@@ -631,6 +712,8 @@ def _generate_chunk(subject_ids: np.ndarray, rng: np.random.Generator) -> tuple[
     buf.add(od, dis_h[last[od]] + 24.0 + rng.exponential(300.0 * 24.0, od.size), _ix("MEDS_DEATH"), prio=6)
 
     events = buf.to_frame(subject_ids)
+    if profile.code_systems:
+        events = events.with_columns(profile.rename(pl.col("code")).alias("code"))
 
     # --- labels
     lab = np.flatnonzero(keep & long_enough)
@@ -644,11 +727,13 @@ def _generate_chunk(subject_ids: np.ndarray, rng: np.random.Generator) -> tuple[
     return events, labels
 
 
-def _iter_chunks(n_subjects: int, seed: int) -> Iterator[tuple[np.ndarray, pl.DataFrame, pl.DataFrame]]:
+def _iter_chunks(
+    n_subjects: int, seed: int, profile: HospitalProfile | None = None
+) -> Iterator[tuple[np.ndarray, pl.DataFrame, pl.DataFrame]]:
     for c, start in enumerate(range(0, n_subjects, CHUNK_SIZE)):
         subject_ids = np.arange(start, min(start + CHUNK_SIZE, n_subjects), dtype=np.int64) + 1
         rng = np.random.default_rng([seed, c])
-        events, labels = _generate_chunk(subject_ids, rng)
+        events, labels = _generate_chunk(subject_ids, rng, profile or DEFAULT_PROFILE)
         yield subject_ids, events, labels
 
 
@@ -670,15 +755,18 @@ def _splits_frame(n_subjects: int, seed: int) -> pl.DataFrame:
     })
 
 
-def generate_synthetic_cohort(n_subjects: int = 3000, seed: int = 0) -> SyntheticCohort:
-    """Generate ``n_subjects`` subjects (ids 1..n) in memory; deterministic for ``(n_subjects, seed)``.
+def generate_synthetic_cohort(
+    n_subjects: int = 3000, seed: int = 0, profile: HospitalProfile | None = None
+) -> SyntheticCohort:
+    """Generate ``n_subjects`` subjects (ids 1..n) in memory; deterministic for ``(n_subjects, seed, profile)``.
+    `profile` makes a different hospital (:class:`HospitalProfile`; None = the default one).
 
     For large cohorts prefer :func:`write_synthetic_meds`, which never holds all events at once.
     """
     if n_subjects < 1:
         raise ValueError(f"n_subjects must be >= 1, got {n_subjects}")
     events, labels = [], []
-    for _ids, ev, lab in _iter_chunks(n_subjects, seed):
+    for _ids, ev, lab in _iter_chunks(n_subjects, seed, profile):
         events.append(ev)
         labels.append(lab)
     return SyntheticCohort(
@@ -692,8 +780,10 @@ def write_synthetic_meds(
     seed: int = 0,
     n_shards: int | None = None,
     overwrite: bool = False,
+    profile: HospitalProfile | None = None,
 ) -> Path:
-    """Generate a cohort and write it as a MEDS folder (atomically); return ``output_dir``.
+    """Generate a cohort and write it as a MEDS folder (atomically); return ``output_dir``. `profile` makes a
+    different hospital (:class:`HospitalProfile`; None = the default one).
 
     Subjects are generated chunk by chunk and written shard by shard, so memory stays bounded by one
     shard. ``n_shards`` shards per split (default: one per ~10,000 subjects); the content does not
@@ -709,8 +799,9 @@ def write_synthetic_meds(
     bounds = [int(b) for b in np.linspace(0, n_subjects, n_shards + 1).round()]
     labels, pending = [], []
     shard = 0
-    with MEDSWriter(output_dir, overwrite=overwrite, dataset_name=f"synthetic_{n_subjects}_seed{seed}") as writer:
-        for ids, events, lab in _iter_chunks(n_subjects, seed):
+    name = f"synthetic_{n_subjects}_seed{seed}" + (f"_{profile.name}" if profile is not None else "")
+    with MEDSWriter(output_dir, overwrite=overwrite, dataset_name=name) as writer:
+        for ids, events, lab in _iter_chunks(n_subjects, seed, profile):
             labels.append(lab)
             pending.append(events)
             while shard < n_shards and (ids[-1] >= bounds[shard + 1] or ids[-1] == n_subjects):
@@ -725,7 +816,7 @@ def write_synthetic_meds(
                 shard += 1
         for task, df in _labels_by_task(pl.concat(labels)).items():
             writer.write_labels(task, df)
-        return writer.commit(splits, codes=synthetic_codes_metadata())
+        return writer.commit(splits, codes=synthetic_codes_metadata(profile))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -744,6 +835,7 @@ def main(argv: list[str] | None = None) -> None:
 __all__ = [
     "CODES",
     "TASKS",
+    "HospitalProfile",
     "SyntheticCohort",
     "generate_synthetic_cohort",
     "synthetic_codes_metadata",
