@@ -15,6 +15,8 @@ Protocol (every model on exactly the same rows; nothing is ever chosen on a test
 - Configurations: each objective alone (`code`, `value`, `time`, `feature`), all four combined under each loss
   balancing strategy (`all_static`, `all_uncertainty`, `all_gradnorm`, `all_pcgrad`), `scratch` (random
   initialisation) and `gbm_baseline` (gradient boosting on per-variable aggregates, `TabularBaseline("gbm")`).
+  Every pretrained configuration sees the same corrupted inputs (15% of codes masked, 30% of values and 15% of
+  times hidden); they differ only in which losses are trained and how they are weighed.
 - Low-label fine-tuning: a stratified share of the fitting stays' labels (at least 2 deaths), the same rows for
   every configuration. Transformers train for a fixed number of optimiser steps (no early stopping: a 5% budget
   has no labels to spare for it), the classifier bias starting at the prevalence. `pretrained_best` is the
@@ -106,6 +108,7 @@ class AblationParams:
     min_positives: int = 2
     test_share: float = 0.25
     validation_share: float = 0.15
+    logging_steps: int = 20  # per-objective losses and weights logged every this many pretraining steps
 
 
 def fraction_key(fraction: float) -> str:
@@ -153,7 +156,7 @@ def pretrain_backbone(hp: HParams, ap: AblationParams, tokenizer, corpus, object
         args = TrainingArguments(
             output_dir, num_train_epochs=ap.pretrain_epochs, per_device_train_batch_size=hp.batch_size,
             learning_rate=hp.pretrain_learning_rate, weight_decay=0.01, warmup_steps=0.1, max_grad_norm=1.0,
-            lr_scheduler_type="linear", logging_steps=20, save_strategy="no", report_to=[], use_cpu=True,
+            lr_scheduler_type="linear", logging_steps=ap.logging_steps, save_strategy="no", report_to=[], use_cpu=True,
             seed=seed, data_seed=seed, dataloader_num_workers=0, train_sampling_strategy="group_by_length",
             disable_tqdm=True,
         )  # fmt: skip
@@ -451,7 +454,7 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(args.threads)
     hp = replace(HParams(), **QUICK) if args.quick else HParams()
-    ap = replace(AblationParams(), finetune_steps=4, pretrain_epochs=1) if args.quick else AblationParams()
+    ap = replace(AblationParams(), finetune_steps=4, pretrain_epochs=1, logging_steps=4) if args.quick else AblationParams()
     load_start = os.getloadavg()
     start = time.perf_counter()
     bench = Ablation(args, hp, ap)

@@ -452,7 +452,7 @@ def resolve_candidate(candidate: str | os.PathLike) -> Path:
     if path.is_dir():
         return path
     text = str(candidate)
-    if text.count("/") > 1 or text.startswith((".", "/")) or path.suffix:
+    if text.count("/") > 1 or text.startswith((".", "/", "~")):
         raise FileNotFoundError(
             f"{candidate}: no such checkpoint folder (and not a hub id of the form owner/name)"
         )

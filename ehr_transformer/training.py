@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -442,6 +443,7 @@ def finetune(
         data_args.data_dir, labels, tokenizer, data_args.eval_split, cache_dir=data_args.cache_dir
     )
     logger.info("fine-tuning on %d labelled samples, evaluating on %d", len(train_dataset), len(eval_dataset))
+    init_bias_to_prevalence(model, train_dataset["labels"])  # a resumed run then loads its own weights
     trainer = ResumableTrainer(
         model=model,
         args=training_args,
@@ -505,6 +507,7 @@ def _finetune_multitask(data_args, model_args, training_args, sources):
     eval_dataset = build_labeled_dataset(
         data_args.data_dir, sources, tokenizer, data_args.eval_split, cache_dir=data_args.cache_dir
     )
+    init_bias_to_prevalence(model, [[np.nan if v is None else v for v in row] for row in train_dataset["labels"]])
     logger.info(
         "multitask fine-tuning (%s) on %d samples, evaluating on %d",
         ", ".join(f"{n}: {t}" for n, t in zip(names, types, strict=True)),
@@ -534,14 +537,28 @@ def _finetune_multitask(data_args, model_args, training_args, sources):
 
 
 @torch.no_grad()
-def init_bias_to_prevalence(model: EHRTransformerForSequenceClassification, labels) -> float:
-    """Set a binary classifier's output bias to the log-odds of the training labels' prevalence, so fine-tuning
-    starts at the base rate instead of spending its first epochs learning it (with 5% positives the loss sits at
-    the prevalence entropy for several epochs otherwise). Returns the prevalence used."""
-    y = np.asarray(labels, dtype=np.float64).reshape(len(labels), -1)
-    prevalence = np.clip(np.nanmean(y, axis=0), 1e-4, 1 - 1e-4)  # (C,)
-    model.classifier.bias.copy_(torch.as_tensor(np.log(prevalence / (1 - prevalence)), dtype=model.classifier.bias.dtype))
-    return float(prevalence.mean())
+def init_bias_to_prevalence(model: EHRTransformerForSequenceClassification, labels) -> list[float]:
+    """Set each binary output's bias to the log-odds of its prevalence in `labels` ((N,) or (N, T), NaN = no
+    label), so that fine-tuning starts at the base rate instead of spending its first epochs learning it (with 5%
+    positives the loss otherwise sits at the prevalence entropy for several epochs). Regression and multi-class
+    outputs are left alone. Returns the prevalence of each output set."""
+    config = model.config
+    if config.task_types is not None:
+        binary = [t == "binary" for t in config.task_types]
+    else:
+        binary = [config.problem_type == "multi_label_classification"] * config.num_labels
+    y = np.asarray(labels, dtype=np.float64).reshape(len(labels), -1)  # (N, T)
+    if y.shape[1] != len(binary):
+        raise ValueError(f"labels have {y.shape[1]} columns but the classifier has {len(binary)} outputs")
+    prevalences = []
+    for column, is_binary in enumerate(binary):
+        known = y[:, column][~np.isnan(y[:, column])]
+        if not is_binary or known.size == 0:
+            continue
+        p = float(np.clip(known.mean(), 1e-4, 1 - 1e-4))
+        model.classifier.bias[column] = math.log(p / (1 - p))
+        prevalences.append(p)
+    return prevalences
 
 
 @torch.no_grad()

@@ -214,3 +214,24 @@ def test_multitask_metrics_score_each_task_on_its_labelled_rows():
     metrics = multitask_metrics(["death", "stay"], ["binary", "regression"])(EvalPrediction(logits, labels))
     assert metrics["death_auroc"] == 1.0 and metrics["death_prevalence"] == pytest.approx(1 / 3)
     assert metrics["stay_mse"] == pytest.approx((1.0 + 1.0) / 2) and metrics["stay_mae"] == pytest.approx(1.0)
+
+
+def test_init_bias_to_prevalence_starts_binary_outputs_at_the_base_rate():
+    import math
+
+    import numpy as np
+    import torch
+
+    from ehr_transformer import EHRTransformerConfig, EHRTransformerForSequenceClassification
+    from ehr_transformer.training import init_bias_to_prevalence
+
+    config = EHRTransformerConfig(
+        vocab_size=20, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        num_labels=2, task_names=["death", "stay_hours"], task_types=["binary", "regression"],
+    )  # fmt: skip
+    model = EHRTransformerForSequenceClassification(config)
+    regression_bias = float(model.classifier.bias[1])
+    labels = np.array([[1.0, 3.0], [0.0, 5.0], [0.0, np.nan], [np.nan, 2.0], [0.0, 1.0]])
+    assert init_bias_to_prevalence(model, labels) == [0.25]
+    assert math.isclose(float(torch.sigmoid(model.classifier.bias[0])), 0.25, rel_tol=1e-5)
+    assert float(model.classifier.bias[1]) == regression_bias  # regression outputs are left alone
