@@ -393,9 +393,10 @@ def finetune(
 ) -> EHRTransformerForSequenceClassification:
     """Fine-tune a classifier on one binary label (BCE on one logit), from a pretrained folder or from scratch.
 
-    With several label files (`data_args.labels = "a.parquet,b.parquet"`), multitask fine-tuning: one output per
-    task over the shared backbone (`config.task_names`/`task_types`), loss = mean of the tasks' BCE / MSE, each
-    ignoring rows where its task has no label."""
+    With several label files (`data_args.labels = "a.parquet,b.parquet"`) or `data_args.task_types`, multitask
+    fine-tuning: one output per task over the shared backbone (`config.task_names`/`task_types`), loss = mean of
+    the tasks' BCE / MSE, each ignoring rows where its task has no label. Binary outputs start at the training
+    prevalence (`init_bias_to_prevalence`)."""
     from .metrics import compute_classification_metrics
 
     if data_args.labels is None:
@@ -404,19 +405,30 @@ def finetune(
         )
     sources = label_sources(data_args.labels)
     if len(sources) > 1 or data_args.task_types:
-        return _finetune_multitask(data_args, model_args, training_args, sources)
+        _, names, types = join_task_labels(sources)
+        if data_args.task_types:
+            types = [t.strip() for t in data_args.task_types.split(",")]
+            if len(types) != len(names):
+                raise ValueError(f"--task_types gives {len(types)} types for {len(names)} label files {names}")
+        head = {"task_names": names, "task_types": types, "num_labels": len(names), "problem_type": None}
+        labels, compute_metrics = sources, multitask_metrics(names, types)
+        objective = "multitask: mean over tasks of BCE (binary) / MSE (regression), missing labels ignored"
+        described = ", ".join(f"{n} ({t})" for n, t in zip(names, types, strict=True))
+    else:
+        names = [Path(data_args.labels).stem]
+        head = {"task_names": None, "task_types": None, "num_labels": 1, "problem_type": "multi_label_classification"}
+        labels, compute_metrics = read_labels(data_args.labels), compute_classification_metrics
+        objective, described = "binary cross entropy on one logit", names[0]
     seed_before_model_init(training_args)
     if model_args.model_name_or_path:
-        check_checkpoint_folder(
-            model_args.model_name_or_path
-        )  # refuse pickle-only/absurd folders before loading
+        check_checkpoint_folder(model_args.model_name_or_path)  # refuse pickle-only/absurd folders before loading
         tokenizer = EHREventTokenizer.from_pretrained(model_args.model_name_or_path)
+        base = EHRTransformerConfig.from_pretrained(model_args.model_name_or_path)
         model = EHRTransformerForSequenceClassification.from_pretrained(
             model_args.model_name_or_path,
-            num_labels=1,
-            problem_type="multi_label_classification",
-            classifier_pooling=model_args.classifier_pooling,
+            config=_with_tasks(base, classifier_pooling=model_args.classifier_pooling, **head),
             attn_implementation=model_args.attn_implementation,
+            ignore_mismatched_sizes=True,  # another checkpoint's classifier rows need not fit these tasks
             use_safetensors=True,
         )
     else:
@@ -428,13 +440,11 @@ def finetune(
             num_attention_heads=model_args.num_attention_heads,
             intermediate_size=model_args.intermediate_size,
             classifier_pooling=model_args.classifier_pooling,
-            num_labels=1,
-            problem_type="multi_label_classification",
+            **head,
         )
         model = EHRTransformerForSequenceClassification._from_config(
             config, attn_implementation=model_args.attn_implementation
         )
-    labels = read_labels(data_args.labels)
     train_dataset = build_labeled_dataset(
         data_args.data_dir, labels, tokenizer, data_args.train_split, cache_dir=data_args.cache_dir
     )
@@ -442,97 +452,28 @@ def finetune(
     eval_dataset = build_labeled_dataset(
         data_args.data_dir, labels, tokenizer, data_args.eval_split, cache_dir=data_args.cache_dir
     )
-    logger.info("fine-tuning on %d labelled samples, evaluating on %d", len(train_dataset), len(eval_dataset))
-    init_bias_to_prevalence(model, train_dataset["labels"])  # a resumed run then loads its own weights
+    logger.info("fine-tuning (%s) on %d labelled samples, evaluating on %d", described, len(train_dataset),
+                len(eval_dataset))  # fmt: skip
+    rows = [row if isinstance(row, list) else [row] for row in train_dataset["labels"]]
+    init_bias_to_prevalence(model, [[np.nan if v is None else v for v in row] for row in rows])
     trainer = ResumableTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=DataCollatorForEventClassification(tokenizer),
-        compute_metrics=compute_classification_metrics,
+        compute_metrics=compute_metrics,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if trainer.is_world_process_zero():
         card = card_for_training(
-            data_args, tokenizer, train_dataset, training_args,
-            objective="binary cross entropy on one logit",
-            labels=f"{Path(data_args.labels).stem}, {data_args.label_fraction:.0%} of training labels",
-            started_from=Path(model_args.model_name_or_path).name if model_args.model_name_or_path else "random init",
-        )  # fmt: skip
-        card = {"kind": "fine-tuned", "task": Path(data_args.labels).stem, **card}
-        save_checkpoint(trainer.model, tokenizer, training_args.output_dir, card)
-        write_json(Path(training_args.output_dir) / "model_card_fields.json", card)
-    return trainer.model
-
-
-def _finetune_multitask(data_args, model_args, training_args, sources):
-    _, names, types = join_task_labels(sources)
-    if data_args.task_types:
-        types = [t.strip() for t in data_args.task_types.split(",")]
-        if len(types) != len(names):
-            raise ValueError(f"--task_types gives {len(types)} types for {len(names)} label files {names}")
-    tasks = {"task_names": names, "task_types": types, "num_labels": len(names), "problem_type": None}
-    seed_before_model_init(training_args)
-    if model_args.model_name_or_path:
-        check_checkpoint_folder(model_args.model_name_or_path)
-        tokenizer = EHREventTokenizer.from_pretrained(model_args.model_name_or_path)
-        base = EHRTransformerConfig.from_pretrained(model_args.model_name_or_path)
-        config = _with_tasks(base, classifier_pooling=model_args.classifier_pooling, **tasks)
-        model = EHRTransformerForSequenceClassification.from_pretrained(
-            model_args.model_name_or_path,
-            config=config,
-            attn_implementation=model_args.attn_implementation,
-            ignore_mismatched_sizes=True,  # a single-task classifier's output row does not fit T tasks
-            use_safetensors=True,
-        )
-    else:
-        tokenizer = fit_tokenizer(data_args, model_args)
-        config = EHRTransformerConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=model_args.hidden_size,
-            num_hidden_layers=model_args.num_hidden_layers,
-            num_attention_heads=model_args.num_attention_heads,
-            intermediate_size=model_args.intermediate_size,
-            classifier_pooling=model_args.classifier_pooling,
-            **tasks,
-        )
-        model = EHRTransformerForSequenceClassification._from_config(
-            config, attn_implementation=model_args.attn_implementation
-        )
-    train_dataset = build_labeled_dataset(
-        data_args.data_dir, sources, tokenizer, data_args.train_split, cache_dir=data_args.cache_dir
-    )
-    train_dataset = _subsample_labels(train_dataset, data_args.label_fraction, training_args.seed)
-    eval_dataset = build_labeled_dataset(
-        data_args.data_dir, sources, tokenizer, data_args.eval_split, cache_dir=data_args.cache_dir
-    )
-    init_bias_to_prevalence(model, [[np.nan if v is None else v for v in row] for row in train_dataset["labels"]])
-    logger.info(
-        "multitask fine-tuning (%s) on %d samples, evaluating on %d",
-        ", ".join(f"{n}: {t}" for n, t in zip(names, types, strict=True)),
-        len(train_dataset),
-        len(eval_dataset),
-    )
-    trainer = ResumableTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=DataCollatorForEventClassification(tokenizer),
-        compute_metrics=multitask_metrics(names, types),
-    )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    if trainer.is_world_process_zero():
-        card = card_for_training(
-            data_args, tokenizer, train_dataset, training_args,
-            objective="multitask: mean over tasks of BCE (binary) / MSE (regression), missing labels ignored",
-            labels=f"{', '.join(f'{n} ({t})' for n, t in zip(names, types, strict=True))}, "
-            f"{data_args.label_fraction:.0%} of training labels",
+            data_args, tokenizer, train_dataset, training_args, objective=objective,
+            labels=f"{described}, {data_args.label_fraction:.0%} of training labels",
             started_from=Path(model_args.model_name_or_path).name if model_args.model_name_or_path else "random init",
         )  # fmt: skip
         card = {"kind": "fine-tuned", "task": "+".join(names), **card}
         save_checkpoint(trainer.model, tokenizer, training_args.output_dir, card)
+        write_json(Path(training_args.output_dir) / "model_card_fields.json", card)
     return trainer.model
 
 
