@@ -378,6 +378,27 @@ def tables(records: list[dict], choices: list[dict]) -> dict:
             "transfer": fold(transfer)}
 
 
+def markdown_tables(results: dict) -> str:
+    """The README's tables: AUROC (and ECE) by label budget, and the transfer with and without calibration."""
+    cell = lambda c, m: f"{c[m]['mean']:.3f} ± {c[m]['std']:.3f}"  # noqa: E731
+    fractions = list(results["low_label"])
+    configs = ["gbm_baseline", "scratch", "pretrained_best", *PRETRAINED]
+    lines = ["| configuration | " + " | ".join(f"{float(f):.0%} labels" for f in fractions) + " |",
+             "|---|" + "---|" * len(fractions)]
+    for config in configs:
+        row = [cell(results["low_label"][f][config], "auroc") if config in results["low_label"][f] else ""
+               for f in fractions]
+        lines.append(f"| {config} | " + " | ".join(row) + " |")
+    lines += ["", "| eICU → MIMIC | AUROC | AUPRC | Brier | ECE |", "|---|---|---|---|---|"]
+    for key in ["gbm_baseline", "scratch", "scratch+calibrated", "uncalibrated", "pretrained_best+values_refit",
+                "pretrained_best+temperature_only", "calibrated",
+                *(f"{c}{v}" for c in PRETRAINED for v in ("", "+calibrated"))]:
+        if key in results["transfer"]:
+            c = results["transfer"][key]
+            lines.append(f"| {key} | " + " | ".join(cell(c, m) for m in ("auroc", "auprc", "brier", "ece")) + " |")
+    return "\n".join(lines)
+
+
 def plot_learning_curve(results: dict, path: Path) -> None:
     from ehr_transformer.evaluation import _new_figure, _save_figure_atomic
 
@@ -444,6 +465,7 @@ def main(argv=None) -> dict:
         results["meta"] = meta
         write_json_atomic(results, output)
         plot_learning_curve(results, plot)
+        print(markdown_tables(results))
         return results
 
     data = Path(args.data)

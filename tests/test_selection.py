@@ -300,28 +300,43 @@ def test_pretrained_folder_loads_with_trust_remote_code_where_the_package_is_mis
 
 # ------------------------------------------------------------------------------------------------ benchmark
 def test_selection_benchmark_runs_and_writes_its_json(tmp_path):
-    """benchmarks/selection.py on a tiny setting (two hospitals, a few subjects, one epoch): the JSON the README
-    reads, with each case's choice checked against its own fine-tuned AUROCs."""
+    """benchmarks/selection.py on a tiny setting (one user hospital, its two least mismatched checkpoints, two
+    fine-tuning seeds): the JSON the README reads, each case's verdicts checked against its own fine-tuned AUROCs,
+    and an older run's cases kept under `previous_zoo`."""
     from conftest import REPO_ROOT
 
-    output = tmp_path / "selection.json"
+    output, older = tmp_path / "selection.json", tmp_path / "older.json"
+    older.write_text(json.dumps({"cases": [{"source": "general", "top1_correct": False, "spearman": 0.2}]}))
     command = [
-        sys.executable, str(REPO_ROOT / "benchmarks" / "selection.py"), "--output", str(output), "--hospitals", "2",
-        "--pretrain_subjects", "200", "--user_subjects", "200", "--pretrain_epochs", "1", "--finetune_epochs", "1",
-        "--max_length", "48", "--max_labels", "200",
+        sys.executable, str(REPO_ROOT / "benchmarks" / "selection.py"), "--output", str(output), "--hospitals", "1",
+        "--levels", "2", "--pretrain_subjects", "200", "--user_subjects", "200", "--eval_subjects", "200",
+        "--pretrain_epochs", "1", "--finetune_epochs", "1", "--finetune_seeds", "2", "--bootstrap", "20",
+        "--max_length", "48", "--max_labels", "200", "--previous_zoo", str(older),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(output.read_text())
-    assert data["n_cases"] == 2 and [c["source"] for c in data["cases"]] == ["general", "local_labs"]
+    assert data["n_cases"] == 1 and [c["source"] for c in data["cases"]] == ["general"]
     assert data["goal_met"] is False  # five cases are needed for the goal
+    assert data["previous_zoo"]["cases"] == [{"source": "general", "top1_correct": False, "spearman": 0.2}]
+    assert data["previous_zoo"]["explanation"]
     for case in data["cases"]:
+        assert [c["checkpoint"] for c in case["candidates"]] == ["match", "mild"]
         aurocs = {c["checkpoint"]: c["finetuned_auroc"] for c in case["candidates"]}
         chosen = min(case["candidates"], key=lambda c: c["rank"])["checkpoint"]
         assert case["selected"] == chosen
         assert case["top1_correct"] == (aurocs[chosen] == max(aurocs.values()))
+        assert case["top1_within_noise"] or not case["top1_correct"]
         assert case["regret_auroc"] == pytest.approx(max(aurocs.values()) - aurocs[chosen])
+        assert case["top2_separable"] == (case["top2_difference"] > 2 * case["top2_difference_se"])
         assert case["spearman"] is None or -1.0 <= case["spearman"] <= 1.0
-        assert all(0.0 <= c["finetuned_auroc"] <= 1.0 for c in case["candidates"])
+        # evaluation: the user's tuning + held_out splits and the whole second cohort
+        assert 200 < case["evaluation_subjects"] < 400 and case["evaluation_deaths"] > 0
+        for c in case["candidates"]:
+            assert len(c["finetuned_auroc_by_seed"]) == 2
+            assert c["finetuned_auroc"] == pytest.approx(np.mean(c["finetuned_auroc_by_seed"]))
+            assert 0.0 <= c["finetuned_auroc"] <= 1.0 and 0.0 < c["finetuned_auroc_se"] < 0.5
+        codes = {c["checkpoint"]: c["code_coverage"] for c in case["candidates"]}
+        assert codes["mild"] < codes["match"]  # a quarter of the codes are local at the mild hospital
     assert data["top1_correct_cases"] == sum(c["top1_correct"] for c in data["cases"])

@@ -220,3 +220,20 @@ def test_hospital_profiles_change_coding_population_and_outcome(tmp_path):
         HospitalProfile(mortality_mechanism="luck")
     with pytest.raises(ValueError, match="code_systems"):
         HospitalProfile(code_systems={"SNOMED": "X"})
+
+
+def test_local_code_share_renames_a_nested_share_of_the_coded_vocabulary():
+    from ehr_transformer.data.synthetic import CODES, HospitalProfile
+
+    base = generate_synthetic_cohort(300, seed=5)
+    coded = [c for c in CODES if "//" in c and not c.startswith("MEDS_")]
+    quarter, half = (HospitalProfile(local_code_share=share, local_code_seed=3).local_codes() for share in (0.25, 0.5))
+    assert len(quarter) == round(0.25 * len(coded)) and len(half) == round(0.5 * len(coded))
+    assert set(quarter) < set(half) and set(half) <= set(coded)
+    assert set(half) != set(HospitalProfile(local_code_share=0.5, local_code_seed=4).local_codes())
+    local = generate_synthetic_cohort(300, seed=5, profile=HospitalProfile(local_code_share=0.5, local_code_seed=3))
+    assert local.events["code"].to_list() == base.events["code"].replace(half).to_list()
+    assert local.events["code"].str.starts_with("LOCAL//").any()
+    assert local.labels[MORTALITY].equals(base.labels[MORTALITY])  # only the coding differs
+    with pytest.raises(ValueError, match="local_code_share"):
+        HospitalProfile(local_code_share=1.5)

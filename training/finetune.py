@@ -3,7 +3,8 @@
     python training/finetune.py --data_dir MEDS_DIR --labels MEDS_DIR/labels/in_hospital_mortality.parquet \
         --model_name_or_path out/pretrained --output_dir out/finetuned --num_train_epochs 5 --eval_strategy epoch
 
---label_fraction 0.1 trains on a random 10% of the training labels (low-label experiments).
+--label_fraction 0.1 trains on a random 10% of the training labels (low-label experiments). Several label files
+(--labels a.parquet,b.parquet [--task_types binary,regression]) fine-tune one head per task on one backbone.
 """
 
 from transformers import HfArgumentParser, TrainingArguments

@@ -1,10 +1,14 @@
-"""Masked event pretraining on a MEDS dataset.
+"""Pretraining on a MEDS dataset: masked events and the further objectives, balanced by a named strategy.
 
-    python training/pretrain.py --data_dir MEDS_DIR --output_dir out/pretrained --num_train_epochs 10
+    python training/pretrain.py --data_dir MEDS_DIR --output_dir out/pretrained --num_train_epochs 10 \
+        [--objectives code,value,time,feature] [--loss_balancing static|uncertainty|gradnorm|pcgrad]
     accelerate launch --config_file training/accelerate_ddp.yaml training/pretrain.py --data_dir ... --output_dir ...
+    python training/pretrain.py --data_dir NEW_HOSPITAL --model_name_or_path out/pretrained ...  # continued
 
-Every `transformers.TrainingArguments` flag applies; model size flags: --hidden_size --num_hidden_layers
---num_attention_heads --intermediate_size --max_length --min_code_count --mlm_probability.
+Every `transformers.TrainingArguments` flag applies. Model size: --hidden_size --num_hidden_layers
+--num_attention_heads --intermediate_size --max_length --min_code_count. Objectives: --objectives
+--objective_weights "code=1,value=0.5" --mlm_probability --value_mask_probability --time_mask_probability
+--ema_decay --feature_target_layers --loss_balancing --balancing_learning_rate.
 """
 
 from transformers import HfArgumentParser, TrainingArguments

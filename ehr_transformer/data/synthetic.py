@@ -269,6 +269,8 @@ class HospitalProfile:
     severity_scale: float = 1.0  # multiplies the severity of every acute illness (labs, vitals, procedures)
     emergency_share: float | None = None  # share of emergency admissions (default 0.62; urgent/elective keep 14:24)
     mortality_mechanism: str = "physiology"  # "physiology" (module docstring) or "history" (see _history_logit)
+    local_code_share: float = 0.0  # share of the coded vocabulary written as local codes (LOCAL//LOINC:2524-7)
+    local_code_seed: int = 0  # which codes are local: a share s takes the first s of one seeded order (nested)
 
     def __post_init__(self) -> None:
         if self.mortality_mechanism not in MORTALITY_MECHANISMS:
@@ -277,6 +279,8 @@ class HospitalProfile:
             raise ValueError(f"emergency_share must be in [0, 1], got {self.emergency_share}")
         if self.severity_scale <= 0:
             raise ValueError(f"severity_scale must be positive, got {self.severity_scale}")
+        if not 0.0 <= self.local_code_share <= 1.0:
+            raise ValueError(f"local_code_share must be in [0, 1], got {self.local_code_share}")
         systems = {code.split("//")[0] for code in CODES if "//" in code}
         for old, new in self.code_systems.items():
             if old not in systems or not new or "//" in new:
@@ -291,8 +295,19 @@ class HospitalProfile:
         rest = 1.0 - self.emergency_share
         return [self.emergency_share, rest * 14 / 38, rest * 24 / 38]
 
+    def local_codes(self) -> dict[str, str]:
+        """{code: local code} for the `local_code_share` of the coded vocabulary (every code with a system but the
+        MEDS ones), chosen as the first share of a `local_code_seed`-seeded order so that a larger share of the
+        same seed renames a superset of the codes."""
+        coded = [code for code in CODES if "//" in code and not code.startswith("MEDS_")]
+        order = np.random.default_rng(self.local_code_seed).permutation(len(coded))
+        chosen = [coded[i] for i in order[: round(self.local_code_share * len(coded))]]
+        return {code: "LOCAL//" + code.replace("//", ":") for code in chosen}
+
     def rename(self, codes: pl.Expr) -> pl.Expr:
-        """The code column with renamed code systems."""
+        """The code column with local codes (`local_code_share`) and renamed code systems."""
+        if self.local_code_share:
+            codes = codes.replace(self.local_codes())
         for old, new in self.code_systems.items():
             codes = codes.str.replace(f"^{old}//", f"{new}//")
         return codes
@@ -712,7 +727,7 @@ def _generate_chunk(
     buf.add(od, dis_h[last[od]] + 24.0 + rng.exponential(300.0 * 24.0, od.size), _ix("MEDS_DEATH"), prio=6)
 
     events = buf.to_frame(subject_ids)
-    if profile.code_systems:
+    if profile.code_systems or profile.local_code_share:
         events = events.with_columns(profile.rename(pl.col("code")).alias("code"))
 
     # --- labels
