@@ -56,6 +56,7 @@ from yaib_demo import (  # noqa: E402  (the real-data pieces shared with the mai
     HParams,
     binary_metrics,
     load_cohort,
+    model_config,
     optimizer_for,
     predict,
     quick_subset,
@@ -68,7 +69,6 @@ from yaib_demo import (  # noqa: E402  (the real-data pieces shared with the mai
 
 from ehr_transformer.baselines import TabularBaseline  # noqa: E402
 from ehr_transformer.calibration import fit_temperature  # noqa: E402
-from ehr_transformer.configuration_ehr import EHRTransformerConfig  # noqa: E402
 from ehr_transformer.data.collators import (  # noqa: E402
     DataCollatorForEventClassification,
     DataCollatorForMaskedEventModeling,
@@ -124,17 +124,6 @@ def stratified_subset(ids: np.ndarray, y: np.ndarray, fraction: float, minimum_p
     n_pos = min(len(pos), max(minimum_positives, round(fraction * len(pos))))
     n_neg = max(1, round(fraction * len(neg)))
     return np.sort(np.concatenate([rng.choice(pos, n_pos, replace=False), rng.choice(neg, n_neg, replace=False)]))
-
-
-def model_config(hp: HParams, tokenizer: EHREventTokenizer, **extra) -> EHRTransformerConfig:
-    return EHRTransformerConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=hp.hidden_size, num_hidden_layers=hp.num_hidden_layers,
-        num_attention_heads=hp.num_attention_heads, intermediate_size=hp.intermediate_size,
-        hidden_dropout_prob=hp.hidden_dropout_prob, embedding_dropout=hp.embedding_dropout,
-        classifier_dropout=hp.classifier_dropout, classifier_pooling=hp.classifier_pooling,
-        pad_token_id=tokenizer.pad_token_id, unk_token_id=tokenizer.unk_token_id,
-        mask_token_id=tokenizer.mask_token_id, cls_token_id=tokenizer.cls_token_id, **extra,
-    )  # fmt: skip
 
 
 def pretrain_backbone(hp: HParams, ap: AblationParams, tokenizer, corpus, objectives, balancing: str, seed: int):

@@ -150,6 +150,24 @@ def fit_tokenizer(data_args: DataArguments, model_args: ModelArguments) -> EHREv
     )
 
 
+def config_for(tokenizer: EHREventTokenizer, model_args: ModelArguments, **fields) -> EHRTransformerConfig:
+    """The config of a model trained from scratch: the tokenizer's vocabulary and special ids, the sizes of
+    `model_args`, and `fields` (objectives, tasks)."""
+    return EHRTransformerConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=model_args.hidden_size,
+        num_hidden_layers=model_args.num_hidden_layers,
+        num_attention_heads=model_args.num_attention_heads,
+        intermediate_size=model_args.intermediate_size,
+        classifier_pooling=model_args.classifier_pooling,
+        pad_token_id=tokenizer.pad_token_id,
+        unk_token_id=tokenizer.unk_token_id,
+        mask_token_id=tokenizer.mask_token_id,
+        cls_token_id=tokenizer.cls_token_id,
+        **fields,
+    )
+
+
 def seed_before_model_init(training_args: TrainingArguments) -> None:
     """Seed (or make fully deterministic) before the model is built: the Trainer seeds only inside its own
     `__init__`, after our model's random initialisation, so two runs with one seed would otherwise differ."""
@@ -281,19 +299,7 @@ def pretrain(
                 f"{model.config.vocab_size}: continued pretraining keeps the checkpoint's vocabulary"
             )
     else:
-        config = EHRTransformerConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=model_args.hidden_size,
-            num_hidden_layers=model_args.num_hidden_layers,
-            num_attention_heads=model_args.num_attention_heads,
-            intermediate_size=model_args.intermediate_size,
-            classifier_pooling=model_args.classifier_pooling,
-            pad_token_id=tokenizer.pad_token_id,
-            unk_token_id=tokenizer.unk_token_id,
-            mask_token_id=tokenizer.mask_token_id,
-            cls_token_id=tokenizer.cls_token_id,
-            **objective_fields,
-        )
+        config = config_for(tokenizer, model_args, **objective_fields)
         model = EHRTransformerForMaskedEventModeling._from_config(
             config, attn_implementation=model_args.attn_implementation
         )
@@ -433,15 +439,7 @@ def finetune(
         )
     else:
         tokenizer = fit_tokenizer(data_args, model_args)
-        config = EHRTransformerConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=model_args.hidden_size,
-            num_hidden_layers=model_args.num_hidden_layers,
-            num_attention_heads=model_args.num_attention_heads,
-            intermediate_size=model_args.intermediate_size,
-            classifier_pooling=model_args.classifier_pooling,
-            **head,
-        )
+        config = config_for(tokenizer, model_args, **head)
         model = EHRTransformerForSequenceClassification._from_config(
             config, attn_implementation=model_args.attn_implementation
         )
