@@ -33,19 +33,21 @@ def _parse_training(argv: list[str]):
 
 
 def _pretrain(argv: list[str]) -> int:
-    from .training import pretrain
+    from .training import finish_distributed, pretrain
 
     data_args, model_args, training_args = _parse_training(argv)
     pretrain(data_args, model_args, training_args)
+    finish_distributed()
     print(f"pretrained checkpoint written to {training_args.output_dir}")
     return 0
 
 
 def _finetune(argv: list[str]) -> int:
-    from .training import finetune
+    from .training import finetune, finish_distributed
 
     data_args, model_args, training_args = _parse_training(argv)
     finetune(data_args, model_args, training_args)
+    finish_distributed()
     print(f"fine-tuned checkpoint written to {training_args.output_dir}")
     return 0
 

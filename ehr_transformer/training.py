@@ -168,6 +168,15 @@ def config_for(tokenizer: EHREventTokenizer, model_args: ModelArguments, **field
     )
 
 
+def finish_distributed() -> None:
+    """End a multi-process run cleanly: wait for every process, then destroy the process group. A process that
+    exits with its gloo/NCCL group still alive can abort at interpreter shutdown ("terminate called without an
+    active exception") after its work is done. Call it at the end of a script run under `accelerate launch`."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def seed_before_model_init(training_args: TrainingArguments) -> None:
     """Seed (or make fully deterministic) before the model is built: the Trainer seeds only inside its own
     `__init__`, after our model's random initialisation, so two runs with one seed would otherwise differ."""

@@ -375,6 +375,7 @@ from ehr_transformer import EHREventTokenizer, EHRTransformerConfig, EHRTransfor
 from ehr_transformer.data.collators import DataCollatorForMaskedEventModeling
 from ehr_transformer.data.synthetic import generate_synthetic_cohort
 from ehr_transformer.pretraining import PretrainingTrainer
+from ehr_transformer.training import finish_distributed
 
 torch.set_num_threads(1)
 events = generate_synthetic_cohort(32, seed=0).events
@@ -403,6 +404,7 @@ for strategy in ("pcgrad", "gradnorm", "uncertainty"):
     state["balancer"] = trainer.loss_balancer.weights()
     state["world_size"] = torch.tensor(trainer.args.world_size)
     torch.save(state, f"{sys.argv[1]}/{strategy}_rank{rank}.pt")
+finish_distributed()
 """
 
 

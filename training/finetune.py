@@ -9,10 +9,17 @@
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from ehr_transformer.training import TRAINING_DEFAULTS, DataArguments, ModelArguments, finetune
+from ehr_transformer.training import (
+    TRAINING_DEFAULTS,
+    DataArguments,
+    ModelArguments,
+    finetune,
+    finish_distributed,
+)
 
 if __name__ == "__main__":
     parser = HfArgumentParser((DataArguments, ModelArguments, TrainingArguments))
     parser.set_defaults(**TRAINING_DEFAULTS)
     data_args, model_args, training_args = parser.parse_args_into_dataclasses()
     finetune(data_args, model_args, training_args)
+    finish_distributed()

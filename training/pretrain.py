@@ -13,10 +13,17 @@ Every `transformers.TrainingArguments` flag applies. Model size: --hidden_size -
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from ehr_transformer.training import TRAINING_DEFAULTS, DataArguments, ModelArguments, pretrain
+from ehr_transformer.training import (
+    TRAINING_DEFAULTS,
+    DataArguments,
+    ModelArguments,
+    finish_distributed,
+    pretrain,
+)
 
 if __name__ == "__main__":
     parser = HfArgumentParser((DataArguments, ModelArguments, TrainingArguments))
     parser.set_defaults(**TRAINING_DEFAULTS)
     data_args, model_args, training_args = parser.parse_args_into_dataclasses()
     pretrain(data_args, model_args, training_args)
+    finish_distributed()
