@@ -233,5 +233,5 @@ def test_init_bias_to_prevalence_starts_binary_outputs_at_the_base_rate():
     regression_bias = model.classifier.bias[1].item()
     labels = np.array([[1.0, 3.0], [0.0, 5.0], [0.0, np.nan], [np.nan, 2.0], [0.0, 1.0]])
     assert init_bias_to_prevalence(model, labels) == [0.25]
-    assert math.isclose(float(torch.sigmoid(model.classifier.bias[0])), 0.25, rel_tol=1e-5)
+    assert math.isclose(torch.sigmoid(model.classifier.bias[0].detach()).item(), 0.25, rel_tol=1e-5)
     assert model.classifier.bias[1].item() == regression_bias  # regression outputs are left alone
