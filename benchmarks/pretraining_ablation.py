@@ -64,7 +64,6 @@ from yaib_demo import (  # noqa: E402  (the real-data pieces shared with the mai
     sigmoid,
     to_features,
     window_labels,
-    write_json_atomic,
 )
 
 from ehr_transformer.baselines import TabularBaseline  # noqa: E402
@@ -80,6 +79,7 @@ from ehr_transformer.modeling_ehr import (  # noqa: E402
 from ehr_transformer.pretraining import PretrainingTrainer  # noqa: E402
 from ehr_transformer.tokenization_ehr import EHREventTokenizer  # noqa: E402
 from ehr_transformer.training import init_bias_to_prevalence  # noqa: E402
+from ehr_transformer.utils import write_json  # noqa: E402
 
 logger = logging.getLogger("pretraining_ablation")
 OBJECTIVES = ("code", "value", "time", "feature")
@@ -188,10 +188,6 @@ def finetune(hp: HParams, ap: AblationParams, tokenizer, fit, seed: int, backbon
     return model
 
 
-def scores(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
-    return {k: float(v) for k, v in binary_metrics(y, p).items()}
-
-
 class Ablation:
     def __init__(self, args, hp: HParams, ap: AblationParams):
         self.args, self.hp, self.ap = args, hp, ap
@@ -281,7 +277,7 @@ class Ablation:
             seconds = time.perf_counter() - start
             val_auroc = binary_metrics(y_val, p_val)["auroc"]
             self.record(part="low_label", seed=seed, fraction=fraction_key(fraction), config=config, ablation=ablation,
-                        **scores(y_test, p_test), validation_auroc=float(val_auroc), n_labels=len(fit_ids),
+                        **binary_metrics(y_test, p_test), validation_auroc=float(val_auroc), n_labels=len(fit_ids),
                         n_positive=int(y_all[np.searchsorted(ids, fit_ids)].sum()), seconds=seconds)
             if transfer:
                 self.transfer(seed, config, y_mimic, halves, p_mimic if logits is None else None, logits)
@@ -312,7 +308,7 @@ class Ablation:
 
     def transfer(self, seed, config, y, halves, p_baseline, logits) -> None:
         if logits is None:
-            self.record(part="transfer", seed=seed, config=config, variant="uncalibrated", **scores(y, p_baseline))
+            self.record(part="transfer", seed=seed, config=config, variant="uncalibrated", **binary_metrics(y, p_baseline))
             return
 
         def cross_fitted(z: np.ndarray) -> np.ndarray:
@@ -329,7 +325,7 @@ class Ablation:
             "calibrated": cross_fitted(logits["refit"]),
         }
         for variant, z in variants.items():
-            self.record(part="transfer", seed=seed, config=config, variant=variant, **scores(y, sigmoid(z)))
+            self.record(part="transfer", seed=seed, config=config, variant=variant, **binary_metrics(y, sigmoid(z)))
 
 
 def summarize(values: list[float]) -> dict[str, float]:
@@ -452,7 +448,7 @@ def main(argv=None) -> dict:
                             "machine": p["meta"]["machine"]} for p in parts],
                     command=" ".join(["python", "benchmarks/pretraining_ablation.py", *(sys.argv[1:] if argv is None else argv)]))
         results["meta"] = meta
-        write_json_atomic(results, output)
+        write_json(output, results)
         plot_learning_curve(results, plot)
         print(markdown_tables(results))
         return results
@@ -491,7 +487,7 @@ def main(argv=None) -> dict:
         "pretraining_logs": bench.pretraining_logs,
         "records": bench.records,
     }
-    write_json_atomic(results, output)
+    write_json(output, results)
     plot_learning_curve(results, plot)
     logger.info("wrote %s in %.0f s", output, results["meta"]["seconds"])
     return results

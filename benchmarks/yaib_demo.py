@@ -38,7 +38,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -69,6 +68,7 @@ from ehr_transformer.modeling_ehr import (  # noqa: E402
 )
 from ehr_transformer.tokenization_ehr import EHREventTokenizer  # noqa: E402
 from ehr_transformer.training import init_bias_to_prevalence  # noqa: E402
+from ehr_transformer.utils import write_json  # noqa: E402
 
 logger = logging.getLogger("yaib_demo")
 MODELS = ("transformer_scratch", "transformer_pretrained", "gbm_baseline")
@@ -618,15 +618,6 @@ def paired_differences(per_fold: list[dict]) -> dict:
     return out
 
 
-def write_json_atomic(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2)
-        handle.write("\n")
-    os.replace(tmp, path)
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="../shared/data/yaib_demo", help="the yaib_demo folder")
@@ -707,7 +698,7 @@ def main(argv=None) -> dict:
         "paired_differences": paired_differences(bench.per_fold),
         "per_fold": bench.per_fold,
     }
-    write_json_atomic(results, Path(args.output))
+    write_json(Path(args.output), results)
     logger.info("wrote %s in %.0f s", args.output, seconds)
     return results
 

@@ -244,7 +244,7 @@ def _binary_columns(config) -> tuple[list[str], np.ndarray]:
 def _labelled_dataset(data_dir, labels, tokenizer, split, config, cache_dir):
     """Dataset of `split` and its labels as `(N, T)` float array aligned with the model's outputs."""
     from .data.dataset import build_labeled_dataset
-    from .training import label_sources
+    from .training import label_sources, task_label_matrix
 
     if config.task_names is None:
         dataset = build_labeled_dataset(data_dir, labels, tokenizer, split, cache_dir=cache_dir)
@@ -257,28 +257,22 @@ def _labelled_dataset(data_dir, labels, tokenizer, split, config, cache_dir):
             "its task"
         )
     dataset = build_labeled_dataset(data_dir, sources, tokenizer, split, cache_dir=cache_dir)
-    given = np.asarray(dataset["labels"], dtype=np.float64).reshape(len(dataset), len(sources))
-    y = np.full((len(dataset), len(config.task_names)), np.nan)
-    for j, name in enumerate(sources):
-        y[:, config.task_names.index(name)] = given[:, j]
-    return dataset, y
+    return dataset, task_label_matrix(dataset, sources, config.task_names)
 
 
 def _split_exists(data_dir, split: str | None) -> bool:
-    from .data.meds import read_subject_splits
+    from .training import split_subjects
 
-    if not split:
-        return False
-    return bool(read_subject_splits(data_dir).filter(pl.col("split") == split).height)
+    return bool(split) and bool(split_subjects(data_dir, split))
 
 
 def _has_labels(data_dir, labels, split: str, config) -> bool:
     """Whether any label row of `labels` belongs to a subject of `split` (without tokenizing anything)."""
-    from .data.meds import read_labels, read_subject_splits
-    from .training import label_sources
+    from .data.meds import read_labels
+    from .training import label_sources, split_subjects
 
     sources = label_sources(labels) if config.task_names is not None else {"label": labels}
-    subjects = read_subject_splits(data_dir).filter(pl.col("split") == split)["subject_id"].implode()
+    subjects = pl.Series(sorted(split_subjects(data_dir, split)), dtype=pl.Int64).implode()
     for source in sources.values():
         frame = source if isinstance(source, pl.DataFrame) else read_labels(source)
         if frame.filter(pl.col("subject_id").is_in(subjects)).height:

@@ -655,7 +655,11 @@ class EHRTransformerForSequenceClassification(EHRTransformerPreTrainedModel):
         self.post_init()
 
     def binary_task_mask(self) -> torch.Tensor:
-        """`(T,)` bool, True for the tasks of type "binary" (multitask configs only)."""
+        """`(C,)` bool, True for the binary outputs: the tasks of type "binary" of a multitask config, else every
+        output of a `"multi_label_classification"` head (each one a binary outcome)."""
+        if self.config.task_types is None:
+            is_binary = self.config.problem_type == "multi_label_classification"
+            return torch.full((self.config.num_labels,), is_binary, dtype=torch.bool)
         return torch.tensor([t == "binary" for t in self.config.task_types], dtype=torch.bool)
 
     def multitask_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -461,8 +461,7 @@ def finetune(
     )
     logger.info("fine-tuning (%s) on %d labelled samples, evaluating on %d", described, len(train_dataset),
                 len(eval_dataset))  # fmt: skip
-    rows = [row if isinstance(row, list) else [row] for row in train_dataset["labels"]]
-    init_bias_to_prevalence(model, [[np.nan if v is None else v for v in row] for row in rows])
+    init_bias_to_prevalence(model, train_dataset["labels"])
     trainer = ResumableTrainer(
         model=model,
         args=training_args,
@@ -490,12 +489,8 @@ def init_bias_to_prevalence(model: EHRTransformerForSequenceClassification, labe
     label), so that fine-tuning starts at the base rate instead of spending its first epochs learning it (with 5%
     positives the loss otherwise sits at the prevalence entropy for several epochs). Regression and multi-class
     outputs are left alone. Returns the prevalence of each output set."""
-    config = model.config
-    if config.task_types is not None:
-        binary = [t == "binary" for t in config.task_types]
-    else:
-        binary = [config.problem_type == "multi_label_classification"] * config.num_labels
-    y = np.asarray(labels, dtype=np.float64).reshape(len(labels), -1)  # (N, T)
+    binary = model.binary_task_mask().tolist()
+    y = np.asarray(labels, dtype=np.float64).reshape(len(labels), -1)  # (N, T), None -> NaN
     if y.shape[1] != len(binary):
         raise ValueError(f"labels have {y.shape[1]} columns but the classifier has {len(binary)} outputs")
     prevalences = []
@@ -574,17 +569,28 @@ def predict(
     )
 
 
+def task_label_matrix(dataset, sources: dict, task_names: list[str]) -> np.ndarray:
+    """`(N, T)` float labels of a dataset built from the label files `sources` (one task per file), in the
+    model's task order: NaN where a row has no label for a task, or no file was given for it."""
+    given = np.asarray(dataset["labels"], dtype=np.float64).reshape(len(dataset), len(sources))  # (N, files)
+    y = np.full((len(dataset), len(task_names)), np.nan)
+    for j, name in enumerate(sources):
+        if name in task_names:
+            y[:, task_names.index(name)] = given[:, j]
+    return y
+
+
 def _predict_multitask(model, tokenizer, data_dir, labels, split, batch_size) -> pl.DataFrame:
     sources = label_sources(labels)
     dataset = build_labeled_dataset(data_dir, sources, tokenizer, split=split)
     scores = predict_dataset(model, dataset, tokenizer, batch_size).reshape(len(dataset), -1)  # (N, T)
-    given = np.asarray(dataset["labels"], dtype=np.float32).reshape(len(dataset), len(sources))  # (N, files)
+    y = task_label_matrix(dataset, sources, model.config.task_names).astype(np.float32)  # (N, T)
     columns = {"subject_id": dataset["subject_id"], "prediction_time": dataset["prediction_time"]}
     for i, name in enumerate(model.config.task_names):
         columns[name] = scores[:, i]
-    for j, name in enumerate(sources):
+    for name in sources:  # the label of each task whose file was given
         if name in model.config.task_names:
-            columns[f"{name}_label"] = given[:, j]
+            columns[f"{name}_label"] = y[:, model.config.task_names.index(name)]
     return pl.DataFrame(columns)
 
 
@@ -707,6 +713,7 @@ __all__ = [
     "predict_dataset",
     "predict_logits",
     "label_sources",
+    "task_label_matrix",
     "multitask_metrics",
     "evaluate_checkpoint",
     "save_checkpoint",
