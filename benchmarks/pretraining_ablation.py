@@ -55,11 +55,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from yaib_demo import (  # noqa: E402  (the real-data pieces shared with the main ICU benchmark)
     HParams,
     binary_metrics,
+    configure_logging,
     load_cohort,
     model_config,
     optimizer_for,
     predict,
     quick_subset,
+    require_data,
     restrict,
     sigmoid,
     to_features,
@@ -430,9 +432,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("ehr_transformer", "transformers", "datasets"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging()
     output = Path(args.output)
     plot = Path(args.plot) if args.plot else output.with_name(output.stem + "_learning_curve.png")
     if args.merge:
@@ -453,9 +453,7 @@ def main(argv=None) -> dict:
         print(markdown_tables(results))
         return results
 
-    data = Path(args.data)
-    if not (data / "mortality24" / "eicu_demo" / "dyn.parquet").is_file():
-        raise SystemExit(f"{data}: yaib_demo data not found (expected mortality24/eicu_demo/dyn.parquet)")
+    require_data(args.data)
     from threadpoolctl import threadpool_limits
     from yaib_demo import QUICK
 

@@ -637,14 +637,25 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def configure_logging() -> None:
+    """Timestamped progress lines of the benchmark; the libraries' INFO chatter silenced."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("ehr_transformer", "transformers", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    data = Path(args.data)
+
+
+def require_data(data: str | Path) -> Path:
+    """The yaib_demo folder, or exit with a message naming what is missing."""
+    data = Path(data)
     if not (data / "mortality24" / "eicu_demo" / "dyn.parquet").is_file():
         raise SystemExit(f"{data}: yaib_demo data not found (expected mortality24/eicu_demo/dyn.parquet)")
+    return data
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    configure_logging()
+    require_data(args.data)
     from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(args.threads)
