@@ -1,6 +1,8 @@
 """Real ICU data benchmark: the EHR transformer vs gradient boosting on the YAIB eICU / MIMIC demo cohorts.
 
     python benchmarks/yaib_demo.py --data ../shared/data/yaib_demo --output results.json [--seeds 2] [--quick]
+    python benchmarks/yaib_demo.py ... --seed 1 --seeds 1 --output part1.json          # one seed per process
+    python benchmarks/yaib_demo.py --merge part0.json part1.json --output results.json  # then combine them
 
 What it measures (every model on exactly the same rows; nothing is ever tuned on a test fold):
 
@@ -432,7 +434,7 @@ class Benchmark:
         return to_features(encoded, y), y, labels
 
     def run_mortality(self, tokenizer, train_stays, test_cohort: Cohort, test_stays, backbone_fn, seed: int,
-                      tag: dict) -> dict[str, dict[str, float]]:
+                      tag: dict) -> None:
         hp = self.hp
         train_labels = restrict(self.mortality.labels, train_stays)
         train_ids = train_labels["subject_id"].to_numpy()
@@ -443,23 +445,19 @@ class Benchmark:
         val, _, _ = self.mortality_features(tokenizer, self.mortality, val_ids)
         test, y, test_labels = self.mortality_features(tokenizer, test_cohort, test_stays)
         collator = DataCollatorForEventClassification(tokenizer)
-        results = {}
 
         start = time.perf_counter()
         baseline = TabularBaseline(kind="gbm", seed=seed).fit(restrict(self.mortality.events, train_stays),
                                                               train_labels)
         p = baseline.predict_proba(restrict(test_cohort.events, test_stays), test_labels)
-        results["gbm_baseline"] = binary_metrics(y, p)
-        self.log_result(tag, "gbm_baseline", results["gbm_baseline"], time.perf_counter() - start)
+        self.log_result(tag, "gbm_baseline", binary_metrics(y, p), time.perf_counter() - start)
 
         for name in ("transformer_scratch", "transformer_pretrained"):
             start = time.perf_counter()
             backbone = backbone_fn() if name == "transformer_pretrained" else None
             model, info = train_head(hp, tokenizer, fit, val, seed, regression=False, backbone=backbone)
             p = sigmoid(predict(model, collator, test, hp.batch_size))
-            results[name] = binary_metrics(y, p)
-            self.log_result(tag, name, results[name], time.perf_counter() - start, info)
-        return results
+            self.log_result(tag, name, binary_metrics(y, p), time.perf_counter() - start, info)
 
     def log_result(self, tag, model, metrics, seconds, info=None):
         record = {**tag, "model": model, **{k: round(float(v), 5) for k, v in metrics.items()},
@@ -472,9 +470,6 @@ class Benchmark:
     # -- the three experiments
     def run(self) -> dict:
         args, hp = self.args, self.hp
-        cv = {m: {k: [] for k in BINARY_METRICS} for m in MODELS}
-        transfer = {m: {k: [] for k in BINARY_METRICS} for m in MODELS}
-        los = {m: {"mae": []} for m in MODELS}
         los_stays_all = sorted(set(self.los.labels["subject_id"].to_list()))
         mortality_all = sorted(self.mortality.labels["subject_id"].to_list())
         for s in range(args.seeds):
@@ -500,13 +495,9 @@ class Benchmark:
 
                 tag = {"task": "mortality24", "setting": "eicu_cv", "seed": seed, "fold": k}
                 logger.info("mortality24 seed %d fold %d: %d train / %d test stays", seed, k, len(train_m), len(test_m))
-                results = self.run_mortality(tokenizer, train_m, self.mortality, test_m, backbone, seed, tag)
-                for m, metrics in results.items():
-                    for key, value in metrics.items():
-                        cv[m][key].append(value)
+                self.run_mortality(tokenizer, train_m, self.mortality, test_m, backbone, seed, tag)
                 if s == 0 and k < args.los_folds:
-                    for m, mae in self.run_los(tokenizer, folds, k, backbone, seed).items():
-                        los[m]["mae"].append(mae)
+                    self.run_los(tokenizer, folds, k, backbone, seed)
                 logger.info("seed %d fold %d done in %.0f s (total %.0f s)", seed, k, time.perf_counter() - t0,
                             time.perf_counter() - self.start)
 
@@ -523,18 +514,12 @@ class Benchmark:
             tag = {"task": "mortality24", "setting": "eicu_to_mimic", "seed": seed}
             logger.info("mortality24 seed %d: eICU (%d stays) -> MIMIC (%d stays)", seed, len(mortality_all),
                         self.mimic.labels.height)
-            results = self.run_mortality(tokenizer, mortality_all, self.mimic,
-                                         self.mimic.labels["subject_id"].to_list(), backbone_all, seed, tag)
-            for m, metrics in results.items():
-                for key, value in metrics.items():
-                    transfer[m][key].append(value)
+            self.run_mortality(tokenizer, mortality_all, self.mimic, self.mimic.labels["subject_id"].to_list(),
+                               backbone_all, seed, tag)
             logger.info("transfer seed %d done in %.0f s", seed, time.perf_counter() - t0)
-        return {
-            "mortality24": {"eicu_cv": summarize(cv), "eicu_to_mimic": summarize(transfer)},
-            "los": {"eicu_cv": summarize(los)},
-        }
+        return tables(self.per_fold)
 
-    def run_los(self, tokenizer, folds, k, backbone_fn, seed) -> dict[str, float]:
+    def run_los(self, tokenizer, folds, k, backbone_fn, seed) -> None:
         args, hp = self.args, self.hp
         stays = sorted(set(self.los.labels["subject_id"].to_list()))
         train = np.array([i for i in stays if folds[i] != k])
@@ -561,40 +546,41 @@ class Benchmark:
                "n_test": len(test_features)}
         logger.info("los seed %d fold %d: %d train / %d validation / %d test stay-hours", seed, k, len(fit), len(val),
                     len(test_features))
-        results = {}
         start = time.perf_counter()
         train_labels = pl.concat([fit_labels, sample_los_labels(self.los.labels, val_ids, args.los_train_hours, seed)])
         baseline = TabularBaseline(kind="gbm", task="regression", seed=seed).fit(
             restrict(self.los.events, train), train_labels
         )
-        results["gbm_baseline"] = regression_report(
-            y, baseline.predict(restrict(self.los.events, test), test_labels)
-        )["mae"]
-        self.log_result(tag, "gbm_baseline", {"mae": results["gbm_baseline"]}, time.perf_counter() - start)
+        mae = regression_report(y, baseline.predict(restrict(self.los.events, test), test_labels))["mae"]
+        self.log_result(tag, "gbm_baseline", {"mae": mae}, time.perf_counter() - start)
         collator = DataCollatorForEventClassification(tokenizer)
         for name in ("transformer_scratch", "transformer_pretrained"):
             start = time.perf_counter()
             backbone = backbone_fn() if name == "transformer_pretrained" else None
             model, info = train_head(hp, tokenizer, fit, val, seed, regression=True, backbone=backbone)
             prediction = predict(model, collator, test_features, hp.batch_size) * sd + mean
-            results[name] = regression_report(y, prediction)["mae"]
-            self.log_result(tag, name, {"mae": results[name]}, time.perf_counter() - start, info)
-        return results
+            self.log_result(tag, name, {"mae": regression_report(y, prediction)["mae"]}, time.perf_counter() - start,
+                            info)
 
 
-def summarize(values: dict[str, dict[str, list[float]]]) -> dict:
-    """{model: {metric: {"mean", "std"}}}: mean and sample standard deviation (ddof=1; 0 for one value)."""
-    out = {}
-    for model in MODELS:
-        if model not in values or not any(values[model].values()):
-            continue
-        out[model] = {}
-        for metric, vals in values[model].items():
-            arr = np.asarray(vals, dtype=np.float64)
-            out[model][metric] = {
-                "mean": float(np.nanmean(arr)),
-                "std": float(np.nanstd(arr, ddof=1)) if np.isfinite(arr).sum() > 1 else 0.0,
-            }
+def tables(per_fold: list[dict]) -> dict:
+    """The issue's shape from the per-fold records: {task: {setting: {model: {metric: {"mean", "std"}}}}}, the
+    mean and sample standard deviation (ddof=1; 0 for one value) over every seed x fold of that setting."""
+    out = {"mortality24": {"eicu_cv": {}, "eicu_to_mimic": {}}, "los": {"eicu_cv": {}}}
+    for task, setting in (("mortality24", "eicu_cv"), ("mortality24", "eicu_to_mimic"), ("los", "eicu_cv")):
+        block = out[task][setting]
+        metrics = BINARY_METRICS if task == "mortality24" else ("mae",)
+        for model in MODELS:
+            rows = [r for r in per_fold if r["task"] == task and r["setting"] == setting and r["model"] == model]
+            if not rows:
+                continue
+            block[model] = {}
+            for metric in metrics:
+                arr = np.asarray([r[metric] for r in rows], dtype=np.float64)
+                block[model][metric] = {
+                    "mean": float(np.nanmean(arr)),
+                    "std": float(np.nanstd(arr, ddof=1)) if np.isfinite(arr).sum() > 1 else 0.0,
+                }
     return out
 
 
@@ -631,10 +617,40 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on shared cores, 2 threads spin-wait and ran 5-10x slower)")
     parser.add_argument("--quick", action="store_true", help="tiny subset, 2 folds, tiny model (smoke test)")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="PART",
+                        help="combine the JSON outputs of runs with different seeds into --output (nothing is run)")
     args = parser.parse_args(argv)
     if args.quick:
         args.folds, args.seeds, args.los_folds, args.los_train_hours, args.los_eval_hours = 2, 1, 1, 1, 1
     return args
+
+
+def cv_protocol(folds: int, seeds: list[int]) -> str:
+    return (f"{folds}-fold StratifiedKFold(shuffle=True, random_state=seed) over stays, seeds {seeds}; mean and std "
+            "(ddof=1) over all seed x fold test folds")
+
+
+def merge(paths: list[str], command: str) -> dict:
+    """One results JSON from the outputs of one-seed runs (e.g. run in parallel): tables recomputed from the
+    union of their per-fold records; every part's command, time and machine kept."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    seeds = [s for p in parts for s in p["meta"]["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--merge: seeds {seeds} repeat across {paths}")
+    if len({p["meta"]["folds"] for p in parts}) != 1 or any(p["meta"]["quick"] for p in parts):
+        raise SystemExit("--merge: the parts differ in --folds or include a --quick run")
+    per_fold = [r for p in parts for r in p["meta"]["per_fold"]]
+    results = tables(per_fold)
+    meta = copy.deepcopy(parts[0]["meta"])
+    meta["protocol"]["mortality24_eicu_cv"] = cv_protocol(meta["folds"], sorted(seeds))
+    meta.update(
+        command=command, seeds=sorted(seeds), seconds=round(sum(p["meta"]["seconds"] for p in parts), 1),
+        parts=[{k: p["meta"][k] for k in ("command", "seeds", "seconds", "machine")} for p in parts],
+        paired_differences=paired_differences(per_fold), per_fold=per_fold,
+    )
+    meta.pop("machine")
+    results["meta"] = meta
+    return results
 
 
 def configure_logging() -> None:
@@ -655,6 +671,12 @@ def require_data(data: str | Path) -> Path:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     configure_logging()
+    command = " ".join(["python", "benchmarks/yaib_demo.py", *(sys.argv[1:] if argv is None else argv)])
+    if args.merge:
+        results = merge(args.merge, command)
+        write_json(Path(args.output), results)
+        logger.info("merged %d runs (seeds %s) into %s", len(args.merge), results["meta"]["seeds"], args.output)
+        return results
     require_data(args.data)
     from threadpoolctl import threadpool_limits
 
@@ -668,7 +690,7 @@ def main(argv=None) -> dict:
         results = bench.run()
     seconds = time.perf_counter() - bench.start
     results["meta"] = {
-        "command": " ".join(["python", "benchmarks/yaib_demo.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": command,
         "seconds": round(seconds, 1),
         "seeds": list(range(args.seed, args.seed + args.seeds)),
         "folds": args.folds,
@@ -686,9 +708,7 @@ def main(argv=None) -> dict:
                     "for them, so the wall time is an upper bound of the time on 2 free cores.",
         },
         "protocol": {
-            "mortality24_eicu_cv": f"{args.folds}-fold StratifiedKFold(shuffle=True, random_state=seed) over stays, "
-                                   f"seeds {args.seed}..{args.seed + args.seeds - 1}; mean and std (ddof=1) over all "
-                                   "seed x fold test folds",
+            "mortality24_eicu_cv": cv_protocol(args.folds, list(range(args.seed, args.seed + args.seeds))),
             "mortality24_eicu_to_mimic": "train on all eICU mortality24 stays, test on all MIMIC demo mortality24 "
                                          "stays; mean and std over seeds",
             "model_selection": f"transformers early-stop on the validation loss of a stratified {hp.inner_validation:.0%} "

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO_ROOT
 
 MODELS = {"transformer_scratch", "transformer_pretrained", "gbm_baseline"}
@@ -52,3 +53,45 @@ def test_quick_benchmark_writes_the_results_json(yaib_demo, tmp_path):
     assert sorted((r["model"], r["fold"]) for r in cv_rows) == sorted((m, k) for m in MODELS for k in (0, 1))
     # no stay of a test fold in the pretraining corpus is asserted inside the script; the protocol is recorded
     assert "excluded by stay_id" in meta["protocol"]["pretraining"]
+
+
+def _part(seed: int, aurocs: dict[str, list[float]]) -> dict:
+    """A one-seed results JSON as the script writes it (only what --merge reads)."""
+    per_fold = [
+        {"task": "mortality24", "setting": "eicu_cv", "seed": seed, "fold": k, "model": model, "auroc": value,
+         "auprc": 0.2, "brier": 0.05, "ece": 0.01}
+        for model, values in aurocs.items() for k, value in enumerate(values)
+    ]
+    per_fold += [{"task": "mortality24", "setting": "eicu_to_mimic", "seed": seed, "model": model, "auroc": 0.6,
+                  "auprc": 0.3, "brier": 0.1, "ece": 0.05} for model in aurocs]
+    meta = {"seeds": [seed], "folds": 2, "quick": False, "seconds": 10.0 + seed, "command": f"run {seed}",
+            "machine": {"cpu_count": 2}, "protocol": {"mortality24_eicu_cv": "seeds [x]"}, "per_fold": per_fold}
+    return {"meta": meta}
+
+
+def test_merge_recomputes_the_tables_over_every_seed_and_fold(tmp_path):
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import yaib_demo
+
+    paths = []
+    for seed, aurocs in ((0, {"gbm_baseline": [0.7, 0.8], "transformer_scratch": [0.5, 0.6]}),
+                         (1, {"gbm_baseline": [0.9, 0.6], "transformer_scratch": [0.7, 0.8]})):
+        paths.append(tmp_path / f"part{seed}.json")
+        paths[-1].write_text(json.dumps(_part(seed, aurocs)))
+    output = tmp_path / "merged.json"
+    results = yaib_demo.main(["--merge", *map(str, paths), "--output", str(output)])
+    assert json.loads(output.read_text()) == results
+
+    cv = results["mortality24"]["eicu_cv"]
+    assert cv["gbm_baseline"]["auroc"]["mean"] == pytest.approx(0.75)  # over 2 seeds x 2 folds
+    assert cv["transformer_scratch"]["auroc"]["std"] == pytest.approx(0.12909944, rel=1e-6)  # ddof=1 over 4
+    assert results["mortality24"]["eicu_to_mimic"]["gbm_baseline"]["auroc"] == {"mean": 0.6, "std": 0.0}
+    meta = results["meta"]
+    assert meta["seeds"] == [0, 1] and meta["seconds"] == 21.0 and len(meta["per_fold"]) == 12
+    assert [p["command"] for p in meta["parts"]] == ["run 0", "run 1"]
+    assert "[0, 1]" in meta["protocol"]["mortality24_eicu_cv"]
+    paired = meta["paired_differences"]["mortality24/eicu_cv/auroc/transformer_scratch_minus_gbm"]
+    assert paired["n"] == 4 and paired["n_transformer_better"] == 1  # 0.8 vs 0.6 on seed 1, fold 1
+
+    with pytest.raises(SystemExit, match="repeat"):  # the same seed twice would count its folds twice
+        yaib_demo.main(["--merge", str(paths[0]), str(paths[0]), "--output", str(tmp_path / "twice.json")])
