@@ -18,10 +18,17 @@ Protocol (every model on exactly the same rows; nothing is ever chosen on a test
   Every pretrained configuration sees the same corrupted inputs (15% of codes masked, 30% of values and 15% of
   times hidden); they differ only in which losses are trained and how they are weighed.
 - Low-label fine-tuning: a stratified share of the fitting stays' labels (at least 2 deaths), the same rows for
-  every configuration. Transformers train for a fixed number of optimiser steps (no early stopping: a 5% budget
-  has no labels to spare for it), the classifier bias starting at the prevalence. `pretrained_best` is the
-  pretrained configuration with the highest validation AUROC at 100% of the labels, chosen per seed; every
-  configuration runs at `--ablation-fractions` (default 10% and 100%), scratch, gbm_baseline and
+  every configuration. Two ways to use a backbone on those labels:
+    fine-tuned (the configuration's own name)  every weight trained for a fixed number of optimiser steps (no
+        early stopping: a 5% budget has no labels to spare for it), the classifier bias starting at the prevalence;
+    linear probe (`<configuration>+probe`)  the backbone frozen; an L2 logistic regression on its standardised
+        pooled embeddings (`ehr_transformer.selection.embed_sequences`), the penalty chosen by stratified
+        cross-validation on the fitting labels alone (the CLMBR / femr evaluation protocol).
+  `scratch` is the fine-tuned randomly initialised model (training from scratch); `scratch+probe`, the probe on
+  a random frozen backbone, is the control that shows what the probe alone buys. `pretrained_best` is chosen per
+  seed on the validation split only: the objective combination with the highest validation AUROC (over both
+  heads) at 100% of the labels, and at each budget the head (fine-tuned or probe) with the higher validation
+  AUROC. Every configuration runs at `--ablation-fractions` (default 10% and 100%); scratch, gbm_baseline and
   pretrained_best at every fraction.
 - Transfer eICU -> MIMIC (99 stays, 21 deaths): the 100%-label models scored on MIMIC as they are
   (`uncalibrated`), and after distribution calibration (`calibrated`): value statistics refitted on MIMIC's
@@ -79,6 +86,7 @@ from ehr_transformer.modeling_ehr import (  # noqa: E402
     EHRTransformerForSequenceClassification,
 )
 from ehr_transformer.pretraining import PretrainingTrainer  # noqa: E402
+from ehr_transformer.selection import embed_sequences  # noqa: E402
 from ehr_transformer.tokenization_ehr import EHREventTokenizer  # noqa: E402
 from ehr_transformer.training import init_bias_to_prevalence  # noqa: E402
 from ehr_transformer.utils import write_json  # noqa: E402
@@ -111,6 +119,8 @@ class AblationParams:
     test_share: float = 0.25
     validation_share: float = 0.15
     logging_steps: int = 20  # per-objective losses and weights logged every this many pretraining steps
+    probe_penalties: tuple[float, ...] = tuple(np.logspace(-4, 1, 11).round(6))  # C grid of the linear probe
+    probe_folds: int = 5  # cross-validation folds for the probe's C (fewer where there are fewer positives)
 
 
 def fraction_key(fraction: float) -> str:
@@ -128,7 +138,8 @@ def stratified_subset(ids: np.ndarray, y: np.ndarray, fraction: float, minimum_p
     return np.sort(np.concatenate([rng.choice(pos, n_pos, replace=False), rng.choice(neg, n_neg, replace=False)]))
 
 
-def pretrain_backbone(hp: HParams, ap: AblationParams, tokenizer, corpus, objectives, balancing: str, seed: int):
+def pretrain_backbone(hp: HParams, ap: AblationParams, tokenizer, corpus, objectives, balancing: str, seed: int,
+                      device: str = "cpu"):
     """Pretrain with the package's `PretrainingTrainer`; returns (backbone state dict, last logged losses/weights)."""
     from datasets import Dataset
     from transformers import TrainingArguments
@@ -147,7 +158,8 @@ def pretrain_backbone(hp: HParams, ap: AblationParams, tokenizer, corpus, object
         args = TrainingArguments(
             output_dir, num_train_epochs=ap.pretrain_epochs, per_device_train_batch_size=hp.batch_size,
             learning_rate=hp.pretrain_learning_rate, weight_decay=0.01, warmup_steps=0.1, max_grad_norm=1.0,
-            lr_scheduler_type="linear", logging_steps=ap.logging_steps, save_strategy="no", report_to=[], use_cpu=True,
+            lr_scheduler_type="linear", logging_steps=ap.logging_steps, save_strategy="no", report_to=[],
+            use_cpu=device == "cpu",
             seed=seed, data_seed=seed, dataloader_num_workers=0, train_sampling_strategy="group_by_length",
             disable_tqdm=True,
         )  # fmt: skip
@@ -156,16 +168,23 @@ def pretrain_backbone(hp: HParams, ap: AblationParams, tokenizer, corpus, object
         )
         trainer.train()
     logs = [row for row in trainer.state.log_history if any(k.endswith("_weight") for k in row)]
-    return copy.deepcopy(model.model.state_dict()), (logs[-1] if logs else {})
+    state = {k: v.cpu() for k, v in model.model.state_dict().items()}
+    return copy.deepcopy(state), (logs[-1] if logs else {})
 
 
-def finetune(hp: HParams, ap: AblationParams, tokenizer, fit, seed: int, backbone=None):
-    """A fixed number of steps on `fit` (no early stopping), bias at the prevalence; returns the model."""
+def classifier(hp: HParams, tokenizer, seed: int, backbone=None, device: str = "cpu"):
+    """The classification model, its backbone random (seeded) or loaded from `backbone`."""
     torch.manual_seed(seed)
     config = model_config(hp, tokenizer, num_labels=1, problem_type="multi_label_classification")
     model = EHRTransformerForSequenceClassification._from_config(config, attn_implementation="sdpa")
     if backbone is not None:
         model.model.load_state_dict(backbone)
+    return model.to(device)
+
+
+def finetune(hp: HParams, ap: AblationParams, tokenizer, fit, seed: int, backbone=None, device: str = "cpu"):
+    """A fixed number of steps on `fit` (no early stopping), bias at the prevalence; returns the model."""
+    model = classifier(hp, tokenizer, seed, backbone, device)
     init_bias_to_prevalence(model, [f["labels"] for f in fit])
     collator = DataCollatorForEventClassification(tokenizer)
     optimizer, scheduler = optimizer_for(model, ap.finetune_learning_rate, hp.weight_decay, ap.finetune_steps)
@@ -178,7 +197,7 @@ def finetune(hp: HParams, ap: AblationParams, tokenizer, fit, seed: int, backbon
             idx = order[start : start + hp.batch_size]
             if len(idx) < 2 and len(order) > 1:  # a lone last row makes a noisy step
                 continue
-            loss = model(**collator([fit[i] for i in idx])).loss
+            loss = model(**{k: v.to(device) for k, v in collator([fit[i] for i in idx]).items()}).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -188,6 +207,20 @@ def finetune(hp: HParams, ap: AblationParams, tokenizer, fit, seed: int, backbon
             if step >= ap.finetune_steps:
                 break
     return model
+
+
+def fit_probe(ap: AblationParams, embeddings: np.ndarray, y: np.ndarray, seed: int):
+    """L2 logistic regression on standardised frozen embeddings `(N, H)`, C chosen by stratified cross-validation
+    (log loss) on these rows alone, then refitted on all of them. Its `decision_function` gives logits."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    folds = StratifiedKFold(min(ap.probe_folds, int(y.sum()), int((1 - y).sum())), shuffle=True, random_state=seed)
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+    grid = {"logisticregression__C": list(ap.probe_penalties)}
+    return GridSearchCV(probe, grid, cv=folds, scoring="neg_log_loss").fit(embeddings, y)
 
 
 class Ablation:
@@ -206,13 +239,14 @@ class Ablation:
         self.los = load_cohort(root, "los", "eicu_demo", los_ids)
         self.mimic = load_cohort(root, "mortality24", "mimic_demo", mimic_ids)
 
-    def features(self, tokenizer, events, labels) -> tuple[list, np.ndarray]:
+    def features(self, tokenizer, events, labels) -> tuple[list, np.ndarray, pl.DataFrame]:
+        """(per-row tensors for the fine-tuned models, labels, the encoded rows for the probe's embeddings)."""
         labels = labels.sort("subject_id")
         encoded = tokenizer.encode_events(restrict(events, labels["subject_id"]), labels=labels)
         if not encoded["subject_id"].equals(labels["subject_id"]):
             raise RuntimeError("encoded rows do not match the label rows one to one")
         y = encoded["boolean_value"].cast(pl.Int64).to_numpy()
-        return to_features(encoded, y), y
+        return to_features(encoded, y), y, encoded
 
     def record(self, **row) -> None:
         row = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}
@@ -222,7 +256,7 @@ class Ablation:
     def run_seed(self, seed: int) -> None:
         from sklearn.model_selection import train_test_split
 
-        args, hp, ap = self.args, self.hp, self.ap
+        args, hp, ap, device = self.args, self.hp, self.ap, self.args.device
         labels = self.mortality.labels.sort("subject_id")
         ids, y_all = labels["subject_id"].to_numpy(), labels["boolean_value"].cast(pl.Int64).to_numpy()
         train, test = train_test_split(ids, test_size=ap.test_share, random_state=seed, stratify=y_all)
@@ -241,11 +275,14 @@ class Ablation:
         )
         assert not set(test.tolist()) & set(los_stays), "a test stay would be pretrained on"
 
-        val_features, y_val = self.features(tokenizer, self.mortality.events, restrict(labels, val))
-        test_features, y_test = self.features(tokenizer, self.mortality.events, restrict(labels, test))
-        mimic_features, y_mimic = self.features(tokenizer, self.mimic.events, self.mimic.labels)
         refit = tokenizer.refit_value_statistics(self.mimic.events)  # a copy: same ids, MIMIC's statistics
-        mimic_refit, _ = self.features(refit, self.mimic.events, self.mimic.labels)
+        splits = {  # name -> (tensors, encoded rows, the tokenizer that encoded them); y per split beside
+            "val": (*self.features(tokenizer, self.mortality.events, restrict(labels, val)), tokenizer),
+            "test": (*self.features(tokenizer, self.mortality.events, restrict(labels, test)), tokenizer),
+            "mimic": (*self.features(tokenizer, self.mimic.events, self.mimic.labels), tokenizer),
+            "mimic_refit": (*self.features(refit, self.mimic.events, self.mimic.labels), refit),
+        }
+        y_val, y_test, y_mimic = splits["val"][1], splits["test"][1], splits["mimic"][1]
         halves = self.mimic_halves(y_mimic, seed)
         collator = DataCollatorForEventClassification(tokenizer)
 
@@ -253,54 +290,68 @@ class Ablation:
         for name in args.configs:
             start = time.perf_counter()
             objectives, balancing = PRETRAINED[name]
-            backbones[name], last = pretrain_backbone(hp, ap, tokenizer, corpus, objectives, balancing, seed)
+            backbones[name], last = pretrain_backbone(hp, ap, tokenizer, corpus, objectives, balancing, seed, device)
             self.pretraining_logs.append({"seed": seed, "config": name, "seconds": round(time.perf_counter() - start, 1),
                                           "corpus": len(corpus), "last_log": last})
             logger.info("  pretrained %s on %d sequences in %.0f s: %s", name, len(corpus),
                         time.perf_counter() - start, json.dumps(last))
 
-        def run(config: str, fraction: float, fit_features: list, fit_ids, transfer: bool, ablation: bool):
-            start = time.perf_counter()
+        def run(config: str, fraction: float, fit_split: tuple, fit_ids, transfer: bool, ablation: bool) -> dict:
+            """Scores `config` (the GBM, or a backbone both fine-tuned and probed); returns {head: validation AUROC}."""
+            n_labels = {"n_labels": len(fit_ids), "n_positive": int(fit_split[1].sum())}
             if config == "gbm_baseline":
+                start = time.perf_counter()
                 baseline = TabularBaseline(kind="gbm", seed=seed).fit(
                     restrict(self.mortality.events, fit_ids), restrict(labels, fit_ids))
-                p_val = baseline.predict_proba(restrict(self.mortality.events, val), restrict(labels, val))
-                p_test = baseline.predict_proba(restrict(self.mortality.events, test), restrict(labels, test))
-                p_mimic = baseline.predict_proba(self.mimic.events, self.mimic.labels)
-                logits = None
-            else:
-                model = finetune(hp, ap, tokenizer, fit_features, seed, backbones[config])
-                p_val = sigmoid(predict(model, collator, val_features, hp.batch_size))
-                p_test = sigmoid(predict(model, collator, test_features, hp.batch_size))
-                logits = {
-                    "as_is": predict(model, collator, mimic_features, hp.batch_size),
-                    "refit": predict(model, collator, mimic_refit, hp.batch_size),
-                }
-            seconds = time.perf_counter() - start
-            val_auroc = binary_metrics(y_val, p_val)["auroc"]
-            self.record(part="low_label", seed=seed, fraction=fraction_key(fraction), config=config, ablation=ablation,
-                        **binary_metrics(y_test, p_test), validation_auroc=float(val_auroc), n_labels=len(fit_ids),
-                        n_positive=int(y_all[np.searchsorted(ids, fit_ids)].sum()), seconds=seconds)
-            if transfer:
-                self.transfer(seed, config, y_mimic, halves, p_mimic if logits is None else None, logits)
-            return val_auroc
+                p = {split: baseline.predict_proba(restrict(self.mortality.events, rows), restrict(labels, rows))
+                     for split, rows in (("val", val), ("test", test))}
+                p["mimic"] = baseline.predict_proba(self.mimic.events, self.mimic.labels)
+                self.record(part="low_label", seed=seed, fraction=fraction_key(fraction), config=config, head=None,
+                            ablation=ablation, **binary_metrics(y_test, p["test"]),
+                            validation_auroc=float(binary_metrics(y_val, p["val"])["auroc"]), **n_labels,
+                            seconds=time.perf_counter() - start)
+                if transfer:
+                    self.transfer(seed, config, None, y_mimic, halves, p_baseline=p["mimic"])
+                return {}
+            validation = {}
+            for head in ("finetune", "probe"):
+                start = time.perf_counter()
+                if head == "finetune":
+                    model = finetune(hp, ap, tokenizer, fit_split[0], seed, backbones[config], device)
+                    logits = {split: predict(model, collator, splits[split][0], hp.batch_size) for split in splits}
+                else:  # frozen backbone, logistic regression on its pooled embeddings
+                    model = classifier(hp, tokenizer, seed, backbones[config], device)
+                    probe = fit_probe(ap, embed_sequences(model, tokenizer, fit_split[2]), fit_split[1], seed)
+                    logits = {split: probe.decision_function(embed_sequences(model, splits[split][3], splits[split][2]))
+                              for split in splits}
+                validation[head] = binary_metrics(y_val, sigmoid(logits["val"]))["auroc"]
+                self.record(part="low_label", seed=seed, fraction=fraction_key(fraction), config=config, head=head,
+                            ablation=ablation, **binary_metrics(y_test, sigmoid(logits["test"])),
+                            validation_auroc=float(validation[head]), **n_labels, seconds=time.perf_counter() - start)
+                if transfer:
+                    self.transfer(seed, config, head, y_mimic, halves,
+                                  logits={"as_is": logits["mimic"], "refit": logits["mimic_refit"]})
+            return validation
 
         for fraction in sorted(args.fractions, reverse=True):
             fit_ids = stratified_subset(fit, y_fit, fraction, ap.min_positives, seed)
-            fit_features, _ = self.features(tokenizer, self.mortality.events, restrict(labels, fit_ids))
+            fit_split = self.features(tokenizer, self.mortality.events, restrict(labels, fit_ids))
             everyone = fraction in args.ablation_fractions or fraction >= 1.0
             configs = ["gbm_baseline", "scratch", *args.configs] if everyone else ["gbm_baseline", "scratch"]
             if not everyone:
-                configs.append(self.best)
-            validation = {}
-            for config in configs:
-                validation[config] = run(config, fraction, fit_features, fit_ids, fraction >= 1.0, everyone)
-            if fraction >= 1.0:
-                self.best = max(args.configs, key=lambda c: validation[c])
-                self.choices.append({"seed": seed, "pretrained_best": self.best,
-                                     "validation_auroc": {c: round(float(validation[c]), 4) for c in args.configs}})
-                logger.info("  seed %d: pretrained_best = %s (validation AUROC %.3f)", seed, self.best,
-                            validation[self.best])
+                configs.append(self.choice["pretrained_best"])
+            validation = {c: run(c, fraction, fit_split, fit_ids, fraction >= 1.0, everyone) for c in configs}
+            if fraction >= 1.0:  # runs first: the objective combination is chosen on validation at 100% of labels
+                best = max(args.configs, key=lambda c: max(validation[c].values()))
+                self.choice = {"seed": seed, "pretrained_best": best, "heads": {},
+                               "validation_auroc": {c: {h: round(float(v), 4) for h, v in validation[c].items()}
+                                                    for c in args.configs}}
+                self.choices.append(self.choice)
+            best = self.choice["pretrained_best"]
+            head = max(validation[best], key=validation[best].get)  # at every budget, on validation
+            self.choice["heads"][fraction_key(fraction)] = head
+            logger.info("  seed %d, %s labels: pretrained_best = %s, %s (validation AUROC %.3f)", seed,
+                        fraction_key(fraction), best, head, validation[best][head])
 
     @staticmethod
     def mimic_halves(y: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -308,9 +359,12 @@ class Ablation:
 
         return list(StratifiedKFold(2, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
 
-    def transfer(self, seed, config, y, halves, p_baseline, logits) -> None:
+    def transfer(self, seed, config, head, y, halves, p_baseline=None, logits=None) -> None:
+        """MIMIC scores of a 100%-label model: the GBM's probabilities as they are; a transformer's logits as they
+        are and after each distribution-calibration step."""
+        tag = {"part": "transfer", "seed": seed, "config": config, "head": head}
         if logits is None:
-            self.record(part="transfer", seed=seed, config=config, variant="uncalibrated", **binary_metrics(y, p_baseline))
+            self.record(**tag, variant="uncalibrated", **binary_metrics(y, p_baseline))
             return
 
         def cross_fitted(z: np.ndarray) -> np.ndarray:
@@ -327,7 +381,7 @@ class Ablation:
             "calibrated": cross_fitted(logits["refit"]),
         }
         for variant, z in variants.items():
-            self.record(part="transfer", seed=seed, config=config, variant=variant, **binary_metrics(y, sigmoid(z)))
+            self.record(**tag, variant=variant, **binary_metrics(y, sigmoid(z)))
 
 
 def summarize(values: list[float]) -> dict[str, float]:
@@ -336,23 +390,35 @@ def summarize(values: list[float]) -> dict[str, float]:
             "n": int(np.isfinite(arr).sum())}
 
 
+def row_name(record: dict) -> str:
+    """A record's column in the tables: the configuration, `+probe` for its linear probe."""
+    return f"{record['config']}+probe" if record.get("head") == "probe" else record["config"]
+
+
 def tables(records: list[dict], choices: list[dict]) -> dict:
     """The issue's shape: {"low_label": {FRACTION: {CONFIG: {metric: {mean, std}}}}, "transfer": {CONFIG: ...}}.
-    `pretrained_best` gathers, per seed, the configuration chosen on that seed's validation split."""
-    best = {c["seed"]: c["pretrained_best"] for c in choices}
+    `pretrained_best` gathers, per seed and budget, the configuration and head chosen on that seed's validation
+    split (`uncalibrated` / `calibrated` in the transfer are pretrained_best at 100% of labels)."""
+    choice = {c["seed"]: c for c in choices}
+
+    def chosen(r: dict, fraction: str) -> bool:
+        c = choice.get(r["seed"])
+        return c is not None and r["config"] == c["pretrained_best"] and r["head"] == c["heads"][fraction]
+
     low, transfer = {}, {}
     for r in records:
         if r["part"] == "low_label":
             # every configuration under its own name where all ran; the chosen one also as pretrained_best
-            own = [r["config"]] if r["ablation"] or r["config"] in ("scratch", "gbm_baseline") else []
-            keys = own + (["pretrained_best"] if best.get(r["seed"]) == r["config"] else [])
+            own = [row_name(r)] if r["ablation"] or r["config"] in ("scratch", "gbm_baseline") else []
+            keys = own + (["pretrained_best"] if chosen(r, r["fraction"]) else [])
             for key in keys:
                 cell = low.setdefault(r["fraction"], {}).setdefault(key, {m: [] for m in METRICS})
                 for m in METRICS:
                     cell[m].append(r[m])
         else:
-            names = [f"{r['config']}" if r["variant"] == "uncalibrated" else f"{r['config']}+{r['variant']}"]
-            if best.get(r["seed"]) == r["config"]:
+            name = row_name(r)
+            names = [name if r["variant"] == "uncalibrated" else f"{name}+{r['variant']}"]
+            if chosen(r, fraction_key(1.0)):
                 names.append(r["variant"] if r["variant"] in ("uncalibrated", "calibrated") else f"pretrained_best+{r['variant']}")
                 if r["variant"] == "uncalibrated":
                     names.append("pretrained_best")
@@ -366,10 +432,11 @@ def tables(records: list[dict], choices: list[dict]) -> dict:
 
 
 def markdown_tables(results: dict) -> str:
-    """The README's tables: AUROC (and ECE) by label budget, and the transfer with and without calibration."""
+    """The README's tables: AUROC by label budget, and the transfer with and without calibration."""
     cell = lambda c, m: f"{c[m]['mean']:.3f} ± {c[m]['std']:.3f}"  # noqa: E731
     fractions = list(results["low_label"])
-    configs = ["gbm_baseline", "scratch", "pretrained_best", *PRETRAINED]
+    configs = ["gbm_baseline", "scratch", "scratch+probe", "pretrained_best",
+               *(f"{c}{head}" for c in PRETRAINED for head in ("", "+probe"))]
     lines = ["| configuration | " + " | ".join(f"{float(f):.0%} labels" for f in fractions) + " |",
              "|---|" + "---|" * len(fractions)]
     for config in configs:
@@ -377,9 +444,9 @@ def markdown_tables(results: dict) -> str:
                for f in fractions]
         lines.append(f"| {config} | " + " | ".join(row) + " |")
     lines += ["", "| eICU → MIMIC | AUROC | AUPRC | Brier | ECE |", "|---|---|---|---|---|"]
-    for key in ["gbm_baseline", "scratch", "scratch+calibrated", "uncalibrated", "pretrained_best+values_refit",
-                "pretrained_best+temperature_only", "calibrated",
-                *(f"{c}{v}" for c in PRETRAINED for v in ("", "+calibrated"))]:
+    for key in ["gbm_baseline", "scratch", "scratch+calibrated", "scratch+probe", "scratch+probe+calibrated",
+                "uncalibrated", "pretrained_best+values_refit", "pretrained_best+temperature_only", "calibrated",
+                *(f"{c}{head}{v}" for c in PRETRAINED for head in ("", "+probe") for v in ("", "+calibrated"))]:
         if key in results["transfer"]:
             c = results["transfer"][key]
             lines.append(f"| {key} | " + " | ".join(cell(c, m) for m in ("auroc", "auprc", "brier", "ece")) + " |")
@@ -392,7 +459,8 @@ def plot_learning_curve(results: dict, path: Path) -> None:
     fig = _new_figure((6.0, 4.2))
     ax = fig.subplots()
     fractions = list(results["low_label"])
-    for config, style in (("gbm_baseline", "s--"), ("scratch", "o:"), ("pretrained_best", "D-")):
+    for config, style in (("gbm_baseline", "s--"), ("scratch", "o:"), ("scratch+probe", "v:"),
+                          ("pretrained_best", "D-")):
         xs = [float(f) for f in fractions if config in results["low_label"][f]]
         cells = [results["low_label"][f][config]["auroc"] for f in fractions if config in results["low_label"][f]]
         if not xs:
@@ -421,6 +489,7 @@ def parse_args(argv=None):
                         help="label budgets at which every configuration runs (the others: scratch, gbm, best)")
     parser.add_argument("--configs", nargs="+", default=list(PRETRAINED), choices=list(PRETRAINED))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="where the transformers train and predict (cpu, cuda)")
     parser.add_argument("--quick", action="store_true", help="tiny subset and model, one seed (smoke test)")
     parser.add_argument("--merge", nargs="+", default=None, help="combine the JSON outputs of one-seed runs")
     args = parser.parse_args(argv)
@@ -475,7 +544,8 @@ def main(argv=None) -> dict:
         "quick": args.quick,
         "machine": {
             "platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "load_average_at_start": [round(x, 2) for x in load_start],
+            "torch": torch.__version__, "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+            "load_average_at_start": [round(x, 2) for x in load_start],
             "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         },
         "protocol": __doc__.split("Protocol (")[1].strip(),

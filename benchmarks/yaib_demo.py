@@ -324,12 +324,12 @@ def evaluate_loss(model, collator, features, batch_size: int) -> float:
 
 @torch.no_grad()
 def predict(model, collator, features, batch_size: int) -> np.ndarray:
-    """Logits (B,) in the order of `features`."""
+    """Logits (B,) in the order of `features` (computed where the model is)."""
     model.eval()
     out = np.zeros(len(features), dtype=np.float64)
     for idx in batches(lengths_of(features), batch_size * 2, None):
         batch = collator([{k: v for k, v in features[i].items() if k != "labels"} for i in idx])
-        out[idx] = model(**batch).logits.squeeze(-1).double().numpy()
+        out[idx] = model(**{k: v.to(model.device) for k, v in batch.items()}).logits.squeeze(-1).double().cpu().numpy()
     return out
 
 

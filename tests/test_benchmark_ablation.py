@@ -27,9 +27,9 @@ def test_quick_ablation_writes_the_results_json(yaib_demo, tmp_path):
     assert set(results) == {"low_label", "transfer", "meta"}
     assert list(results["low_label"]) == FRACTIONS
     for fraction, block in results["low_label"].items():
-        expected = {"scratch", "gbm_baseline", "pretrained_best"}
-        if fraction in ("0.1", "1.0"):  # the fractions at which every configuration runs
-            expected |= PRETRAINED
+        expected = {"scratch", "scratch+probe", "gbm_baseline", "pretrained_best"}
+        if fraction in ("0.1", "1.0"):  # the fractions at which every configuration runs, fine-tuned and probed
+            expected |= PRETRAINED | {f"{c}+probe" for c in PRETRAINED}
         assert set(block) == expected, fraction
         for config, cell in block.items():
             assert set(cell) == METRICS, (fraction, config)
@@ -37,13 +37,21 @@ def test_quick_ablation_writes_the_results_json(yaib_demo, tmp_path):
     transfer = results["transfer"]
     assert {"scratch", "gbm_baseline", "pretrained_best", "uncalibrated", "calibrated"} <= set(transfer)
     assert transfer["uncalibrated"] == transfer["pretrained_best"]
-    for config in PRETRAINED | {"scratch"}:  # each distribution-calibration step alone and together
+    for config in {f"{c}{head}" for c in PRETRAINED | {"scratch"} for head in ("", "+probe")}:
+        # each distribution-calibration step alone and together, for the fine-tuned and the probed backbone
         assert {config, f"{config}+values_refit", f"{config}+temperature_only", f"{config}+calibrated"} <= set(transfer)
 
     meta = results["meta"]
     (choice,) = meta["choices"]
-    assert choice["pretrained_best"] in PRETRAINED
-    assert choice["pretrained_best"] == max(choice["validation_auroc"], key=choice["validation_auroc"].get)
+    # chosen on validation only: the objectives at 100% of labels (best head), then the head at each budget
+    validation = choice["validation_auroc"]
+    assert choice["pretrained_best"] == max(validation, key=lambda c: max(validation[c].values()))
+    assert set(choice["heads"]) == set(FRACTIONS) and set(choice["heads"].values()) <= {"finetune", "probe"}
+    rows = [r for r in meta["records"] if r["part"] == "low_label"]
+    for fraction, head in choice["heads"].items():
+        best = {r["head"]: r for r in rows if r["fraction"] == fraction and r["config"] == choice["pretrained_best"]}
+        assert best[head]["validation_auroc"] == max(r["validation_auroc"] for r in best.values())
+        assert results["low_label"][fraction]["pretrained_best"]["auroc"]["mean"] == best[head]["auroc"]
     rows = [r for r in meta["records"] if r["part"] == "low_label"]
     # all configurations of one fraction were trained on the same labelled stays
     for fraction in FRACTIONS:
