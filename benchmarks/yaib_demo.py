@@ -719,7 +719,8 @@ def main(argv=None) -> dict:
                            f"eICU los stay outside the test fold (history up to {list(hp.pretrain_cut_hours)} h, the "
                            f"latest {hp.max_length} events); the los and mortality24 cohorts share "
                            f"{bench.n_shared} stay_ids, excluded by stay_id whenever their fold is tested",
-            "los": f"first {args.los_folds} fold(s) of seed {args.seed}'s split only (time); training uses "
+            "los": f"first {args.los_folds} fold(s) of the split of each run's first seed (the los rows of per_fold "
+                   "name the seeds); training uses "
                    f"{args.los_train_hours} random stay-hours per stay, validation and test {args.los_eval_hours} "
                    "random stay-hours per stay (the same test rows for every model); MAE in hours; the transformer "
                    "regresses the standardised remaining LOS with MSE, the GBM regressor the raw hours with squared "
