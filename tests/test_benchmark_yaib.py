@@ -9,11 +9,11 @@ import sys
 import pytest
 from conftest import REPO_ROOT
 
-MODELS = {"transformer_scratch", "transformer_pretrained", "gbm_baseline"}
+MODELS = {"transformer_scratch", "transformer_pretrained", "gbm_baseline", "gbm_bagged"}
 
 
-def _check_metrics(block: dict, metrics: set[str]) -> None:
-    assert set(block) == MODELS
+def _check_metrics(block: dict, metrics: set[str], models: set[str] = MODELS) -> None:
+    assert set(block) == models
     for model, values in block.items():
         assert set(values) == metrics, model
         for metric, summary in values.items():
@@ -38,8 +38,8 @@ def test_quick_benchmark_writes_the_results_json(yaib_demo, tmp_path):
     _check_metrics(results["mortality24"]["eicu_cv"], binary)
     _check_metrics(results["mortality24"]["eicu_to_mimic"], binary)
     assert set(results["los"]) == {"eicu_cv"}
-    _check_metrics(results["los"]["eicu_cv"], {"mae"})
-    for model in MODELS:
+    _check_metrics(results["los"]["eicu_cv"], {"mae"}, MODELS - {"gbm_bagged"})  # los: single models
+    for model in MODELS - {"gbm_bagged"}:
         cv = results["mortality24"]["eicu_cv"][model]
         assert 0.0 <= cv["auroc"]["mean"] <= 1.0 and 0.0 <= cv["brier"]["mean"] <= 1.0
         assert results["los"]["eicu_cv"][model]["mae"]["mean"] > 0.0
@@ -51,6 +51,10 @@ def test_quick_benchmark_writes_the_results_json(yaib_demo, tmp_path):
     # every model scored on the same folds: one row per (model, fold) in the CV, one per model in the transfer
     cv_rows = [r for r in meta["per_fold"] if r["task"] == "mortality24" and r["setting"] == "eicu_cv"]
     assert sorted((r["model"], r["fold"]) for r in cv_rows) == sorted((m, k) for m in MODELS for k in (0, 1))
+    # the transformers and the bagged GBM are ensembles: each member's own AUROC is kept beside the ensemble's
+    for r in cv_rows:
+        if r["model"] != "gbm_baseline":
+            assert len(r["member_auroc"]) == 2 and all(0.0 <= a <= 1.0 for a in r["member_auroc"]), r
     # no stay of a test fold in the pretraining corpus is asserted inside the script; the protocol is recorded
     assert "excluded by stay_id" in meta["protocol"]["pretraining"]
 
@@ -95,3 +99,20 @@ def test_merge_recomputes_the_tables_over_every_seed_and_fold(tmp_path):
 
     with pytest.raises(SystemExit, match="repeat"):  # the same seed twice would count its folds twice
         yaib_demo.main(["--merge", str(paths[0]), str(paths[0]), "--output", str(tmp_path / "twice.json")])
+
+
+def test_merge_joins_the_folds_of_one_seed_run_in_two_processes(tmp_path):
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import yaib_demo
+
+    whole = _part(0, {"gbm_baseline": [0.7, 0.8], "transformer_scratch": [0.5, 0.6]})
+    rows = whole["meta"]["per_fold"]
+    first = {"meta": {**whole["meta"], "per_fold": [r for r in rows if r.get("fold") == 0]}}
+    second = {"meta": {**whole["meta"], "per_fold": [r for r in rows if r.get("fold") != 0]}}
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, part in zip(paths, (first, second), strict=True):
+        path.write_text(json.dumps(part))
+    results = yaib_demo.main(["--merge", *map(str, paths), "--output", str(tmp_path / "merged.json")])
+    assert results["meta"]["seeds"] == [0] and len(results["meta"]["per_fold"]) == len(rows)
+    assert results["mortality24"]["eicu_cv"]["transformer_scratch"]["auroc"]["mean"] == pytest.approx(0.55)
+    assert results["meta"]["seconds_wall"] == 10.0
