@@ -33,7 +33,10 @@ class ContinuousEmbedding(nn.Module):
     """Embeds a continuous quantity (hours, years) as sinusoids at geometric frequencies, then a projection.
 
     The frequencies span periods from 1 unit to `max_period` units, so both the minutes between two vitals
-    and the years between two admissions are resolved.
+    and the years between two admissions are resolved. The sinusoids are scaled to unit norm, so that at
+    initialisation a time or an age weighs as much in an event's embedding as its code and value do (unscaled,
+    the `2 * num_frequencies` sinusoids made time and age ~4x larger than a code embedding, and on the eICU demo
+    cohort the classifier then needed many epochs to find the values under them).
     """
 
     def __init__(self, num_frequencies: int, max_period: float, hidden_size: int):
@@ -48,9 +51,8 @@ class ContinuousEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         angles = x.unsqueeze(-1).float() * self.angular_frequencies  # (B, L, F)
-        return self.proj(
-            torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.proj.weight.dtype)
-        )  # (B, L, H)
+        features = torch.cat([angles.sin(), angles.cos()], dim=-1) / math.sqrt(self.num_frequencies)  # (B, L, 2F)
+        return self.proj(features.to(self.proj.weight.dtype))  # (B, L, H)
 
 
 class EHRTransformerEmbeddings(nn.Module):

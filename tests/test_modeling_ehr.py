@@ -245,6 +245,18 @@ def test_initialisation_scales_residual_projections():
     assert torch.all(model.embeddings.code_embeddings.weight[0] == 0)  # padding row
 
 
+def test_time_and_age_start_no_louder_than_codes():
+    """At initialisation no part of an event's embedding drowns the others: the time and age embeddings are
+    about as large as a code embedding (they were 4x larger, and a classifier on real ICU values then spent
+    its first epochs finding the codes and values under them)."""
+    set_seed(0)
+    embeddings = EHRTransformerModel(tiny_config(hidden_size=64)).embeddings
+    inputs = make_inputs(batch_size=8, seq_len=32)
+    code = embeddings.code_embeddings(inputs["input_ids"]).std().item()
+    for part, x in ((embeddings.time_embeddings, inputs["times"]), (embeddings.age_embeddings, inputs["ages"])):
+        assert 0.5 * code < part(x).std().item() < 2.0 * code
+
+
 def test_save_load_round_trip_with_auto_classes(tmp_path):
     set_seed(0)
     model = EHRTransformerForSequenceClassification(tiny_config(num_labels=1)).eval()

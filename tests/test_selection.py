@@ -299,44 +299,135 @@ def test_pretrained_folder_loads_with_trust_remote_code_where_the_package_is_mis
 
 
 # ------------------------------------------------------------------------------------------------ benchmark
+def check_verdicts(verdict: dict, candidates: list[dict], seeds: int) -> None:
+    """One truth's verdicts of a benchmark case checked against that truth's own fine-tuned AUROCs."""
+    assert [c["checkpoint"] for c in candidates] == ["match", "mild"]
+    aurocs = {c["checkpoint"]: c["finetuned_auroc"] for c in candidates}
+    chosen = verdict["selected"]
+    assert verdict["best_by_finetuning"] == max(aurocs, key=aurocs.get)
+    assert verdict["top1_correct"] == (aurocs[chosen] == max(aurocs.values()))
+    assert verdict["top1_within_noise"] or not verdict["top1_correct"]
+    assert verdict["regret_auroc"] == pytest.approx(max(aurocs.values()) - aurocs[chosen])
+    assert verdict["top2_separable"] == (verdict["top2_difference"] > 2 * verdict["top2_difference_se"])
+    assert verdict["spearman"] is None or -1.0 <= verdict["spearman"] <= 1.0
+    for c in candidates:
+        assert len(c["finetuned_auroc_by_seed"]) == seeds
+        assert c["finetuned_auroc"] == pytest.approx(np.mean(c["finetuned_auroc_by_seed"]))
+        assert 0.0 <= c["finetuned_auroc"] <= 1.0 and 0.0 < c["finetuned_auroc_se"] < 0.5
+
+
 def test_selection_benchmark_runs_and_writes_its_json(tmp_path):
-    """benchmarks/selection.py on a tiny setting (one user hospital, its two least mismatched checkpoints, two
-    fine-tuning seeds): the JSON the README reads, each case's verdicts checked against its own fine-tuned AUROCs,
-    and an older run's cases kept under `previous_zoo`."""
+    """benchmarks/selection.py on a tiny setting (one user hospital, its two least mismatched checkpoints, half
+    the labels with two seeds as the primary truth, all labels with two seeds beside): the JSON the README reads,
+    each case's verdicts checked against each truth's own fine-tuned AUROCs, and an older run's cases kept under
+    `previous_zoo`."""
     from conftest import REPO_ROOT
 
     output, older = tmp_path / "selection.json", tmp_path / "older.json"
     older.write_text(json.dumps({"cases": [{"source": "general", "top1_correct": False, "spearman": 0.2}]}))
     command = [
         sys.executable, str(REPO_ROOT / "benchmarks" / "selection.py"), "--output", str(output), "--hospitals", "1",
-        "--levels", "2", "--pretrain_subjects", "200", "--user_subjects", "200", "--eval_subjects", "200",
-        "--pretrain_epochs", "1", "--finetune_epochs", "1", "--finetune_seeds", "2", "--bootstrap", "20",
-        "--max_length", "48", "--max_labels", "200", "--previous_zoo", str(older),
+        "--hospital_index", "0", "--levels", "2", "--pretrain_subjects", "200", "--user_subjects", "200",
+        "--eval_subjects", "200", "--pretrain_epochs", "1", "--finetune_epochs", "1", "--finetune_label_fraction",
+        "0.5", "--low_label_seeds", "2", "--finetune_seeds", "2", "--bootstrap", "20", "--max_length", "48",
+        "--max_labels", "200", "--previous_zoo", str(older),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(output.read_text())
     assert data["n_cases"] == 1 and [c["source"] for c in data["cases"]] == ["general"]
+    assert data["protocol"] == "graded_mismatch_low_label" and data["label_fraction"] == 0.5
+    assert data["settings"]["hospital_index"] == [0] and "--low_label_seeds 2" in data["command"]
     assert data["goal_met"] is False  # five cases are needed for the goal
     assert data["previous_zoo"]["cases"] == [{"source": "general", "top1_correct": False, "spearman": 0.2}]
     assert data["previous_zoo"]["explanation"]
     for case in data["cases"]:
-        assert [c["checkpoint"] for c in case["candidates"]] == ["match", "mild"]
-        aurocs = {c["checkpoint"]: c["finetuned_auroc"] for c in case["candidates"]}
         chosen = min(case["candidates"], key=lambda c: c["rank"])["checkpoint"]
-        assert case["selected"] == chosen
-        assert case["top1_correct"] == (aurocs[chosen] == max(aurocs.values()))
-        assert case["top1_within_noise"] or not case["top1_correct"]
-        assert case["regret_auroc"] == pytest.approx(max(aurocs.values()) - aurocs[chosen])
-        assert case["top2_separable"] == (case["top2_difference"] > 2 * case["top2_difference_se"])
-        assert case["spearman"] is None or -1.0 <= case["spearman"] <= 1.0
+        assert case["selected"] == case["full_labels"]["selected"] == chosen
+        check_verdicts(case, case["candidates"], seeds=2)  # primary: half the labels
+        check_verdicts(case["full_labels"], case["full_labels"]["candidates"], seeds=2)
+        # the two truths are separate fine-tunes: on half the labels and on all of them
+        assert [c["finetuned_auroc_by_seed"] for c in case["candidates"]] != [
+            c["finetuned_auroc_by_seed"] for c in case["full_labels"]["candidates"]
+        ]
         # evaluation: the user's tuning + held_out splits and the whole second cohort
         assert 200 < case["evaluation_subjects"] < 400 and case["evaluation_deaths"] > 0
-        for c in case["candidates"]:
-            assert len(c["finetuned_auroc_by_seed"]) == 2
-            assert c["finetuned_auroc"] == pytest.approx(np.mean(c["finetuned_auroc_by_seed"]))
-            assert 0.0 <= c["finetuned_auroc"] <= 1.0 and 0.0 < c["finetuned_auroc_se"] < 0.5
         codes = {c["checkpoint"]: c["code_coverage"] for c in case["candidates"]}
         assert codes["mild"] < codes["match"]  # a quarter of the codes are local at the mild hospital
     assert data["top1_correct_cases"] == sum(c["top1_correct"] for c in data["cases"])
+    full = data["full_labels"]
+    assert full["top1_correct_cases"] == sum(c["full_labels"]["top1_correct"] for c in data["cases"])
+    assert set(full["components_alone"]) == set(data["components_alone"])
+    assert data["timings"]["finetuning_low_label_s"] > 0 and data["timings"]["finetuning_full_labels_s"] > 0
+
+
+def benchmark_case(
+    source: str, top1_correct: bool, rho: float, full_top1_correct: bool, full_rho: float
+) -> dict:
+    """A hand-written case of benchmarks/selection.py's JSON: the verdicts the summary is computed from."""
+
+    def verdicts(correct: bool, spearman: float) -> dict:
+        alone = {"top1_correct": correct, "spearman": spearman}
+        components = ("coverage", "code_coverage", "fit", "transferability")
+        return {"top1_correct": correct, "top1_within_noise": True, "top2_separable": correct, "spearman": spearman,
+                "components_alone": dict.fromkeys(components, alone)}  # fmt: skip
+
+    return {
+        "source": source,
+        **verdicts(top1_correct, rho),
+        "full_labels": verdicts(full_top1_correct, full_rho),
+    }
+
+
+def test_selection_benchmark_merge_recomputes_the_summary_from_the_parts(tmp_path):
+    """`--merge` joins partial outputs (no training): cases in the zoo's order, every summary figure recomputed,
+    timings summed, the longest part's wall time; a source in two parts or differing settings are refused."""
+    import importlib.util
+
+    from conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location(
+        "selection_benchmark", REPO_ROOT / "benchmarks" / "selection.py"
+    )
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    settings = {"zoo": "benchmark", "finetune_label_fraction": 0.2, "low_label_seeds": 4, "finetune_seeds": 3,
+                "finetune_epochs": 4.0}  # fmt: skip
+
+    def part(name: str, indices: list[int], cases: list[dict], wall_s: float, **changed) -> str:
+        data = {"cases": cases, "protocol": "graded_mismatch_low_label", "levels": [], "command": f"run {name}",
+                "settings": {**settings, "hospital_index": indices, **changed}, "wall_s": wall_s,
+                "timings": {"pretraining_s": 1.5, "finetuning_low_label_s": wall_s}, "date": "2026-11-26",
+                "machine": "test"}  # fmt: skip
+        (tmp_path / name).write_text(json.dumps(data))
+        return str(tmp_path / name)
+
+    first = part("part0.json", [2, 1], [benchmark_case("local_diagnoses_older", True, 1.0, False, 0.2),
+                                        benchmark_case("local_labs", False, 0.4, True, 0.8)], 100.0)  # fmt: skip
+    second = part("part1.json", [0], [benchmark_case("general", True, 0.7, False, -0.4)], 60.0)
+    output = tmp_path / "merged.json"
+    benchmark.main(["--merge", first, second, "--output", str(output)])
+    data = json.loads(output.read_text())
+    assert [c["source"] for c in data["cases"]] == ["general", "local_labs", "local_diagnoses_older"]
+    assert data["n_cases"] == 3 and data["top1_correct_cases"] == 2 and data["top2_separable_cases"] == 2
+    assert data["mean_spearman"] == pytest.approx(0.7) and data["min_spearman"] == pytest.approx(0.4)
+    assert data["components_alone"]["fit"] == {"top1_correct_cases": 2, "mean_spearman": pytest.approx(0.7)}
+    assert data["full_labels"]["top1_correct_cases"] == 1
+    assert data["full_labels"]["mean_spearman"] == pytest.approx(0.2)
+    assert data["label_fraction"] == 0.2 and data["goal_met"] is False
+    assert data["settings"]["hospital_index"] == [0, 1, 2]
+    assert (
+        data["timings"] == {"pretraining_s": 3.0, "finetuning_low_label_s": 160.0} and data["wall_s"] == 100.0
+    )
+    assert [p["command"] for p in data["parts"]] == ["run part0.json", "run part1.json"]
+    assert data["command"].startswith("python benchmarks/selection.py --merge")
+
+    again = part("part2.json", [1], [benchmark_case("local_labs", True, 0.9, True, 0.9)], 10.0)
+    with pytest.raises(SystemExit, match="local_labs"):
+        benchmark.main(["--merge", first, second, again, "--output", str(tmp_path / "refused.json")])
+    other = part("part3.json", [3], [benchmark_case("local_meds_sicker", True, 0.9, True, 0.9)], 10.0,
+                 finetune_label_fraction=0.1)  # fmt: skip
+    with pytest.raises(SystemExit, match="settings"):
+        benchmark.main(["--merge", first, other, "--output", str(tmp_path / "refused.json")])
+    assert not (tmp_path / "refused.json").exists()
