@@ -450,6 +450,39 @@ class Benchmark:
         y = encoded["boolean_value"].cast(pl.Int64).to_numpy()
         return to_features(encoded, y), y, labels
 
+    def development(self, fold: int = 0) -> dict[str, float]:
+        """Out-of-fold AUROC over the *training* stays of fold `fold` (seed `--seed`): each ensemble member scores
+        the part of the training folds it early-stopped on; the test fold is never loaded. Optimistic for the
+        transformers (that part chose their stopping epoch), so it only compares model variants before a run."""
+        args, hp = self.args, self.hp
+        los_all = sorted(set(self.los.labels["subject_id"].to_list()))
+        folds = assign_folds(self.mortality.labels, los_all, args.folds, args.seed)
+        train_m = [i for i in sorted(self.mortality.labels["subject_id"].to_list()) if folds[i] != fold]
+        tokenizer = self.fit_tokenizer(train_m)
+        labels = restrict(self.mortality.labels, train_m).sort("subject_id")
+        train, y, _ = self.mortality_features(tokenizer, self.mortality, labels["subject_id"])
+        events, ids = restrict(self.mortality.events, train_m), labels["subject_id"].to_numpy()
+        row = {int(i): r for r, i in enumerate(ids)}
+        splits = [(fit, [row[int(i)] for i in val]) for fit, val in member_splits(ids, y, hp.ensemble_members, args.seed)]
+        collator = DataCollatorForEventClassification(tokenizer)
+        out, oof = {}, np.zeros(len(ids))
+        for j, (fit_ids, val_rows) in enumerate(splits):
+            member = TabularBaseline(kind="gbm", seed=args.seed * 100 + j).fit(events, restrict(labels, fit_ids))
+            oof[val_rows] = member.predict_proba(restrict(events, ids[val_rows]), restrict(labels, ids[val_rows]))
+        out["gbm_bagged"] = auroc(y, oof)
+        for name in TRANSFORMERS:
+            backbone = None
+            if name == "transformer_pretrained":
+                corpus = self.pretraining_corpus(tokenizer, train_m, [i for i in los_all if folds[i] != fold])
+                backbone = pretrain_backbone(hp, tokenizer, corpus, args.seed)
+            for j, (fit_ids, val_rows) in enumerate(splits):
+                fit, val = [train[row[int(i)]] for i in fit_ids], [train[r] for r in val_rows]
+                model, _ = train_head(hp, tokenizer, fit, val, args.seed * 100 + j, regression=False, backbone=backbone)
+                oof[val_rows] = predict(model, collator, val, hp.batch_size)
+            out[name] = auroc(y, oof)
+        logger.info("development (out-of-fold AUROC on fold %d's training stays): %s", fold, out)
+        return out
+
     def run_mortality(self, tokenizer, train_stays, test_cohort: Cohort, test_stays, backbone_fn, seed: int,
                       tag: dict) -> None:
         hp = self.hp
@@ -653,6 +686,8 @@ def parse_args(argv=None):
     parser.add_argument("--only-folds", type=int, nargs="+", default=None, metavar="K",
                         help="run only these CV folds (to split one seed over processes; --merge joins the parts)")
     parser.add_argument("--no-transfer", action="store_true", help="skip the eICU -> MIMIC transfer")
+    parser.add_argument("--dev", action="store_true",
+                        help="only the development check: out-of-fold AUROC on fold 0's training stays (no test fold)")
     parser.add_argument("--quick", action="store_true", help="tiny subset, 2 folds, tiny model (smoke test)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="PART",
                         help="combine the JSON outputs of runs with different seeds into --output (nothing is run)")
@@ -727,6 +762,10 @@ def main(argv=None) -> dict:
     bench.start = time.perf_counter()
     with threadpool_limits(limits=1):  # the GBM (OpenMP) on one thread, like the transformer
         bench.load()
+        if args.dev:
+            results = {"development": bench.development(), "meta": {"command": command, "quick": args.quick}}
+            write_json(Path(args.output), results)
+            return results
         results = bench.run()
     seconds = time.perf_counter() - bench.start
     results["meta"] = {

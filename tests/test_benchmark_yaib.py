@@ -116,3 +116,18 @@ def test_merge_joins_the_folds_of_one_seed_run_in_two_processes(tmp_path):
     assert results["meta"]["seeds"] == [0] and len(results["meta"]["per_fold"]) == len(rows)
     assert results["mortality24"]["eicu_cv"]["transformer_scratch"]["auroc"]["mean"] == pytest.approx(0.55)
     assert results["meta"]["seconds_wall"] == 10.0
+
+
+def test_development_check_scores_only_training_stays(yaib_demo, tmp_path):
+    """`--dev`: out-of-fold AUROC of every model over fold 0's training stays, written without any test fold."""
+    output = tmp_path / "dev.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "yaib_demo.py"), "--data", str(yaib_demo),
+         "--output", str(output), "--quick", "--dev"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    development = json.loads(output.read_text())["development"]
+    assert set(development) == {"gbm_bagged", "transformer_scratch", "transformer_pretrained"}
+    assert all(0.0 <= v <= 1.0 for v in development.values())
