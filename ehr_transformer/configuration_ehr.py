@@ -49,7 +49,8 @@ class EHRTransformerConfig(PreTrainedConfig):
             Longest time span (hours, default 10 years) the time embedding resolves; sets its lowest frequency.
         classifier_pooling (`str`, defaults to `"mean"`):
             How [`EHRTransformerForSequenceClassification`] summarises a sequence: the `[CLS]` position
-            (`"cls"`) or the mean over real (non-padding) events (`"mean"`).
+            (`"cls"`), the mean over real (non-padding) events (`"mean"`), or each feature's maximum over real
+            events (`"max"`: the most extreme event of a kind speaks for the sequence, as a worst lab value does).
         classifier_dropout (`float`, defaults to 0.1):
             Dropout before the classification layer.
         sparse_prediction (`bool`, defaults to `True`):
@@ -119,7 +120,7 @@ class EHRTransformerConfig(PreTrainedConfig):
     initializer_range: float = 0.02
     num_time_frequencies: int = 16
     max_time_hours: float | int = 87600.0
-    classifier_pooling: Literal["cls", "mean"] = "mean"
+    classifier_pooling: Literal["cls", "mean", "max"] = "mean"
     classifier_dropout: float | int = 0.1
     sparse_prediction: bool = True
     unpad_inputs: bool = True
@@ -142,8 +143,8 @@ class EHRTransformerConfig(PreTrainedConfig):
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads})"
             )
-        if self.classifier_pooling not in ("cls", "mean"):
-            raise ValueError(f"classifier_pooling must be 'cls' or 'mean', got {self.classifier_pooling!r}")
+        if self.classifier_pooling not in ("cls", "mean", "max"):
+            raise ValueError(f"classifier_pooling must be 'cls', 'mean' or 'max', got {self.classifier_pooling!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         objectives = list(self.pretraining_objectives)

@@ -396,9 +396,14 @@ class EHRTransformerModel(EHRTransformerPreTrainedModel):
         self.embeddings.code_embeddings = value
 
     def pool(self, last_hidden_state: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """(B, L, H) -> (B, H): the `[CLS]` position, or the mean over real events."""
+        """(B, L, H) -> (B, H): the `[CLS]` position, or the mean or maximum over real events."""
         if self.config.classifier_pooling == "cls":
             return last_hidden_state[:, 0]
+        if self.config.classifier_pooling == "max":
+            if attention_mask is not None:
+                padding = ~attention_mask.bool().unsqueeze(-1)  # (B, L, 1)
+                last_hidden_state = last_hidden_state.masked_fill(padding, torch.finfo(last_hidden_state.dtype).min)
+            return last_hidden_state.amax(dim=1)
         if attention_mask is None:
             return last_hidden_state.mean(dim=1)
         weights = attention_mask.unsqueeze(-1).to(last_hidden_state.dtype)  # (B, L, 1)

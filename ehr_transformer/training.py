@@ -122,7 +122,7 @@ class ModelArguments:
         default=2, metadata={"help": "Teacher layers averaged into the feature target (objective feature)."}
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2."})
-    classifier_pooling: str = field(default="mean", metadata={"help": "mean or cls pooling for fine-tuning."})
+    classifier_pooling: str = field(default="mean", metadata={"help": "Sequence summary for fine-tuning: mean, max or cls."})
 
 
 # Defaults of the command line that differ from `TrainingArguments`': batches of similar lengths (little padding,

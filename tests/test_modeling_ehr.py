@@ -174,7 +174,7 @@ def test_padding_does_not_change_real_positions():
     torch.testing.assert_close(out[:, :9], base, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("pooling", ["cls", "mean", "max"])
 def test_batch_equals_samples_one_by_one(pooling):
     set_seed(0)
     model = EHRTransformerForSequenceClassification(
