@@ -197,13 +197,26 @@ def inner_split(ids: np.ndarray, y: np.ndarray | None, share: float, seed: int) 
     return np.sort(fit), np.sort(val)
 
 
-def member_splits(ids: np.ndarray, y: np.ndarray, members: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Training-fold stays -> one (fit, validation) pair per ensemble member: stratified folds of the stays, each
-    member validated on its own fold (which only decides when it stops)."""
+def member_splits(y: np.ndarray, members: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Row positions of the training-fold stays -> one (fit, validation) pair per ensemble member: stratified
+    folds of the rows, each member validated on its own fold (which only decides when it stops)."""
     from sklearn.model_selection import StratifiedKFold
 
-    splits = StratifiedKFold(members, shuffle=True, random_state=seed).split(ids, y)
-    return [(np.sort(ids[fit]), np.sort(ids[val])) for fit, val in splits]
+    return list(StratifiedKFold(members, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+
+
+def train_members(hp: HParams, tokenizer, train: list, splits, seed: int, backbone=None):
+    """One classifier per member of `splits` (row positions into `train`), seeded `seed * 100 + j`: yields
+    (model, info) as `train_head` returns them."""
+    for j, (fit_rows, val_rows) in enumerate(splits):
+        fit, val = [train[r] for r in fit_rows], [train[r] for r in val_rows]
+        yield train_head(hp, tokenizer, fit, val, seed * 100 + j, regression=False, backbone=backbone)
+
+
+def gbm_members(events: pl.DataFrame, labels: pl.DataFrame, splits, seed: int) -> list[TabularBaseline]:
+    """One GBM per member of `splits` (row positions into `labels`), fitted on that member's rows."""
+    return [TabularBaseline(kind="gbm", seed=seed * 100 + j).fit(events, labels[fit_rows])
+            for j, (fit_rows, _) in enumerate(splits)]
 
 
 def window_labels(events: pl.DataFrame, cut_hours, skip_first_cut: set[int]) -> pl.DataFrame:
@@ -464,24 +477,21 @@ class Benchmark:
         tokenizer = self.fit_tokenizer(train_m)
         labels = restrict(self.mortality.labels, train_m).sort("subject_id")
         train, y, _ = self.mortality_features(tokenizer, self.mortality, labels["subject_id"])
-        events, ids = restrict(self.mortality.events, train_m), labels["subject_id"].to_numpy()
-        row = {int(i): r for r, i in enumerate(ids)}
-        splits = [(fit, [row[int(i)] for i in val]) for fit, val in member_splits(ids, y, hp.ensemble_members, args.seed)]
+        events = restrict(self.mortality.events, train_m)
+        splits = member_splits(y, hp.ensemble_members, args.seed)
         collator = DataCollatorForEventClassification(tokenizer)
-        out, oof = {}, np.zeros(len(ids))
-        for j, (fit_ids, val_rows) in enumerate(splits):
-            member = TabularBaseline(kind="gbm", seed=args.seed * 100 + j).fit(events, restrict(labels, fit_ids))
-            oof[val_rows] = member.predict_proba(restrict(events, ids[val_rows]), restrict(labels, ids[val_rows]))
+        out, oof = {}, np.zeros(len(y))
+        for member, (_, val_rows) in zip(gbm_members(events, labels, splits, args.seed), splits, strict=True):
+            oof[val_rows] = member.predict_proba(events, labels[val_rows])
         out["gbm_bagged"] = auroc(y, oof)
         for name in TRANSFORMERS:
             backbone = None
             if name == "transformer_pretrained":
                 corpus = self.pretraining_corpus(tokenizer, train_m, [i for i in los_all if folds[i] != fold])
                 backbone = pretrain_backbone(hp, tokenizer, corpus, args.seed)
-            for j, (fit_ids, val_rows) in enumerate(splits):
-                fit, val = [train[row[int(i)]] for i in fit_ids], [train[r] for r in val_rows]
-                model, _ = train_head(hp, tokenizer, fit, val, args.seed * 100 + j, regression=False, backbone=backbone)
-                oof[val_rows] = predict(model, collator, val, hp.batch_size)
+            members = train_members(hp, tokenizer, train, splits, args.seed, backbone)
+            for (model, _), (_, val_rows) in zip(members, splits, strict=True):
+                oof[val_rows] = predict(model, collator, [train[r] for r in val_rows], hp.batch_size)
             out[name] = auroc(y, oof)
         logger.info("development (out-of-fold AUROC on fold %d's training stays): %s", fold, out)
         return out
@@ -494,8 +504,7 @@ class Benchmark:
         train, y_train, _ = self.mortality_features(tokenizer, self.mortality, train_labels["subject_id"])
         test, y, test_labels = self.mortality_features(tokenizer, test_cohort, test_stays)
         test_events = restrict(test_cohort.events, test_stays)
-        row = {int(i): r for r, i in enumerate(train_labels["subject_id"].to_list())}
-        splits = member_splits(train_labels["subject_id"].to_numpy(), y_train, hp.ensemble_members, seed)
+        splits = member_splits(y_train, hp.ensemble_members, seed)
         collator = DataCollatorForEventClassification(tokenizer)
 
         start = time.perf_counter()
@@ -503,19 +512,15 @@ class Benchmark:
         p = baseline.predict_proba(test_events, test_labels)
         self.log_result(tag, "gbm_baseline", binary_metrics(y, p), time.perf_counter() - start)
 
-        start, members = time.perf_counter(), []
-        for j, (fit_ids, _) in enumerate(splits):  # the same member rows as the transformers
-            member = TabularBaseline(kind="gbm", seed=seed * 100 + j).fit(train_events, restrict(train_labels, fit_ids))
-            members.append(member.predict_proba(test_events, test_labels))
+        start = time.perf_counter()  # the same member rows as the transformers
+        members = [m.predict_proba(test_events, test_labels) for m in gbm_members(train_events, train_labels, splits, seed)]
         self.log_result(tag, "gbm_bagged", binary_metrics(y, np.mean(members, axis=0)), time.perf_counter() - start,
                         {"member_auroc": [round(auroc(y, m), 5) for m in members]})
 
         for name in TRANSFORMERS:
             start, members, infos = time.perf_counter(), [], []
             backbone = backbone_fn() if name == "transformer_pretrained" else None
-            for j, (fit_ids, val_ids) in enumerate(splits):
-                fit, val = [train[row[int(i)]] for i in fit_ids], [train[row[int(i)]] for i in val_ids]
-                model, info = train_head(hp, tokenizer, fit, val, seed * 100 + j, regression=False, backbone=backbone)
+            for model, info in train_members(hp, tokenizer, train, splits, seed, backbone):
                 members.append(sigmoid(predict(model, collator, test, hp.batch_size)))
                 infos.append(info)
             self.log_result(tag, name, binary_metrics(y, np.mean(members, axis=0)), time.perf_counter() - start, {
