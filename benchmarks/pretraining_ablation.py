@@ -431,6 +431,39 @@ def tables(records: list[dict], choices: list[dict]) -> dict:
             "transfer": fold(transfer)}
 
 
+def paired_differences(records: list[dict], choices: list[dict]) -> dict:
+    """Per seed, on the same test stays: `pretrained_best` minus each reference at every label budget (AUROC), and
+    on the transfer each calibration step minus `uncalibrated` (ECE, AUROC). Each entry: mean, sd, the per-seed
+    differences and how many seeds are above zero."""
+
+    def summary(diffs: list[float]) -> dict:
+        return {"mean": float(np.mean(diffs)), "std": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0,
+                "n": len(diffs), "n_above_zero": int(sum(d > 0 for d in diffs)),
+                "per_seed": [round(float(d), 5) for d in diffs]}
+
+    out = {}
+    for fraction in sorted({r["fraction"] for r in records if r["part"] == "low_label"}, key=float):
+        diffs = {reference: [] for reference in ("scratch", "scratch+probe", "gbm_baseline")}
+        for c in sorted(choices, key=lambda c: c["seed"]):
+            rows = {row_name(r): r for r in records
+                    if r["part"] == "low_label" and r["seed"] == c["seed"] and r["fraction"] == fraction}
+            best = rows[f"{c['pretrained_best']}+probe" if c["heads"][fraction] == "probe" else c["pretrained_best"]]
+            for reference, values in diffs.items():
+                values.append(best["auroc"] - rows[reference]["auroc"])
+        for reference, values in diffs.items():
+            out[f"low_label/{fraction}/auroc/pretrained_best_minus_{reference}"] = summary(values)
+    for variant in ("values_refit", "temperature_only", "calibrated"):
+        for metric in ("ece", "auroc"):
+            values = []
+            for c in sorted(choices, key=lambda c: c["seed"]):
+                head = c["heads"][fraction_key(1.0)]
+                rows = {r["variant"]: r[metric] for r in records if r["part"] == "transfer" and r["seed"] == c["seed"]
+                        and r["config"] == c["pretrained_best"] and r["head"] == head}
+                values.append(rows[variant] - rows["uncalibrated"])
+            out[f"transfer/{metric}/pretrained_best_{variant}_minus_uncalibrated"] = summary(values)
+    return out
+
+
 def markdown_tables(results: dict) -> str:
     """The README's tables: AUROC by label budget, and the transfer with and without calibration."""
     cell = lambda c, m: f"{c[m]['mean']:.3f} ± {c[m]['std']:.3f}"  # noqa: E731
@@ -508,6 +541,9 @@ def main(argv=None) -> dict:
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
         records = [r for p in parts for r in p["meta"]["records"]]
         choices = [c for p in parts for c in p["meta"]["choices"]]
+        seeds = [c["seed"] for c in choices]
+        if len(set(seeds)) != len(seeds):
+            raise SystemExit(f"--merge: a seed appears in more than one of {args.merge}; it would count twice")
         results = tables(records, choices)
         meta = copy.deepcopy(parts[0]["meta"])
         meta.update(records=records, choices=choices, seeds=sorted({s for p in parts for s in p["meta"]["seeds"]}),
@@ -515,11 +551,14 @@ def main(argv=None) -> dict:
                     seconds=round(sum(p["meta"]["seconds"] for p in parts), 1),
                     parts=[{"command": p["meta"]["command"], "seconds": p["meta"]["seconds"],
                             "machine": p["meta"]["machine"]} for p in parts],
-                    command=" ".join(["python", "benchmarks/pretraining_ablation.py", *(sys.argv[1:] if argv is None else argv)]))
+                    command=" ".join(["python", "benchmarks/pretraining_ablation.py", *(sys.argv[1:] if argv is None else argv)]),
+                    paired_differences=paired_differences(records, choices))
         results["meta"] = meta
         write_json(output, results)
         plot_learning_curve(results, plot)
         print(markdown_tables(results))
+        for key, d in meta["paired_differences"].items():
+            print(f"{key}: {d['mean']:+.3f} ± {d['std']:.3f} (above zero in {d['n_above_zero']} of {d['n']})")
         return results
 
     require_data(args.data)
@@ -552,6 +591,7 @@ def main(argv=None) -> dict:
         "hyperparameters": {"model": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(hp).items()},
                             "ablation": asdict(ap)},
         "choices": bench.choices,
+        "paired_differences": paired_differences(bench.records, bench.choices),
         "pretraining_logs": bench.pretraining_logs,
         "records": bench.records,
     }

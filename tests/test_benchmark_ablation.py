@@ -62,3 +62,23 @@ def test_quick_ablation_writes_the_results_json(yaib_demo, tmp_path):
         objectives = ["code", "value", "time", "feature"] if log["config"].startswith("all_") else [log["config"]]
         assert {f"{o}_weight" for o in objectives} | {f"{o}_loss" for o in objectives} <= set(log["last_log"]), log
     assert (tmp_path / "ablation_learning_curve.png").stat().st_size > 0
+
+    # the paired differences are the table's own figures, seed by seed (one seed here)
+    paired = meta["paired_differences"]
+    for fraction in FRACTIONS:
+        low = results["low_label"][fraction]
+        for reference in ("scratch", "scratch+probe", "gbm_baseline"):
+            d = paired[f"low_label/{fraction}/auroc/pretrained_best_minus_{reference}"]
+            assert d["n"] == 1
+            assert abs(d["mean"] - (low["pretrained_best"]["auroc"]["mean"] - low[reference]["auroc"]["mean"])) < 1e-4
+    d = paired["transfer/ece/pretrained_best_calibrated_minus_uncalibrated"]
+    assert abs(d["mean"] - (transfer["calibrated"]["ece"]["mean"] - transfer["uncalibrated"]["ece"]["mean"])) < 1e-4
+
+    # merging a seed with itself would count it twice: refused
+    merged = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "pretraining_ablation.py"), "--merge", str(output), str(output),
+         "--output", str(tmp_path / "merged.json")],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert merged.returncode != 0 and "count twice" in merged.stderr
+    assert not (tmp_path / "merged.json").exists()
