@@ -88,7 +88,7 @@ from ehr_transformer.modeling_ehr import (  # noqa: E402
 from ehr_transformer.pretraining import PretrainingTrainer  # noqa: E402
 from ehr_transformer.selection import embed_sequences  # noqa: E402
 from ehr_transformer.tokenization_ehr import EHREventTokenizer  # noqa: E402
-from ehr_transformer.training import init_bias_to_prevalence  # noqa: E402
+from ehr_transformer.training import PROBE_PENALTIES, fit_linear_probe, init_bias_to_prevalence  # noqa: E402
 from ehr_transformer.utils import write_json  # noqa: E402
 
 logger = logging.getLogger("pretraining_ablation")
@@ -119,8 +119,9 @@ class AblationParams:
     test_share: float = 0.25
     validation_share: float = 0.15
     logging_steps: int = 20  # per-objective losses and weights logged every this many pretraining steps
-    probe_penalties: tuple[float, ...] = tuple(np.logspace(-4, 1, 11).round(6))  # C grid of the linear probe
+    probe_penalties: tuple[float, ...] = PROBE_PENALTIES  # C grid of the linear probe
     probe_folds: int = 5  # cross-validation folds for the probe's C (fewer where there are fewer positives)
+    # (the probe is `ehr_transformer.training.fit_linear_probe`)
 
 
 def fraction_key(fraction: float) -> str:
@@ -207,20 +208,6 @@ def finetune(hp: HParams, ap: AblationParams, tokenizer, fit, seed: int, backbon
             if step >= ap.finetune_steps:
                 break
     return model
-
-
-def fit_probe(ap: AblationParams, embeddings: np.ndarray, y: np.ndarray, seed: int):
-    """L2 logistic regression on standardised frozen embeddings `(N, H)`, C chosen by stratified cross-validation
-    (log loss) on these rows alone, then refitted on all of them. Its `decision_function` gives logits."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    folds = StratifiedKFold(min(ap.probe_folds, int(y.sum()), int((1 - y).sum())), shuffle=True, random_state=seed)
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
-    grid = {"logisticregression__C": list(ap.probe_penalties)}
-    return GridSearchCV(probe, grid, cv=folds, scoring="neg_log_loss").fit(embeddings, y)
 
 
 class Ablation:
@@ -321,7 +308,8 @@ class Ablation:
                     logits = {split: predict(model, collator, splits[split][0], hp.batch_size) for split in splits}
                 else:  # frozen backbone, logistic regression on its pooled embeddings
                     model = classifier(hp, tokenizer, seed, backbones[config], device)
-                    probe = fit_probe(ap, embed_sequences(model, tokenizer, fit_split[2]), fit_split[1], seed)
+                    probe = fit_linear_probe(embed_sequences(model, tokenizer, fit_split[2]), fit_split[1], seed,
+                                             ap.probe_penalties, ap.probe_folds)
                     logits = {split: probe.decision_function(embed_sequences(model, splits[split][3], splits[split][2]))
                               for split in splits}
                 validation[head] = binary_metrics(y_val, sigmoid(logits["val"]))["auroc"]

@@ -504,6 +504,33 @@ def init_bias_to_prevalence(model: EHRTransformerForSequenceClassification, labe
     return prevalences
 
 
+PROBE_PENALTIES = tuple(np.logspace(-4, 1, 11).round(6))  # the probe's C grid, 1e-4 ... 10 (float64: exact with float32 inputs)
+
+
+def fit_linear_probe(embeddings: np.ndarray, labels, seed: int = 0, penalties=PROBE_PENALTIES, folds: int = 5):
+    """The few-label alternative to fine-tuning: an L2 logistic regression on standardised frozen embeddings
+    `(N, H)` (e.g. `ehr_transformer.selection.embed_sequences(model, tokenizer, rows)`) for binary `labels` `(N,)`,
+    its inverse penalty C chosen from `penalties` by stratified cross-validation (log loss) on these rows alone,
+    then refitted on all of them (the CLMBR / femr evaluation protocol). Returns the fitted scikit-learn search:
+    `predict_proba(X)[:, 1]` gives risks, `decision_function(X)` logits. Needs at least 2 rows of each class."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    y = np.asarray(labels).astype(int)
+    if set(np.unique(y).tolist()) != {0, 1}:
+        raise ValueError(f"fit_linear_probe: labels must be binary 0/1 with both classes present, got {np.unique(y)}")
+    n_folds = min(folds, int(y.sum()), int((1 - y).sum()))
+    if n_folds < 2:
+        raise ValueError(f"fit_linear_probe: needs at least 2 positive and 2 negative rows, got {int(y.sum())} "
+                         f"positive of {len(y)}")
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+    grid = {"logisticregression__C": list(penalties)}
+    cv = StratifiedKFold(n_folds, shuffle=True, random_state=seed)
+    return GridSearchCV(probe, grid, cv=cv, scoring="neg_log_loss").fit(np.asarray(embeddings), y)
+
+
 @torch.no_grad()
 def predict_logits(model, dataset, tokenizer: EHREventTokenizer, batch_size: int = 64) -> np.ndarray:
     """`(N, C)` float32 logits of a classifier in eval mode (so divided by `config.temperature`) for every row of a

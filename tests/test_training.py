@@ -10,14 +10,17 @@ import polars as pl
 import pytest
 import torch
 from conftest import REPO_ROOT
+from sklearn.metrics import roc_auc_score
 from transformers import AutoModelForSequenceClassification, TrainingArguments
 
 from ehr_transformer import EHREventTokenizer, EHRTransformerForSequenceClassification
 from ehr_transformer.training import (
+    PROBE_PENALTIES,
     DataArguments,
     ModelArguments,
     evaluate_checkpoint,
     finetune,
+    fit_linear_probe,
     predict,
     pretrain,
 )
@@ -235,3 +238,29 @@ def test_init_bias_to_prevalence_starts_binary_outputs_at_the_base_rate():
     assert init_bias_to_prevalence(model, labels) == [0.25]
     assert math.isclose(torch.sigmoid(model.classifier.bias[0].detach()).item(), 0.25, rel_tol=1e-5)
     assert model.classifier.bias[1].item() == regression_bias  # regression outputs are left alone
+
+
+def test_linear_probe_finds_the_outcome_direction_in_frozen_embeddings():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(20, dtype=int), np.zeros(280, dtype=int)]
+    embeddings = rng.normal(size=(300, 16))
+    embeddings[:, 3] += 3.0 * y  # one direction carries the outcome (Bayes AUROC 0.98), the other 15 are noise
+    train, test = rng.permutation(300)[:200], np.arange(300)
+    test = np.setdiff1d(test, train)
+    probe = fit_linear_probe(embeddings[train], y[train], seed=0)
+    assert probe.best_params_["logisticregression__C"] in PROBE_PENALTIES
+    risk = probe.predict_proba(embeddings[test])[:, 1]
+    assert roc_auc_score(y[test], risk) > 0.9
+    weights = np.abs(probe.best_estimator_[-1].coef_[0])
+    assert weights.argmax() == 3
+    # the same rows and seed give the same probe
+    again = fit_linear_probe(embeddings[train], y[train], seed=0)
+    np.testing.assert_array_equal(again.decision_function(embeddings[test]), probe.decision_function(embeddings[test]))
+
+
+def test_linear_probe_refuses_labels_it_cannot_cross_validate():
+    embeddings = np.random.default_rng(1).normal(size=(10, 4))
+    with pytest.raises(ValueError, match="at least 2 positive and 2 negative rows, got 1 positive of 10"):
+        fit_linear_probe(embeddings, [1] + [0] * 9)
+    with pytest.raises(ValueError, match="binary 0/1"):
+        fit_linear_probe(embeddings, [0] * 10)
