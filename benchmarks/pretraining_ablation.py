@@ -463,6 +463,8 @@ def markdown_tables(results: dict) -> str:
     for config in configs:
         row = [cell(results["low_label"][f][config], "auroc") if config in results["low_label"][f] else ""
                for f in fractions]
+        if not any(row):  # a configuration this run did not train
+            continue
         lines.append(f"| {config} | " + " | ".join(row) + " |")
     lines += ["", "| eICU → MIMIC | AUROC | AUPRC | Brier | ECE |", "|---|---|---|---|---|"]
     for key in ["gbm_baseline", "scratch", "scratch+calibrated", "scratch+probe", "scratch+probe+calibrated",
@@ -509,6 +511,8 @@ def parse_args(argv=None):
     parser.add_argument("--ablation-fractions", type=float, nargs="+", default=[0.1, 1.0],
                         help="label budgets at which every configuration runs (the others: scratch, gbm, best)")
     parser.add_argument("--configs", nargs="+", default=list(PRETRAINED), choices=list(PRETRAINED))
+    parser.add_argument("--pretrain-epochs", type=float, default=None,
+                        help=f"pretraining epochs of every backbone (default {AblationParams.pretrain_epochs})")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="where the transformers train and predict (cpu, cuda)")
     parser.add_argument("--quick", action="store_true", help="tiny subset and model, one seed (smoke test)")
@@ -556,6 +560,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     hp = replace(HParams(), **QUICK) if args.quick else HParams()
     ap = replace(AblationParams(), finetune_steps=4, pretrain_epochs=1, logging_steps=4) if args.quick else AblationParams()
+    if args.pretrain_epochs is not None:
+        ap = replace(ap, pretrain_epochs=args.pretrain_epochs)
     load_start = os.getloadavg()
     start = time.perf_counter()
     bench = Ablation(args, hp, ap)
