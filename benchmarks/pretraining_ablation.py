@@ -425,14 +425,14 @@ def paired_differences(records: list[dict], choices: list[dict]) -> dict:
     differences and how many seeds are above zero."""
 
     def summary(diffs: list[float]) -> dict:
-        return {"mean": float(np.mean(diffs)), "std": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0,
-                "n": len(diffs), "n_above_zero": int(sum(d > 0 for d in diffs)),
-                "per_seed": [round(float(d), 5) for d in diffs]}
+        return summarize(diffs) | {"n_above_zero": int(sum(d > 0 for d in diffs)),
+                                   "per_seed": [round(float(d), 5) for d in diffs]}
 
+    ordered = sorted(choices, key=lambda c: c["seed"])
     out = {}
     for fraction in sorted({r["fraction"] for r in records if r["part"] == "low_label"}, key=float):
         diffs = {reference: [] for reference in ("scratch", "scratch+probe", "gbm_baseline")}
-        for c in sorted(choices, key=lambda c: c["seed"]):
+        for c in ordered:
             rows = {row_name(r): r for r in records
                     if r["part"] == "low_label" and r["seed"] == c["seed"] and r["fraction"] == fraction}
             best = rows[f"{c['pretrained_best']}+probe" if c["heads"][fraction] == "probe" else c["pretrained_best"]]
@@ -440,16 +440,16 @@ def paired_differences(records: list[dict], choices: list[dict]) -> dict:
                 values.append(best["auroc"] - rows[reference]["auroc"])
         for reference, values in diffs.items():
             out[f"low_label/{fraction}/auroc/pretrained_best_minus_{reference}"] = summary(values)
-    for variant in ("values_refit", "temperature_only", "calibrated"):
-        for metric in ("ece", "auroc"):
-            values = []
-            for c in sorted(choices, key=lambda c: c["seed"]):
-                head = c["heads"][fraction_key(1.0)]
-                rows = {r["variant"]: r[metric] for r in records if r["part"] == "transfer" and r["seed"] == c["seed"]
-                        and r["config"] == c["pretrained_best"] and r["head"] == head}
-                values.append(rows[variant] - rows["uncalibrated"])
-            out[f"transfer/{metric}/pretrained_best_{variant}_minus_uncalibrated"] = summary(values)
-    return out
+    transfer = {}
+    for c in ordered:
+        head = c["heads"][fraction_key(1.0)]
+        rows = {r["variant"]: r for r in records if r["part"] == "transfer" and r["seed"] == c["seed"]
+                and r["config"] == c["pretrained_best"] and r["head"] == head}
+        for variant in ("values_refit", "temperature_only", "calibrated"):
+            for metric in ("ece", "auroc"):
+                key = f"transfer/{metric}/pretrained_best_{variant}_minus_uncalibrated"
+                transfer.setdefault(key, []).append(rows[variant][metric] - rows["uncalibrated"][metric])
+    return out | {key: summary(values) for key, values in transfer.items()}
 
 
 def markdown_tables(results: dict) -> str:
