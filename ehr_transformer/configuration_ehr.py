@@ -51,6 +51,11 @@ class EHRTransformerConfig(PreTrainedConfig):
             How [`EHRTransformerForSequenceClassification`] summarises a sequence: the `[CLS]` position
             (`"cls"`), the mean over real (non-padding) events (`"mean"`), or each feature's maximum over real
             events (`"max"`: the most extreme event of a kind speaks for the sequence, as a worst lab value does).
+        classifier_head (`str`, defaults to `"mlp"`):
+            What [`EHRTransformerForSequenceClassification`] puts between the pooled vector and its classification
+            layer: a dense + activation + LayerNorm layer (`"mlp"`), or nothing (`"linear"`: logits are an affine
+            function of the pooled backbone output, the form of a linear probe on frozen features, see
+            `ehr_transformer.training.linear_probe_classifier`).
         classifier_dropout (`float`, defaults to 0.1):
             Dropout before the classification layer.
         sparse_prediction (`bool`, defaults to `True`):
@@ -121,6 +126,7 @@ class EHRTransformerConfig(PreTrainedConfig):
     num_time_frequencies: int = 16
     max_time_hours: float | int = 87600.0
     classifier_pooling: Literal["cls", "mean", "max"] = "mean"
+    classifier_head: Literal["mlp", "linear"] = "mlp"
     classifier_dropout: float | int = 0.1
     sparse_prediction: bool = True
     unpad_inputs: bool = True
@@ -145,6 +151,8 @@ class EHRTransformerConfig(PreTrainedConfig):
             )
         if self.classifier_pooling not in ("cls", "mean", "max"):
             raise ValueError(f"classifier_pooling must be 'cls', 'mean' or 'max', got {self.classifier_pooling!r}")
+        if self.classifier_head not in ("mlp", "linear"):
+            raise ValueError(f"classifier_head must be 'mlp' or 'linear', got {self.classifier_head!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         objectives = list(self.pretraining_objectives)

@@ -650,13 +650,17 @@ class EHRTransformerForSequenceClassification(EHRTransformerPreTrainedModel):
     Multitask (`config.task_names` / `config.task_types`): T tasks share the backbone and the pooled head; each
     task has its own output row of `classifier` (a `(T, H)` weight), so the logits are `(B, T)` and a single-task
     checkpoint's layout is unchanged. The loss is the mean over tasks of BCE ("binary") or MSE ("regression"),
-    each over the task's non-NaN labels; `task_losses` gives them one by one."""
+    each over the task's non-NaN labels; `task_losses` gives them one by one.
+
+    `config.classifier_head` chooses what lies between the pooled vector and `classifier`: the dense + activation
+    + LayerNorm `head` ("mlp"), or nothing ("linear": `head` is an identity without weights, so the logits are
+    affine in the pooled output, as for a linear probe on frozen features)."""
 
     def __init__(self, config: EHRTransformerConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.model = EHRTransformerModel(config)
-        self.head = EHRTransformerPredictionHead(config)
+        self.head = EHRTransformerPredictionHead(config) if config.classifier_head == "mlp" else nn.Identity()
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
@@ -734,7 +738,7 @@ class EHRTransformerForSequenceClassification(EHRTransformerPreTrainedModel):
             **kwargs,
         )
         pooled = outputs.pooler_output  # (B, H)
-        logits = self.classifier(self.dropout(self.head(pooled)))  # (B, C)
+        logits = self.classifier(self.dropout(self.head(pooled)))  # (B, C); head = identity if "linear"
         if not self.training and self.config.temperature != 1.0:
             if self.config.task_types is None:
                 logits = logits / self.config.temperature

@@ -1,6 +1,7 @@
 """The checks users of `transformers` rely on, for every head of the EHR transformer."""
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -295,10 +296,52 @@ def test_temperature_divides_logits_in_eval_only():
         tiny_config(temperature=0.0)
 
 
-def test_trust_remote_code_load_without_the_package(tmp_path):
+def test_linear_classifier_head_is_affine_in_the_pooled_output():
+    set_seed(0)
+    model = EHRTransformerForSequenceClassification(tiny_config(num_labels=2, classifier_head="linear")).eval()
+    assert not any(name.startswith("head.") for name in model.state_dict())
+    inputs = make_inputs()
+    out = model(**inputs, labels=torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]]))
+    assert out.logits.shape == (3, 2) and out.pooler_output.shape == (3, 32)
+    expected = out.pooler_output @ model.classifier.weight.T + model.classifier.bias  # (B, C)
+    torch.testing.assert_close(out.logits, expected)
+    out.loss.backward()
+    assert model.classifier.weight.grad is not None
+    assert model.model.embeddings.code_embeddings.weight.grad is not None
+
+
+def test_linear_classifier_head_save_load_round_trip(tmp_path):
+    from safetensors import safe_open
+
+    set_seed(0)
+    model = EHRTransformerForSequenceClassification(tiny_config(num_labels=1, classifier_head="linear")).eval()
+    inputs = make_inputs()
+    expected = model(**inputs).logits
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as weights:
+        assert not any(name.startswith("head.") for name in weights.keys())
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert reloaded.config.classifier_head == "linear" and isinstance(reloaded.head, torch.nn.Identity)
+    torch.testing.assert_close(reloaded(**inputs).logits, expected)
+
+
+def test_classifier_head_defaults_to_mlp_and_is_checked(tmp_path):
+    assert tiny_config().classifier_head == "mlp"
+    tiny_config().save_pretrained(tmp_path)  # a config.json written before the field existed loads as "mlp"
+    fields = json.loads((tmp_path / "config.json").read_text())
+    del fields["classifier_head"]
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+    assert AutoConfig.from_pretrained(tmp_path).classifier_head == "mlp"
+    assert "head.dense.weight" in EHRTransformerForSequenceClassification(tiny_config(num_labels=1)).state_dict()
+    with pytest.raises(Exception, match="classifier_head"):
+        tiny_config(classifier_head="mlp2")
+
+
+@pytest.mark.parametrize("classifier_head", ["mlp", "linear"])
+def test_trust_remote_code_load_without_the_package(tmp_path, classifier_head):
     """A saved folder carries its modeling code: it loads in a process where ehr_transformer cannot be imported."""
     set_seed(0)
-    model = EHRTransformerForSequenceClassification(tiny_config(num_labels=1)).eval()
+    model = EHRTransformerForSequenceClassification(tiny_config(num_labels=1, classifier_head=classifier_head)).eval()
     model.save_pretrained(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "modeling_ehr.py").exists()
     inputs = make_inputs()
@@ -316,6 +359,7 @@ def test_trust_remote_code_load_without_the_package(tmp_path):
         from transformers import AutoModelForSequenceClassification
         model = AutoModelForSequenceClassification.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True).eval()
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        assert model.config.classifier_head == {classifier_head!r}
         inputs = torch.load({str(tmp_path / "inputs.pt")!r})
         torch.save(model(**inputs).logits, {str(tmp_path / "logits.pt")!r})
         """
