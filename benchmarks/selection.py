@@ -177,6 +177,42 @@ def finetuned_predictions(
     return np.stack(probabilities), labels, np.unique(keys, return_inverse=True)[1]
 
 
+def probe_predictions(checkpoint: Path, user: Path, evaluation: list[tuple[Path, str]], fraction: float, seeds: int):
+    """Head-only fine-tuning: `training.fit_linear_probe` on `checkpoint`'s frozen pooled embeddings (mean
+    pooling, the fine-tune's default) of `fraction` of the user's training rows, once per seed (the rows a
+    fine-tune with that seed gets: `training._subsample_labels`). Returns what `finetuned_predictions` does."""
+    import numpy as np
+    from transformers import AutoModel
+
+    from ehr_transformer.data.dataset import build_labeled_dataset
+    from ehr_transformer.selection import embed_sequences
+    from ehr_transformer.tokenization_ehr import EHREventTokenizer
+    from ehr_transformer.training import _subsample_labels, fit_linear_probe
+
+    tokenizer = EHREventTokenizer.from_pretrained(checkpoint)
+    model = AutoModel.from_pretrained(checkpoint, use_safetensors=True).eval()
+    model.config.classifier_pooling = "mean"
+    labels_file = user / "labels" / f"{TASK}.parquet"
+    train = build_labeled_dataset(user, labels_file, tokenizer, split="train")
+    train = train.add_column("row", list(range(len(train))))
+    train_features = embed_sequences(model, tokenizer, train)  # (N_train, H)
+    train_labels = np.asarray(train["labels"], dtype=np.float64).reshape(len(train))
+    datasets_ = [
+        build_labeled_dataset(d, d / "labels" / f"{TASK}.parquet", tokenizer, split=s) for d, s in evaluation
+    ]
+    features = np.concatenate([embed_sequences(model, tokenizer, d) for d in datasets_])  # (N, H)
+    labels = np.concatenate([np.asarray(d["labels"], dtype=np.float64).reshape(len(d)) for d in datasets_])
+    keys = np.concatenate(
+        [np.asarray(d["subject_id"], dtype=np.int64) + i * 10**9 for i, d in enumerate(datasets_)]
+    )
+    probabilities = []
+    for seed in range(seeds):
+        rows = np.asarray(_subsample_labels(train, fraction, seed)["row"])
+        probe = fit_linear_probe(train_features[rows], train_labels[rows], seed=seed)
+        probabilities.append(probe.predict_proba(features)[:, 1])
+    return np.stack(probabilities), labels, np.unique(keys, return_inverse=True)[1]
+
+
 def truth_with_errors(probabilities, labels, clusters, n_boot: int, seed: int) -> dict:
     """Mean AUROC over fine-tuning seeds per candidate, its standard error and the paired errors of differences.
 
@@ -335,6 +371,16 @@ def summarize(cases: list[dict], settings: dict) -> dict:
         "goal_met": len(cases) >= 5 and figures["top1_correct_cases"] >= 4 and (figures["mean_spearman"] or 0.0) >= 0.7,
         "components_alone": components,
     }  # fmt: skip
+    if cases and all("frozen_probe" in c for c in cases):
+        summary["frozen_probe"] = {
+            "truth": (
+                f"head-only fine-tuning: a linear probe (training.fit_linear_probe) on each candidate's frozen "
+                f"mean-pooled embeddings of {fraction:.0%} of the user's training labels (the rows of the few-label "
+                f"fine-tune at the same seed), {settings['probe_seeds']} seeds; mean AUROC on the same evaluation "
+                "subjects"
+            ),
+            **verdict_counts([c["frozen_probe"] for c in cases]),
+        }
     if cases and all("full_labels" in c for c in cases):
         summary["full_labels"] = {
             "truth": (
@@ -448,6 +494,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--finetune_seeds", type=int, default=3, help="full-label fine-tunes per (case, candidate), averaged"
     )
     parser.add_argument(
+        "--probe_seeds", type=int, default=20,
+        help="head-only fine-tunes (linear probe on frozen features) per (case, candidate), averaged",
+    )  # fmt: skip
+    parser.add_argument(
         "--no_full_label_truth", action="store_true", help="skip the full-label truth (smoke tests)"
     )
     parser.add_argument(
@@ -502,7 +552,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
         hidden_size=args.hidden_size, num_hidden_layers=args.layers, num_attention_heads=4,
         intermediate_size=2 * args.hidden_size, max_length=args.max_length, min_code_count=5,
     )  # fmt: skip
-    timings = {"pretraining_s": 0.0, "selection_s": 0.0, "finetuning_low_label_s": 0.0, "finetuning_full_labels_s": 0.0}  # fmt: skip
+    timings = {"pretraining_s": 0.0, "selection_s": 0.0, "finetuning_low_label_s": 0.0, "frozen_probe_s": 0.0, "finetuning_full_labels_s": 0.0}  # fmt: skip
     names = [level[0] for level in levels]
     cases = []
     for source, profile, seed in hospitals:
@@ -557,6 +607,10 @@ def run(args: argparse.Namespace, command: str) -> dict:
             }
             for n, r, truth in zip(names, rows, case["candidates"], strict=True)
         ]  # fmt: skip
+        t0 = time.perf_counter()
+        runs = [probe_predictions(checkpoints[n], user, evaluation, args.finetune_label_fraction, args.probe_seeds) for n in names]  # fmt: skip
+        timings["frozen_probe_s"] += time.perf_counter() - t0
+        case["frozen_probe"] = judge(runs, rows, names, args.bootstrap, seed)
         if not args.no_full_label_truth:
             t0 = time.perf_counter()
             runs = [finetuned_predictions(checkpoints[n], user, evaluation, work, args, 1.0, args.finetune_seeds) for n in names]  # fmt: skip
@@ -565,16 +619,18 @@ def run(args: argparse.Namespace, command: str) -> dict:
         cases.append(case)
         print(
             f"user {source}: selected {case['selected']}; {args.finetune_label_fraction:.0%} of labels: {describe(case)}"
+            + f"; frozen probe: {describe(case['frozen_probe'])}"
             + (f"; all labels: {describe(case['full_labels'])}" if "full_labels" in case else "")
             + f"; {time.perf_counter() - started:.0f} s so far",
             flush=True,
         )  # fmt: skip
         full = {c["checkpoint"]: c for c in case.get("full_labels", {}).get("candidates", [])}
+        probe = {c["checkpoint"]: c for c in case["frozen_probe"]["candidates"]}
         for c in case["candidates"]:
             print(
                 f"    {c['checkpoint']:<9} codes {c['code_coverage']:.3f} fit {c['fit']:.3f} logme "
                 f"{c['transferability']:.4f} combined {c['combined']:.3f} auroc {c['finetuned_auroc']:.3f} "
-                f"± {c['finetuned_auroc_se']:.3f}"
+                f"± {c['finetuned_auroc_se']:.3f} (frozen probe {probe[c['checkpoint']]['finetuned_auroc']:.3f})"
                 + (f" (all labels {full[c['checkpoint']]['finetuned_auroc']:.3f})" if full else ""),
                 flush=True,
             )
@@ -607,6 +663,12 @@ def main(argv: list[str] | None = None) -> None:
         f"{summary['label_fraction']:.0%} of labels: top-1 right in {summary['top1_correct_cases']} of "
         f"{summary['n_cases']} cases ({summary['top1_within_noise_cases']} within noise, {summary['top2_separable_cases']} "
         f"with a separable top two), mean Spearman {summary['mean_spearman']}"
+        + (
+            f"; frozen probe: top-1 right in {summary['frozen_probe']['top1_correct_cases']}, "
+            f"{summary['frozen_probe']['top2_separable_cases']} separable, mean Spearman {summary['frozen_probe']['mean_spearman']}"
+            if "frozen_probe" in summary
+            else ""
+        )
         + (
             f"; all labels: top-1 right in {summary['full_labels']['top1_correct_cases']}, "
             f"{summary['full_labels']['top2_separable_cases']} separable, mean Spearman {summary['full_labels']['mean_spearman']}"

@@ -318,7 +318,8 @@ def check_verdicts(verdict: dict, candidates: list[dict], seeds: int) -> None:
 
 def test_selection_benchmark_runs_and_writes_its_json(tmp_path):
     """benchmarks/selection.py on a tiny setting (one user hospital, its two least mismatched checkpoints, half
-    the labels with two seeds as the primary truth, all labels with two seeds beside): the JSON the README reads,
+    the labels with two seeds as the primary truth, all labels with two seeds and a frozen-feature probe on half
+    the labels with three seeds beside): the JSON the README reads,
     each case's verdicts checked against each truth's own fine-tuned AUROCs, and an older run's cases kept under
     `previous_zoo`."""
     from conftest import REPO_ROOT
@@ -329,7 +330,7 @@ def test_selection_benchmark_runs_and_writes_its_json(tmp_path):
         sys.executable, str(REPO_ROOT / "benchmarks" / "selection.py"), "--output", str(output), "--hospitals", "1",
         "--hospital_index", "0", "--levels", "2", "--pretrain_subjects", "200", "--user_subjects", "200",
         "--eval_subjects", "200", "--pretrain_epochs", "1", "--finetune_epochs", "1", "--finetune_label_fraction",
-        "0.5", "--low_label_seeds", "2", "--finetune_seeds", "2", "--bootstrap", "20", "--max_length", "48",
+        "0.5", "--low_label_seeds", "2", "--finetune_seeds", "2", "--probe_seeds", "3", "--bootstrap", "20", "--max_length", "48",
         "--max_labels", "200", "--previous_zoo", str(older),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
@@ -347,6 +348,8 @@ def test_selection_benchmark_runs_and_writes_its_json(tmp_path):
         assert case["selected"] == case["full_labels"]["selected"] == chosen
         check_verdicts(case, case["candidates"], seeds=2)  # primary: half the labels
         check_verdicts(case["full_labels"], case["full_labels"]["candidates"], seeds=2)
+        check_verdicts(case["frozen_probe"], case["frozen_probe"]["candidates"], seeds=3)
+        assert case["frozen_probe"]["selected"] == chosen
         # the two truths are separate fine-tunes: on half the labels and on all of them
         assert [c["finetuned_auroc_by_seed"] for c in case["candidates"]] != [
             c["finetuned_auroc_by_seed"] for c in case["full_labels"]["candidates"]
@@ -359,6 +362,9 @@ def test_selection_benchmark_runs_and_writes_its_json(tmp_path):
     full = data["full_labels"]
     assert full["top1_correct_cases"] == sum(c["full_labels"]["top1_correct"] for c in data["cases"])
     assert set(full["components_alone"]) == set(data["components_alone"])
+    probe = data["frozen_probe"]
+    assert probe["top1_correct_cases"] == sum(c["frozen_probe"]["top1_correct"] for c in data["cases"])
+    assert "3 seeds" in probe["truth"] and data["timings"]["frozen_probe_s"] > 0
     assert data["timings"]["finetuning_low_label_s"] > 0 and data["timings"]["finetuning_full_labels_s"] > 0
 
 
