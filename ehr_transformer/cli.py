@@ -5,6 +5,7 @@
     ehr-transformer convert-wide --dyn F --sta F --outc F --task mortality24 --output DIR
     ehr-transformer pretrain --data_dir MEDS --output_dir DIR [TrainingArguments ...]
     ehr-transformer finetune --data_dir MEDS --labels FILE --model_name_or_path DIR --output_dir DIR [...]
+                             [--linear_probe]                 frozen backbone + logistic regression (few labels)
     ehr-transformer evaluate --checkpoint DIR --data_dir MEDS --labels FILE [--output DIR]
     ehr-transformer predict --checkpoint DIR --data_dir MEDS --labels FILE --output predictions.parquet
     ehr-transformer adapt --checkpoint DIR --data_dir TARGET_MEDS --labels FILE --output_dir DIR [--no_refit_values]
@@ -48,7 +49,8 @@ def _finetune(argv: list[str]) -> int:
     data_args, model_args, training_args = _parse_training(argv)
     finetune(data_args, model_args, training_args)
     finish_distributed()
-    print(f"fine-tuned checkpoint written to {training_args.output_dir}")
+    kind = "linear-probe" if model_args.linear_probe else "fine-tuned"
+    print(f"{kind} checkpoint written to {training_args.output_dir}")
     return 0
 
 
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ehr-transformer", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("pretrain", help="masked event pretraining (takes TrainingArguments flags)")
-    sub.add_parser("finetune", help="fine-tune on a label file (takes TrainingArguments flags)")
+    sub.add_parser("finetune", help="fine-tune on a label file (takes TrainingArguments flags; --linear_probe)")
 
     p = sub.add_parser("quickstart", help="synthetic cohort -> pretrain -> fine-tune -> evaluate -> reload")
     p.add_argument("--output", default="quickstart_output")

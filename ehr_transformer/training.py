@@ -33,7 +33,11 @@ from .configuration_ehr import EHRTransformerConfig
 from .data.collators import DataCollatorForEventClassification, DataCollatorForMaskedEventModeling
 from .data.dataset import build_labeled_dataset, build_pretraining_dataset, build_stats, join_task_labels
 from .data.meds import iter_shards, read_labels, read_subject_splits
-from .modeling_ehr import EHRTransformerForMaskedEventModeling, EHRTransformerForSequenceClassification
+from .modeling_ehr import (
+    EHRTransformerForMaskedEventModeling,
+    EHRTransformerForSequenceClassification,
+    EHRTransformerModel,
+)
 from .safety import ReproducibleMasking, ResumableTrainer, check_checkpoint_folder
 from .tokenization_ehr import EHREventTokenizer
 from .utils import write_json
@@ -123,6 +127,15 @@ class ModelArguments:
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2."})
     classifier_pooling: str = field(default="mean", metadata={"help": "Sequence summary for fine-tuning: mean, max or cls."})
+    linear_probe: bool = field(
+        default=False,
+        metadata={
+            "help": "Instead of fine-tuning, fit an L2 logistic regression on the frozen pretrained backbone's pooled "
+            "embeddings of the (label_fraction) training labels, penalty cross-validated (the few-label choice), and "
+            "save it as a classifier checkpoint (classifier_head 'linear'). One binary label file and "
+            "--model_name_or_path needed; the TrainingArguments optimiser settings are unused."
+        },
+    )
 
 
 # Defaults of the command line that differ from `TrainingArguments`': batches of similar lengths (little padding,
@@ -398,6 +411,10 @@ def multitask_metrics(task_names: list[str], task_types: list[str]):
     return compute
 
 
+# The config fields of a one-binary-outcome classifier: one logit, BCE (as `finetune` builds for one label file).
+BINARY_HEAD = {"task_names": None, "task_types": None, "num_labels": 1, "problem_type": "multi_label_classification"}
+
+
 def _with_tasks(config: EHRTransformerConfig, **changes) -> EHRTransformerConfig:
     """A copy of `config` with `changes` (task_names/task_types ...) applied through the constructor's checks."""
     return EHRTransformerConfig.from_dict({**config.to_dict(), **changes})
@@ -411,13 +428,18 @@ def finetune(
     With several label files (`data_args.labels = "a.parquet,b.parquet"`) or `data_args.task_types`, multitask
     fine-tuning: one output per task over the shared backbone (`config.task_names`/`task_types`), loss = mean of
     the tasks' BCE / MSE, each ignoring rows where its task has no label. Binary outputs start at the training
-    prevalence (`init_bias_to_prevalence`)."""
+    prevalence (`init_bias_to_prevalence`).
+
+    With `model_args.linear_probe`, no gradient step: a linear probe on the frozen backbone instead
+    (`finetune_linear_probe`)."""
     from .metrics import compute_classification_metrics
 
     if data_args.labels is None:
         raise ValueError(
             "fine-tuning needs --labels: a MEDS label file with subject_id, prediction_time, *_value"
         )
+    if model_args.linear_probe:
+        return finetune_linear_probe(data_args, model_args, training_args)
     sources = label_sources(data_args.labels)
     if len(sources) > 1 or data_args.task_types:
         _, names, types = join_task_labels(sources)
@@ -431,7 +453,7 @@ def finetune(
         described = ", ".join(f"{n} ({t})" for n, t in zip(names, types, strict=True))
     else:
         names = [Path(data_args.labels).stem]
-        head = {"task_names": None, "task_types": None, "num_labels": 1, "problem_type": "multi_label_classification"}
+        head = BINARY_HEAD
         labels, compute_metrics = read_labels(data_args.labels), compute_classification_metrics
         objective, described = "binary cross entropy on one logit", names[0]
     seed_before_model_init(training_args)
@@ -483,6 +505,67 @@ def finetune(
     return trainer.model
 
 
+def finetune_linear_probe(
+    data_args: DataArguments, model_args: ModelArguments, training_args: TrainingArguments
+) -> EHRTransformerForSequenceClassification:
+    """`finetune --linear_probe`: the few-label alternative to fine-tuning, saved as a normal checkpoint.
+
+    Embeds the training split's labelled rows (the same `label_fraction` sample fine-tuning would use) with the
+    frozen backbone of `model_args.model_name_or_path`, fits `fit_linear_probe` (seed `training_args.seed`) and
+    writes the folded `classifier_head="linear"` classifier, the checkpoint's tokenizer and a model card to
+    `output_dir`, as `finetune` does. With `eval_strategy` other than "no", logs the metrics on `eval_split`."""
+    from .metrics import compute_classification_metrics
+
+    sources = label_sources(data_args.labels)
+    if len(sources) > 1 or data_args.task_types:
+        raise ValueError(
+            f"--linear_probe fits one binary label file, got {list(sources)} (task_types {data_args.task_types}): "
+            "multitask and regression heads need gradient fine-tuning"
+        )
+    if not model_args.model_name_or_path:
+        raise ValueError("--linear_probe needs --model_name_or_path: a pretrained checkpoint whose backbone it probes")
+    check_checkpoint_folder(model_args.model_name_or_path)  # refuse pickle-only/absurd folders before loading
+    tokenizer = EHREventTokenizer.from_pretrained(model_args.model_name_or_path)
+    labels, name = read_labels(data_args.labels), Path(data_args.labels).stem
+    train_dataset = build_labeled_dataset(
+        data_args.data_dir, labels, tokenizer, data_args.train_split, cache_dir=data_args.cache_dir
+    )
+    train_dataset = _subsample_labels(train_dataset, data_args.label_fraction, training_args.seed)
+    logger.info("fitting a linear probe (%s) on %d labelled samples", name, len(train_dataset))
+    backbone = EHRTransformerModel.from_pretrained(model_args.model_name_or_path, use_safetensors=True)
+    model, probe = _fit_probe_classifier(
+        backbone.to(training_args.device), tokenizer, train_dataset, training_args.seed, model_args.classifier_pooling,
+        training_args.per_device_eval_batch_size, attn_implementation=model_args.attn_implementation,
+    )  # fmt: skip
+    if training_args.eval_strategy != "no":
+        eval_dataset = build_labeled_dataset(
+            data_args.data_dir, labels, tokenizer, data_args.eval_split, cache_dir=data_args.cache_dir
+        )
+        logits = predict_logits(model, eval_dataset, tokenizer, training_args.per_device_eval_batch_size)
+        metrics = compute_classification_metrics((logits, np.asarray(eval_dataset["labels"])))
+        logger.info("linear probe on %s (%d rows): %s", data_args.eval_split, len(eval_dataset),
+                    {f"eval_{key}": round(value, 4) for key, value in metrics.items()})  # fmt: skip
+    if training_args.process_index == 0:
+        card = card_for_training(data_args, tokenizer, train_dataset, training_args)
+        y, grid = binary_labels(train_dataset), probe.param_grid["logisticregression__C"]
+        card["training"] = {
+            "head": "linear probe on frozen features: L2 logistic regression on the standardised pooled "
+            f"({model.config.classifier_pooling}) embeddings of the frozen backbone, folded into the classification "
+            "layer (classifier_head 'linear'); backbone weights unchanged from the starting checkpoint",
+            "inverse penalty C": f"{probe.best_params_['logisticregression__C']:g}, chosen by {probe.n_splits_}-fold "
+            f"stratified cross-validation (log loss) among {len(grid)} values from {min(grid):g} to {max(grid):g}",
+            "objective": "binary cross entropy with an L2 penalty on the probe's weights",
+            "labels": f"{name}, {data_args.label_fraction:.0%} of training labels ({len(y)} rows, {int(y.sum())} positive)",
+            "seed": training_args.seed,
+            "events per sequence (max_length)": tokenizer.max_length,
+            "started_from": Path(model_args.model_name_or_path).name,
+        }
+        card = {"kind": "linear-probe", "task": name, **card}
+        save_checkpoint(model, tokenizer, training_args.output_dir, card)
+        write_json(Path(training_args.output_dir) / "model_card_fields.json", card)
+    return model
+
+
 @torch.no_grad()
 def init_bias_to_prevalence(model: EHRTransformerForSequenceClassification, labels) -> list[float]:
     """Set each binary output's bias to the log-odds of its prevalence in `labels` ((N,) or (N, T), NaN = no
@@ -518,9 +601,10 @@ def fit_linear_probe(embeddings: np.ndarray, labels, seed: int = 0, penalties=PR
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    y = np.asarray(labels).astype(int)
-    if set(np.unique(y).tolist()) != {0, 1}:
+    y = np.asarray(labels)
+    if not np.isin(y, (0, 1)).all() or set(np.unique(y).tolist()) != {0, 1}:
         raise ValueError(f"fit_linear_probe: labels must be binary 0/1 with both classes present, got {np.unique(y)}")
+    y = y.astype(int)
     n_folds = min(folds, int(y.sum()), int((1 - y).sum()))
     if n_folds < 2:
         raise ValueError(f"fit_linear_probe: needs at least 2 positive and 2 negative rows, got {int(y.sum())} "
@@ -529,6 +613,99 @@ def fit_linear_probe(embeddings: np.ndarray, labels, seed: int = 0, penalties=PR
     grid = {"logisticregression__C": list(penalties)}
     cv = StratifiedKFold(n_folds, shuffle=True, random_state=seed)
     return GridSearchCV(probe, grid, cv=cv, scoring="neg_log_loss").fit(np.asarray(embeddings), y)
+
+
+def linear_classifier_like(
+    model, classifier_pooling: str | None = None, attn_implementation: str | None = None
+) -> EHRTransformerForSequenceClassification:
+    """A one-output binary classifier with `classifier_head="linear"` whose backbone is a copy of `model`'s
+    (a checkpoint folder or any `EHRTransformer*` model); its `classifier` is freshly initialised. Pooling is
+    `classifier_pooling`, or the source's when None."""
+    if isinstance(model, (str, os.PathLike)):
+        check_checkpoint_folder(model)  # refuse pickle-only/absurd folders before loading
+        model = EHRTransformerModel.from_pretrained(model, use_safetensors=True)
+    backbone = model.base_model
+    config = _with_tasks(
+        backbone.config,
+        classifier_head="linear",
+        classifier_pooling=classifier_pooling or backbone.config.classifier_pooling,
+        temperature=1.0,  # the probe's own logistic fit is its calibration
+        **BINARY_HEAD,
+    )
+    classifier = EHRTransformerForSequenceClassification._from_config(
+        config, attn_implementation=attn_implementation or backbone.config._attn_implementation
+    )
+    classifier.model.load_state_dict(backbone.state_dict())
+    return classifier.to(backbone.device).eval()
+
+
+@torch.no_grad()
+def fold_linear_probe(classifier: EHRTransformerForSequenceClassification, probe):
+    """Write a fitted `fit_linear_probe` (scaler + logistic regression) into the `classifier` layer of a
+    `classifier_head="linear"` model, so that its logit is the probe's decision function on its pooled output:
+    w' = w / scale, b' = b - sum(w * mean / scale). Returns `classifier`."""
+    if classifier.config.classifier_head != "linear" or classifier.config.num_labels != 1:
+        raise ValueError(
+            "fold_linear_probe needs a one-output classifier with classifier_head='linear', got "
+            f"classifier_head={classifier.config.classifier_head!r}, num_labels={classifier.config.num_labels}"
+        )
+    pipeline = getattr(probe, "best_estimator_", probe)
+    scaler, logistic = pipeline[0], pipeline[-1]
+    w = logistic.coef_.astype(np.float64).reshape(-1)  # (H,)
+    if w.shape[0] != classifier.config.hidden_size:
+        raise ValueError(f"the probe has {w.shape[0]} weights but the backbone is {classifier.config.hidden_size} wide")
+    mean = scaler.mean_ if scaler.mean_ is not None else np.zeros_like(w)  # (H,)
+    scale = scaler.scale_ if scaler.scale_ is not None else np.ones_like(w)  # (H,), 1 where a feature is constant
+    weight = torch.from_numpy(w / scale).view(1, -1)  # (1, H)
+    bias = float(logistic.intercept_[0] - np.sum(w * mean / scale))
+    classifier.classifier.weight.copy_(weight.to(classifier.classifier.weight))
+    classifier.classifier.bias.fill_(bias)
+    return classifier
+
+
+def binary_labels(dataset) -> np.ndarray:
+    """`(N,)` 0/1 labels of a single-task labelled dataset; a ValueError for anything a binary probe cannot fit."""
+    y = np.asarray(dataset["labels"], dtype=np.float64)
+    if y.ndim != 1:
+        raise ValueError(
+            f"the linear probe fits one binary label per row, got labels of shape {y.shape} (multitask labels are "
+            "not supported: fine-tune instead)"
+        )
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError(
+            f"the linear probe fits binary 0/1 labels, got values such as {np.unique(y)[:5].tolist()} (regression and "
+            "multi-class labels are not supported: fine-tune instead)"
+        )
+    return y.astype(int)
+
+
+def _fit_probe_classifier(model, tokenizer, train_dataset, seed, classifier_pooling, batch_size, **load):
+    from .selection import embed_sequences
+
+    y = binary_labels(train_dataset)  # before any loading: refuse what a binary probe cannot fit
+    classifier = linear_classifier_like(model, classifier_pooling, **load)
+
+    probe = fit_linear_probe(embed_sequences(classifier, tokenizer, train_dataset, batch_size), y, seed=seed)
+    return fold_linear_probe(classifier, probe), probe
+
+
+def linear_probe_classifier(
+    model,
+    tokenizer: EHREventTokenizer,
+    train_dataset,
+    seed: int = 0,
+    classifier_pooling: str | None = None,
+    batch_size: int = 64,
+) -> EHRTransformerForSequenceClassification:
+    """The few-label linear probe as a deployable checkpoint: embed the labelled rows of `train_dataset` (from
+    `build_labeled_dataset`, one binary label) with the frozen backbone of `model` (a pretrained checkpoint folder
+    or any `EHRTransformer*` model; eval mode, pooled with `classifier_pooling` or the model's own), fit
+    `fit_linear_probe` on them and fold it into a `classifier_head="linear"` classifier
+    (`num_labels=1`, `problem_type="multi_label_classification"`, as `finetune` builds for one binary label).
+    Its `predict_dataset` probabilities are the probe's `predict_proba(X)[:, 1]`; `save_pretrained` it with the
+    tokenizer to use it with `predict`. The backbone weights are copied unchanged."""
+    classifier, _ = _fit_probe_classifier(model, tokenizer, train_dataset, seed, classifier_pooling, batch_size)
+    return classifier
 
 
 @torch.no_grad()
@@ -736,6 +913,12 @@ __all__ = [
     "fit_tokenizer",
     "pretrain",
     "finetune",
+    "finetune_linear_probe",
+    "fit_linear_probe",
+    "linear_probe_classifier",
+    "linear_classifier_like",
+    "fold_linear_probe",
+    "binary_labels",
     "predict",
     "predict_dataset",
     "predict_logits",

@@ -264,3 +264,96 @@ def test_linear_probe_refuses_labels_it_cannot_cross_validate():
         fit_linear_probe(embeddings, [1] + [0] * 9)
     with pytest.raises(ValueError, match="binary 0/1"):
         fit_linear_probe(embeddings, [0] * 10)
+
+
+def test_linear_probe_checkpoint_predicts_as_the_sklearn_probe(pretrained, synthetic_meds, tmp_path):
+    """The probe folded into a `classifier_head="linear"` checkpoint gives the scikit-learn probe's risks, before
+    and after save/load, through `predict`, on rows it was not fitted on."""
+    from ehr_transformer import EHRTransformerModel
+    from ehr_transformer.data.dataset import build_labeled_dataset
+    from ehr_transformer.selection import embed_sequences
+    from ehr_transformer.training import linear_probe_classifier, predict_dataset, save_checkpoint
+
+    pretrained_dir, _ = pretrained
+    labels = synthetic_meds / "labels" / "in_hospital_mortality.parquet"
+    tokenizer = EHREventTokenizer.from_pretrained(pretrained_dir)
+    train = build_labeled_dataset(synthetic_meds, labels, tokenizer, "train", cache_dir=tmp_path / "cache")
+    held_out = build_labeled_dataset(synthetic_meds, labels, tokenizer, "held_out", cache_dir=tmp_path / "cache")
+    model = linear_probe_classifier(pretrained_dir, tokenizer, train, seed=0)
+    assert model.config.classifier_head == "linear" and model.config.num_labels == 1
+    assert model.config.problem_type == "multi_label_classification"
+    assert not any(name.startswith("head.") for name in model.state_dict())
+    backbone = EHRTransformerModel.from_pretrained(pretrained_dir).eval()
+    for name, tensor in backbone.state_dict().items():
+        torch.testing.assert_close(model.model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+
+    probe = fit_linear_probe(embed_sequences(backbone, tokenizer, train), train["labels"], seed=0)
+    expected_train = probe.predict_proba(embed_sequences(backbone, tokenizer, train))[:, 1]
+    expected = probe.predict_proba(embed_sequences(backbone, tokenizer, held_out))[:, 1]
+    np.testing.assert_allclose(predict_dataset(model, train, tokenizer), expected_train, atol=1e-4)
+    np.testing.assert_allclose(predict_dataset(model, held_out, tokenizer), expected, atol=1e-4)
+
+    save_checkpoint(model, tokenizer, tmp_path / "probe")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "probe")
+    assert reloaded.config.classifier_head == "linear"
+    np.testing.assert_allclose(predict_dataset(reloaded, held_out, tokenizer), expected, atol=1e-4)
+    predictions = predict(tmp_path / "probe", synthetic_meds, labels, split="held_out")
+    assert predictions["subject_id"].to_list() == held_out["subject_id"]
+    np.testing.assert_allclose(predictions["probability"].to_numpy(), expected, atol=1e-4)
+
+
+def test_finetune_linear_probe_saves_a_checkpoint_with_its_card(pretrained, synthetic_meds, tmp_path):
+    """`ehr-transformer finetune --linear_probe`: the label_fraction rows fine-tuning would use, a complete
+    folder whose card says it is a linear probe, usable by `predict`."""
+    from ehr_transformer.cli import main
+    from ehr_transformer.data.dataset import build_labeled_dataset
+    from ehr_transformer.model_card import read_card_metadata
+    from ehr_transformer.training import _subsample_labels, linear_probe_classifier
+
+    pretrained_dir, _ = pretrained
+    labels = synthetic_meds / "labels" / "in_hospital_mortality.parquet"
+    output = tmp_path / "probe"
+    argv = ["finetune", "--data_dir", str(synthetic_meds), "--labels", str(labels), "--label_fraction", "0.5",
+            "--model_name_or_path", str(pretrained_dir), "--linear_probe", "--output_dir", str(output),
+            "--cache_dir", str(tmp_path / "cache"), "--use_cpu", "--seed", "3", "--eval_strategy", "epoch"]  # fmt: skip
+    assert main(argv) == 0
+    assert {"config.json", "model.safetensors", "event_tokenizer.json", "modeling_ehr.py", "README.md"} <= set(
+        os.listdir(output)
+    )
+    card = (output / "README.md").read_text()
+    assert "linear probe on frozen features" in card and "50% of training labels" in card
+    assert "linear-probe" in read_card_metadata(output)["tags"]
+
+    tokenizer = EHREventTokenizer.from_pretrained(pretrained_dir)
+    train = build_labeled_dataset(synthetic_meds, labels, tokenizer, "train", cache_dir=tmp_path / "cache")
+    same_rows = linear_probe_classifier(pretrained_dir, tokenizer, _subsample_labels(train, 0.5, 3), seed=3)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(output)
+    torch.testing.assert_close(reloaded.classifier.weight, same_rows.classifier.weight)
+    predictions = predict(output, synthetic_meds, labels, split="held_out")
+    assert predictions["probability"].is_between(0, 1).all()
+
+
+def test_linear_probe_refuses_what_is_not_one_binary_label(pretrained, synthetic_meds, tmp_path):
+    from datasets import Dataset
+
+    from ehr_transformer.training import linear_probe_classifier
+
+    pretrained_dir, _ = pretrained
+    with pytest.raises(ValueError, match="binary 0/1 labels.*regression"):
+        linear_probe_classifier(pretrained_dir, None, Dataset.from_dict({"labels": [0.0, 1.0, 2.5]}))
+    with pytest.raises(ValueError, match="multitask"):
+        linear_probe_classifier(pretrained_dir, None, Dataset.from_dict({"labels": [[1.0, 0.0], [0.0, 1.0]]}))
+    label_dir = synthetic_meds / "labels"
+    two_files = f"{label_dir / 'in_hospital_mortality.parquet'},{label_dir / 'long_length_of_stay.parquet'}"
+    with pytest.raises(ValueError, match="one binary label file"):
+        finetune(
+            DataArguments(data_dir=str(synthetic_meds), labels=two_files),
+            ModelArguments(model_name_or_path=str(pretrained_dir), linear_probe=True),
+            training_args(tmp_path),
+        )
+    with pytest.raises(ValueError, match="--model_name_or_path"):
+        finetune(
+            DataArguments(data_dir=str(synthetic_meds), labels=str(label_dir / "in_hospital_mortality.parquet")),
+            ModelArguments(linear_probe=True),
+            training_args(tmp_path),
+        )

@@ -5,6 +5,8 @@
 
 --label_fraction 0.1 trains on a random 10% of the training labels (low-label experiments). Several label files
 (--labels a.parquet,b.parquet [--task_types binary,regression]) fine-tune one head per task on one backbone.
+--linear_probe fits a cross-validated logistic regression on the frozen backbone's pooled embeddings instead (the
+few-label choice, one binary label file) and saves it as a checkpoint that `ehr-transformer predict` uses.
 """
 
 from transformers import HfArgumentParser, TrainingArguments
