@@ -29,7 +29,11 @@ For every case
     every candidate gets the same rows and the comparison stays paired; `finetune_epochs / fraction` epochs
     give as many optimisation steps as the full-label fine-tune;
   - `full_labels`: the whole training split, `--finetune_seeds` (3) seeds, as first measured
-    (`--no_full_label_truth` skips it).
+    (`--no_full_label_truth` skips it);
+  - `frozen_probe` (added 2026-12-01, after the primary truth failed on 2026-12-01's first run): head-only
+    fine-tuning, the README's few-label recipe (`training.fit_linear_probe`, `finetune --linear_probe`) on each
+    candidate's frozen mean-pooled embeddings of the primary truth's rows, `--probe_seeds` (20) seeds. Reported
+    beside; the goal stays judged on the primary truth, as chosen before any of these runs.
 
 Why the few-label truth is primary: the users served are hospital data scientists with few labels who start
 from a shared checkpoint (DESIGN.md), and with few labels the starting checkpoint matters; with the whole
