@@ -533,7 +533,7 @@ def finetune_linear_probe(
     train_dataset = _subsample_labels(train_dataset, data_args.label_fraction, training_args.seed)
     logger.info("fitting a linear probe (%s) on %d labelled samples", name, len(train_dataset))
     backbone = EHRTransformerModel.from_pretrained(model_args.model_name_or_path, use_safetensors=True)
-    model, probe = _fit_probe_classifier(
+    model, probe = linear_probe_classifier(
         backbone.to(training_args.device), tokenizer, train_dataset, training_args.seed, model_args.classifier_pooling,
         training_args.per_device_eval_batch_size, attn_implementation=model_args.attn_implementation,
     )  # fmt: skip
@@ -547,7 +547,7 @@ def finetune_linear_probe(
                     {f"eval_{key}": round(value, 4) for key, value in metrics.items()})  # fmt: skip
     if training_args.process_index == 0:
         card = card_for_training(data_args, tokenizer, train_dataset, training_args)
-        y, grid = binary_labels(train_dataset), probe.param_grid["logisticregression__C"]
+        y, grid = np.asarray(train_dataset["labels"]), probe.param_grid["logisticregression__C"]
         card["training"] = {
             "head": "linear probe on frozen features: L2 logistic regression on the standardised pooled "
             f"({model.config.classifier_pooling}) embeddings of the frozen backbone, folded into the classification "
@@ -615,80 +615,6 @@ def fit_linear_probe(embeddings: np.ndarray, labels, seed: int = 0, penalties=PR
     return GridSearchCV(probe, grid, cv=cv, scoring="neg_log_loss").fit(np.asarray(embeddings), y)
 
 
-def linear_classifier_like(
-    model, classifier_pooling: str | None = None, attn_implementation: str | None = None
-) -> EHRTransformerForSequenceClassification:
-    """A one-output binary classifier with `classifier_head="linear"` whose backbone is a copy of `model`'s
-    (a checkpoint folder or any `EHRTransformer*` model); its `classifier` is freshly initialised. Pooling is
-    `classifier_pooling`, or the source's when None."""
-    if isinstance(model, (str, os.PathLike)):
-        check_checkpoint_folder(model)  # refuse pickle-only/absurd folders before loading
-        model = EHRTransformerModel.from_pretrained(model, use_safetensors=True)
-    backbone = model.base_model
-    config = _with_tasks(
-        backbone.config,
-        classifier_head="linear",
-        classifier_pooling=classifier_pooling or backbone.config.classifier_pooling,
-        temperature=1.0,  # the probe's own logistic fit is its calibration
-        **BINARY_HEAD,
-    )
-    classifier = EHRTransformerForSequenceClassification._from_config(
-        config, attn_implementation=attn_implementation or backbone.config._attn_implementation
-    )
-    classifier.model.load_state_dict(backbone.state_dict())
-    return classifier.to(backbone.device).eval()
-
-
-@torch.no_grad()
-def fold_linear_probe(classifier: EHRTransformerForSequenceClassification, probe):
-    """Write a fitted `fit_linear_probe` (scaler + logistic regression) into the `classifier` layer of a
-    `classifier_head="linear"` model, so that its logit is the probe's decision function on its pooled output:
-    w' = w / scale, b' = b - sum(w * mean / scale). Returns `classifier`."""
-    if classifier.config.classifier_head != "linear" or classifier.config.num_labels != 1:
-        raise ValueError(
-            "fold_linear_probe needs a one-output classifier with classifier_head='linear', got "
-            f"classifier_head={classifier.config.classifier_head!r}, num_labels={classifier.config.num_labels}"
-        )
-    pipeline = getattr(probe, "best_estimator_", probe)
-    scaler, logistic = pipeline[0], pipeline[-1]
-    w = logistic.coef_.astype(np.float64).reshape(-1)  # (H,)
-    if w.shape[0] != classifier.config.hidden_size:
-        raise ValueError(f"the probe has {w.shape[0]} weights but the backbone is {classifier.config.hidden_size} wide")
-    mean = scaler.mean_ if scaler.mean_ is not None else np.zeros_like(w)  # (H,)
-    scale = scaler.scale_ if scaler.scale_ is not None else np.ones_like(w)  # (H,), 1 where a feature is constant
-    weight = torch.from_numpy(w / scale).view(1, -1)  # (1, H)
-    bias = float(logistic.intercept_[0] - np.sum(w * mean / scale))
-    classifier.classifier.weight.copy_(weight.to(classifier.classifier.weight))
-    classifier.classifier.bias.fill_(bias)
-    return classifier
-
-
-def binary_labels(dataset) -> np.ndarray:
-    """`(N,)` 0/1 labels of a single-task labelled dataset; a ValueError for anything a binary probe cannot fit."""
-    y = np.asarray(dataset["labels"], dtype=np.float64)
-    if y.ndim != 1:
-        raise ValueError(
-            f"the linear probe fits one binary label per row, got labels of shape {y.shape} (multitask labels are "
-            "not supported: fine-tune instead)"
-        )
-    if not np.isin(y, (0.0, 1.0)).all():
-        raise ValueError(
-            f"the linear probe fits binary 0/1 labels, got values such as {np.unique(y)[:5].tolist()} (regression and "
-            "multi-class labels are not supported: fine-tune instead)"
-        )
-    return y.astype(int)
-
-
-def _fit_probe_classifier(model, tokenizer, train_dataset, seed, classifier_pooling, batch_size, **load):
-    from .selection import embed_sequences
-
-    y = binary_labels(train_dataset)  # before any loading: refuse what a binary probe cannot fit
-    classifier = linear_classifier_like(model, classifier_pooling, **load)
-
-    probe = fit_linear_probe(embed_sequences(classifier, tokenizer, train_dataset, batch_size), y, seed=seed)
-    return fold_linear_probe(classifier, probe), probe
-
-
 def linear_probe_classifier(
     model,
     tokenizer: EHREventTokenizer,
@@ -696,16 +622,43 @@ def linear_probe_classifier(
     seed: int = 0,
     classifier_pooling: str | None = None,
     batch_size: int = 64,
-) -> EHRTransformerForSequenceClassification:
-    """The few-label linear probe as a deployable checkpoint: embed the labelled rows of `train_dataset` (from
+    attn_implementation: str | None = None,
+):
+    """The few-label linear probe as a deployable checkpoint. Embeds the labelled rows of `train_dataset` (from
     `build_labeled_dataset`, one binary label) with the frozen backbone of `model` (a pretrained checkpoint folder
-    or any `EHRTransformer*` model; eval mode, pooled with `classifier_pooling` or the model's own), fit
-    `fit_linear_probe` on them and fold it into a `classifier_head="linear"` classifier
-    (`num_labels=1`, `problem_type="multi_label_classification"`, as `finetune` builds for one binary label).
-    Its `predict_dataset` probabilities are the probe's `predict_proba(X)[:, 1]`; `save_pretrained` it with the
-    tokenizer to use it with `predict`. The backbone weights are copied unchanged."""
-    classifier, _ = _fit_probe_classifier(model, tokenizer, train_dataset, seed, classifier_pooling, batch_size)
-    return classifier
+    or any `EHRTransformer*` model; eval mode, pooled with `classifier_pooling` or the model's own), fits
+    `fit_linear_probe` and folds its scaler into a `classifier_head="linear"` classifier (`num_labels=1`, as
+    `finetune` builds for one binary label): w' = w / scale, b' = b - sum(w * mean / scale). The backbone weights
+    are copied unchanged. Returns the classifier, whose `predict_dataset` probabilities are the probe's
+    `predict_proba(X)[:, 1]`, and the fitted scikit-learn search."""
+    from .selection import embed_sequences
+
+    y = np.asarray(train_dataset["labels"], dtype=np.float64)
+    if y.ndim != 1 or not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError(
+            f"the linear probe fits one binary 0/1 label per row, got labels of shape {y.shape} with values such as "
+            f"{np.unique(y)[:5].tolist()}: multitask, regression and multi-class labels need fine-tuning"
+        )
+    if isinstance(model, (str, os.PathLike)):
+        check_checkpoint_folder(model)  # refuse pickle-only/absurd folders before loading
+        model = EHRTransformerModel.from_pretrained(model, use_safetensors=True)
+    backbone = model.base_model
+    config = _with_tasks(
+        backbone.config, classifier_head="linear", temperature=1.0,  # the logistic fit is its own calibration
+        classifier_pooling=classifier_pooling or backbone.config.classifier_pooling, **BINARY_HEAD,
+    )  # fmt: skip
+    classifier = EHRTransformerForSequenceClassification._from_config(
+        config, attn_implementation=attn_implementation or backbone.config._attn_implementation
+    )
+    classifier.model.load_state_dict(backbone.state_dict())
+    classifier = classifier.to(backbone.device).eval()
+    probe = fit_linear_probe(embed_sequences(classifier, tokenizer, train_dataset, batch_size), y.astype(int), seed)
+    scaler, logistic = probe.best_estimator_[0], probe.best_estimator_[-1]
+    w = logistic.coef_.astype(np.float64).reshape(-1)  # (H,)
+    with torch.no_grad():
+        classifier.classifier.weight.copy_(torch.from_numpy(w / scaler.scale_).view(1, -1))  # (1, H)
+        classifier.classifier.bias.fill_(float(logistic.intercept_[0] - np.sum(w * scaler.mean_ / scaler.scale_)))
+    return classifier, probe
 
 
 @torch.no_grad()
@@ -916,9 +869,6 @@ __all__ = [
     "finetune_linear_probe",
     "fit_linear_probe",
     "linear_probe_classifier",
-    "linear_classifier_like",
-    "fold_linear_probe",
-    "binary_labels",
     "predict",
     "predict_dataset",
     "predict_logits",

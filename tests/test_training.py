@@ -279,7 +279,7 @@ def test_linear_probe_checkpoint_predicts_as_the_sklearn_probe(pretrained, synth
     tokenizer = EHREventTokenizer.from_pretrained(pretrained_dir)
     train = build_labeled_dataset(synthetic_meds, labels, tokenizer, "train", cache_dir=tmp_path / "cache")
     held_out = build_labeled_dataset(synthetic_meds, labels, tokenizer, "held_out", cache_dir=tmp_path / "cache")
-    model = linear_probe_classifier(pretrained_dir, tokenizer, train, seed=0)
+    model, _ = linear_probe_classifier(pretrained_dir, tokenizer, train, seed=0)
     assert model.config.classifier_head == "linear" and model.config.num_labels == 1
     assert model.config.problem_type == "multi_label_classification"
     assert not any(name.startswith("head.") for name in model.state_dict())
@@ -326,7 +326,7 @@ def test_finetune_linear_probe_saves_a_checkpoint_with_its_card(pretrained, synt
 
     tokenizer = EHREventTokenizer.from_pretrained(pretrained_dir)
     train = build_labeled_dataset(synthetic_meds, labels, tokenizer, "train", cache_dir=tmp_path / "cache")
-    same_rows = linear_probe_classifier(pretrained_dir, tokenizer, _subsample_labels(train, 0.5, 3), seed=3)
+    same_rows, _ = linear_probe_classifier(pretrained_dir, tokenizer, _subsample_labels(train, 0.5, 3), seed=3)
     reloaded = AutoModelForSequenceClassification.from_pretrained(output)
     torch.testing.assert_close(reloaded.classifier.weight, same_rows.classifier.weight)
     predictions = predict(output, synthetic_meds, labels, split="held_out")
@@ -339,7 +339,7 @@ def test_linear_probe_refuses_what_is_not_one_binary_label(pretrained, synthetic
     from ehr_transformer.training import linear_probe_classifier
 
     pretrained_dir, _ = pretrained
-    with pytest.raises(ValueError, match="binary 0/1 labels.*regression"):
+    with pytest.raises(ValueError, match="binary 0/1 label.*regression"):
         linear_probe_classifier(pretrained_dir, None, Dataset.from_dict({"labels": [0.0, 1.0, 2.5]}))
     with pytest.raises(ValueError, match="multitask"):
         linear_probe_classifier(pretrained_dir, None, Dataset.from_dict({"labels": [[1.0, 0.0], [0.0, 1.0]]}))
