@@ -416,8 +416,13 @@ BINARY_HEAD = {"task_names": None, "task_types": None, "num_labels": 1, "problem
 
 
 def _with_tasks(config: EHRTransformerConfig, **changes) -> EHRTransformerConfig:
-    """A copy of `config` with `changes` (task_names/task_types ...) applied through the constructor's checks."""
-    return EHRTransformerConfig.from_dict({**config.to_dict(), **changes})
+    """A copy of `config` with `changes` (task_names/task_types ...) applied through the constructor's checks. A
+    new `num_labels` drops the old label names, which `transformers` would otherwise report as a mismatch."""
+    fields = config.to_dict()
+    if "num_labels" in changes and changes["num_labels"] != len(fields.get("id2label") or {}):
+        fields.pop("id2label", None)
+        fields.pop("label2id", None)
+    return EHRTransformerConfig.from_dict({**fields, **changes})
 
 
 def finetune(

@@ -1,6 +1,7 @@
 """pretrain -> finetune -> evaluate -> predict with the plain Trainer, as a user runs them (tiny model, few steps)."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from conftest import REPO_ROOT
 from sklearn.metrics import roc_auc_score
 from transformers import AutoModelForSequenceClassification, TrainingArguments
 
-from ehr_transformer import EHREventTokenizer, EHRTransformerForSequenceClassification
+from ehr_transformer import EHREventTokenizer, EHRTransformerConfig, EHRTransformerForSequenceClassification
 from ehr_transformer.training import (
     PROBE_PENALTIES,
     DataArguments,
@@ -357,3 +358,20 @@ def test_linear_probe_refuses_what_is_not_one_binary_label(pretrained, synthetic
             ModelArguments(linear_probe=True),
             training_args(tmp_path),
         )
+
+
+def test_a_one_label_head_on_a_two_label_config_reports_no_mismatch(caplog):
+    """Fine-tuning one binary outcome from a checkpoint whose config carries the default two label names starts
+    with clean logs: the stale names are dropped, not reported as "incompatible"."""
+    from transformers.utils import logging as hf_logging
+
+    from ehr_transformer.training import BINARY_HEAD, _with_tasks
+
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            config = _with_tasks(EHRTransformerConfig(vocab_size=20), **BINARY_HEAD)
+    finally:
+        hf_logging.disable_propagation()
+    assert "incompatible" not in caplog.text
+    assert config.num_labels == 1 and config.id2label == {0: "LABEL_0"}
