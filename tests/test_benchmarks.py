@@ -48,3 +48,26 @@ def test_preprocess_benchmark_json_shape(tmp_path):
     assert row["subjects"] == 200 and row["events"] > 200 and row["samples"] == 200
     assert row["events_per_s"] == pytest.approx(row["events"] / row["seconds"])
     assert row["peak_rss_mib"] > 0
+
+
+def test_synthetic_pretraining_benchmark_pairs_pretrained_and_random_backbones(tmp_path):
+    """benchmarks/synthetic_pretraining.py on a tiny setting: one row per (seed, corpus, label share) with both
+    backbones' probe AUROCs, and the summary's paired difference recomputable from those rows."""
+    output = tmp_path / "synthetic_pretraining.json"
+    command = [
+        sys.executable, str(REPO_ROOT / "benchmarks" / "synthetic_pretraining.py"), "--output", str(output),
+        "--seeds", "2", "--user_subjects", "300", "--corpus_subjects", "300", "--fractions", "0.5", "1.0",
+        "--epochs", "1", "--probe_draws", "2",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(output.read_text())
+    assert len(data["records"]) == 4 and data["meta"]["settings"]["seeds"] == 2
+    for record in data["records"]:
+        assert 0.0 <= record["pretrained"] <= 1.0 and 0.0 <= record["random"] <= 1.0
+    cell = data["by_corpus_subjects"]["300"]["0.5"]
+    rows = [r for r in data["records"] if r["fraction"] == 0.5]
+    differences = [r["pretrained"] - r["random"] for r in rows]
+    assert cell["pretrained_minus_random"]["mean"] == pytest.approx(sum(differences) / 2)
+    assert cell["pretrained_minus_random"]["n_above_zero"] == sum(d > 0 for d in differences)
+    assert cell["random"]["n"] == 2
