@@ -16,7 +16,10 @@ Per seed:
 - at each label share in `--fractions`: the frozen-feature probe (`selection.probe_predictions`, i.e.
   `training.fit_linear_probe` on mean-pooled embeddings, `--probe_draws` draws of the rows, the same rows for
   every backbone), mean AUROC over draws; reported per corpus size and share: pretrained, random and their
-  paired difference over seeds.
+  paired difference over seeds;
+- fine-tuned instead (every weight; `selection.finetuned_predictions`, the selection benchmark's protocol: 4
+  epochs / share at learning rate 1e-3, `--finetune_seeds` seeds, no early stopping): the pretrained backbone
+  against the random one, i.e. against training from scratch (added after the probe-only run of 2026-12-01).
 
 Settings were fixed before the first run; nothing was tuned on these cohorts.
 """
@@ -63,7 +66,7 @@ def summary(values: list[float]) -> dict:
 def run(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
-    from selection import probe_predictions
+    from selection import finetuned_predictions, probe_predictions
     from sklearn.metrics import roc_auc_score
     from transformers import TrainingArguments
     from transformers.utils import logging as hf_logging
@@ -78,6 +81,7 @@ def run(args: argparse.Namespace) -> dict:
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_length=128,
         min_code_count=5,
     )  # fmt: skip
+    finetuning = argparse.Namespace(finetune_epochs=4.0, finetune_lr=1e-3, max_length=128)
     records = []
     for seed in range(args.seeds):
         user = write_synthetic_meds(work / f"user{seed}", args.user_subjects, seed=900 + seed)
@@ -98,10 +102,14 @@ def run(args: argparse.Namespace) -> dict:
                 for name, checkpoint in (("pretrained", pretrained), ("random", control)):
                     probabilities, labels, _ = probe_predictions(checkpoint, user, evaluation, fraction, args.probe_draws)
                     aurocs[name] = float(np.mean([roc_auc_score(labels, p) for p in probabilities]))
+                    if args.finetune_seeds:
+                        probabilities, labels, _ = finetuned_predictions(
+                            checkpoint, user, evaluation, work, finetuning, fraction, args.finetune_seeds
+                        )
+                        aurocs[f"{name}_finetuned"] = float(np.mean([roc_auc_score(labels, p) for p in probabilities]))
                 records.append({"seed": seed, "corpus_subjects": n, "fraction": fraction, **aurocs,
                                 "pretrain_s": round(pretrain_s, 1)})  # fmt: skip
-                print(f"seed {seed} corpus {n} labels {fraction:.0%}: pretrained {aurocs['pretrained']:.3f} "
-                      f"random {aurocs['random']:.3f}", flush=True)  # fmt: skip
+                print(f"seed {seed} corpus {n} labels {fraction:.0%}: {aurocs}", flush=True)
     table = {}
     for n in args.corpus_subjects:
         for fraction in args.fractions:
@@ -111,6 +119,13 @@ def run(args: argparse.Namespace) -> dict:
                 "pretrained": summary([r["pretrained"] for r in rows]), "random": summary([r["random"] for r in rows]),
                 "pretrained_minus_random": {**summary(diff), "n_above_zero": sum(d > 0 for d in diff)},
             }  # fmt: skip
+            if args.finetune_seeds:
+                diff = [r["pretrained_finetuned"] - r["random_finetuned"] for r in rows]
+                table[str(n)][str(fraction)].update({
+                    "pretrained_finetuned": summary([r["pretrained_finetuned"] for r in rows]),
+                    "scratch_finetuned": summary([r["random_finetuned"] for r in rows]),
+                    "pretrained_minus_scratch_finetuned": {**summary(diff), "n_above_zero": sum(d > 0 for d in diff)},
+                })  # fmt: skip
     shutil.rmtree(work, ignore_errors=True)
     return {"by_corpus_subjects": table, "records": records}
 
@@ -126,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.2, 1.0])
     parser.add_argument("--epochs", type=float, default=4)
     parser.add_argument("--probe_draws", type=int, default=10)
+    parser.add_argument("--finetune_seeds", type=int, default=2, help="0: probes only")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     command = shlex.join(["python", "benchmarks/synthetic_pretraining.py", *(sys.argv[1:] if argv is None else argv)])

@@ -52,12 +52,12 @@ def test_preprocess_benchmark_json_shape(tmp_path):
 
 def test_synthetic_pretraining_benchmark_pairs_pretrained_and_random_backbones(tmp_path):
     """benchmarks/synthetic_pretraining.py on a tiny setting: one row per (seed, corpus, label share) with both
-    backbones' probe AUROCs, and the summary's paired difference recomputable from those rows."""
+    backbones' probe and fine-tuned AUROCs, and the summary's paired differences recomputable from those rows."""
     output = tmp_path / "synthetic_pretraining.json"
     command = [
         sys.executable, str(REPO_ROOT / "benchmarks" / "synthetic_pretraining.py"), "--output", str(output),
         "--seeds", "2", "--user_subjects", "300", "--corpus_subjects", "300", "--fractions", "0.5", "1.0",
-        "--epochs", "1", "--probe_draws", "2",
+        "--epochs", "1", "--probe_draws", "2", "--finetune_seeds", "1",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -71,3 +71,5 @@ def test_synthetic_pretraining_benchmark_pairs_pretrained_and_random_backbones(t
     assert cell["pretrained_minus_random"]["mean"] == pytest.approx(sum(differences) / 2)
     assert cell["pretrained_minus_random"]["n_above_zero"] == sum(d > 0 for d in differences)
     assert cell["random"]["n"] == 2
+    differences = [r["pretrained_finetuned"] - r["random_finetuned"] for r in rows]
+    assert cell["pretrained_minus_scratch_finetuned"]["mean"] == pytest.approx(sum(differences) / 2)
