@@ -141,6 +141,23 @@ def training_args(output_dir: Path, epochs: float, seed: int, batch_size: int, l
     )  # fmt: skip
 
 
+def evaluation_rows(evaluation: list[tuple[Path, str]], tokenizer):
+    """The evaluation rows of `evaluation` ((MEDS folder, split) pairs) tokenized by `tokenizer`: the datasets in
+    order, their `(N,)` labels and `(N,)` subject index (one per subject and cohort, for the bootstrap)."""
+    import numpy as np
+
+    from ehr_transformer.data.dataset import build_labeled_dataset
+
+    datasets_ = [
+        build_labeled_dataset(d, d / "labels" / f"{TASK}.parquet", tokenizer, split=s) for d, s in evaluation
+    ]
+    labels = np.concatenate([np.asarray(d["labels"], dtype=np.float64).reshape(len(d)) for d in datasets_])
+    keys = np.concatenate(
+        [np.asarray(d["subject_id"], dtype=np.int64) + i * 10**9 for i, d in enumerate(datasets_)]
+    )
+    return datasets_, labels, np.unique(keys, return_inverse=True)[1]
+
+
 def finetuned_predictions(
     checkpoint: Path,
     user: Path,
@@ -156,19 +173,12 @@ def finetuned_predictions(
     subject index (one per subject and evaluation cohort, for the bootstrap)."""
     import numpy as np
 
-    from ehr_transformer.data.dataset import build_labeled_dataset
     from ehr_transformer.tokenization_ehr import EHREventTokenizer
     from ehr_transformer.training import DataArguments, ModelArguments, finetune, predict_dataset
 
     out = work / "finetuned"
     tokenizer = EHREventTokenizer.from_pretrained(checkpoint)
-    datasets_ = [
-        build_labeled_dataset(d, d / "labels" / f"{TASK}.parquet", tokenizer, split=s) for d, s in evaluation
-    ]
-    labels = np.concatenate([np.asarray(d["labels"], dtype=np.float64).reshape(len(d)) for d in datasets_])
-    keys = np.concatenate(
-        [np.asarray(d["subject_id"], dtype=np.int64) + i * 10**9 for i, d in enumerate(datasets_)]
-    )
+    datasets_, labels, clusters = evaluation_rows(evaluation, tokenizer)
     probabilities = []
     for seed in range(seeds):
         model = finetune(
@@ -178,7 +188,7 @@ def finetuned_predictions(
         )  # fmt: skip
         probabilities.append(np.concatenate([predict_dataset(model, d, tokenizer) for d in datasets_]))
         shutil.rmtree(out, ignore_errors=True)
-    return np.stack(probabilities), labels, np.unique(keys, return_inverse=True)[1]
+    return np.stack(probabilities), labels, clusters
 
 
 def probe_predictions(checkpoint: Path, user: Path, evaluation: list[tuple[Path, str]], fraction: float, seeds: int):
@@ -196,25 +206,18 @@ def probe_predictions(checkpoint: Path, user: Path, evaluation: list[tuple[Path,
     tokenizer = EHREventTokenizer.from_pretrained(checkpoint)
     model = AutoModel.from_pretrained(checkpoint, use_safetensors=True).eval()
     model.config.classifier_pooling = "mean"
-    labels_file = user / "labels" / f"{TASK}.parquet"
-    train = build_labeled_dataset(user, labels_file, tokenizer, split="train")
+    train = build_labeled_dataset(user, user / "labels" / f"{TASK}.parquet", tokenizer, split="train")
     train = train.add_column("row", list(range(len(train))))
     train_features = embed_sequences(model, tokenizer, train)  # (N_train, H)
     train_labels = np.asarray(train["labels"], dtype=np.float64).reshape(len(train))
-    datasets_ = [
-        build_labeled_dataset(d, d / "labels" / f"{TASK}.parquet", tokenizer, split=s) for d, s in evaluation
-    ]
+    datasets_, labels, clusters = evaluation_rows(evaluation, tokenizer)
     features = np.concatenate([embed_sequences(model, tokenizer, d) for d in datasets_])  # (N, H)
-    labels = np.concatenate([np.asarray(d["labels"], dtype=np.float64).reshape(len(d)) for d in datasets_])
-    keys = np.concatenate(
-        [np.asarray(d["subject_id"], dtype=np.int64) + i * 10**9 for i, d in enumerate(datasets_)]
-    )
     probabilities = []
     for seed in range(seeds):
         rows = np.asarray(_subsample_labels(train, fraction, seed)["row"])
         probe = fit_linear_probe(train_features[rows], train_labels[rows], seed=seed)
         probabilities.append(probe.predict_proba(features)[:, 1])
-    return np.stack(probabilities), labels, np.unique(keys, return_inverse=True)[1]
+    return np.stack(probabilities), labels, clusters
 
 
 def truth_with_errors(probabilities, labels, clusters, n_boot: int, seed: int) -> dict:
