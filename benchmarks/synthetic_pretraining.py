@@ -56,11 +56,16 @@ def random_backbone(pretrained: Path, output: Path, seed: int) -> Path:
     return save_checkpoint(model, EHREventTokenizer.from_pretrained(pretrained), output)
 
 
-def summary(values: list[float]) -> dict:
-    import numpy as np
+def paired(rows: list[dict], first: str, second: str, names: tuple[str, str, str]) -> dict:
+    """`names` (first's, second's, the difference's key): the mean, sd and n of the records' `first` and `second`
+    values, and of their difference paired per record with how many are above zero."""
+    from pretraining_ablation import summarize
 
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-            "n": len(values)}  # fmt: skip
+    diff = [r[first] - r[second] for r in rows]
+    return {
+        names[0]: summarize([r[first] for r in rows]), names[1]: summarize([r[second] for r in rows]),
+        names[2]: {**summarize(diff), "n_above_zero": sum(d > 0 for d in diff)},
+    }  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -114,18 +119,11 @@ def run(args: argparse.Namespace) -> dict:
     for n in args.corpus_subjects:
         for fraction in args.fractions:
             rows = [r for r in records if r["corpus_subjects"] == n and r["fraction"] == fraction]
-            diff = [r["pretrained"] - r["random"] for r in rows]
-            table.setdefault(str(n), {})[str(fraction)] = {
-                "pretrained": summary([r["pretrained"] for r in rows]), "random": summary([r["random"] for r in rows]),
-                "pretrained_minus_random": {**summary(diff), "n_above_zero": sum(d > 0 for d in diff)},
-            }  # fmt: skip
+            cell = paired(rows, "pretrained", "random", ("pretrained", "random", "pretrained_minus_random"))
             if args.finetune_seeds:
-                diff = [r["pretrained_finetuned"] - r["random_finetuned"] for r in rows]
-                table[str(n)][str(fraction)].update({
-                    "pretrained_finetuned": summary([r["pretrained_finetuned"] for r in rows]),
-                    "scratch_finetuned": summary([r["random_finetuned"] for r in rows]),
-                    "pretrained_minus_scratch_finetuned": {**summary(diff), "n_above_zero": sum(d > 0 for d in diff)},
-                })  # fmt: skip
+                names = ("pretrained_finetuned", "scratch_finetuned", "pretrained_minus_scratch_finetuned")
+                cell |= paired(rows, "pretrained_finetuned", "random_finetuned", names)
+            table.setdefault(str(n), {})[str(fraction)] = cell
     shutil.rmtree(work, ignore_errors=True)
     return {"by_corpus_subjects": table, "records": records}
 
