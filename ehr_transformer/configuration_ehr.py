@@ -149,10 +149,7 @@ class EHRTransformerConfig(PreTrainedConfig):
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads})"
             )
-        if self.classifier_pooling not in ("cls", "mean", "max"):
-            raise ValueError(f"classifier_pooling must be 'cls', 'mean' or 'max', got {self.classifier_pooling!r}")
-        if self.classifier_head not in ("mlp", "linear"):
-            raise ValueError(f"classifier_head must be 'mlp' or 'linear', got {self.classifier_head!r}")
+        # Literal fields (classifier_pooling, classifier_head) are refused by the strict dataclass check, by name
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         objectives = list(self.pretraining_objectives)
