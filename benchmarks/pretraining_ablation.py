@@ -16,7 +16,9 @@ Protocol (every model on exactly the same rows; nothing is ever chosen on a test
   balancing strategy (`all_static`, `all_uncertainty`, `all_gradnorm`, `all_pcgrad`), `scratch` (random
   initialisation) and `gbm_baseline` (gradient boosting on per-variable aggregates, `TabularBaseline("gbm")`).
   Every pretrained configuration sees the same corrupted inputs (15% of codes masked, 30% of values and 15% of
-  times hidden); they differ only in which losses are trained and how they are weighed.
+  times hidden); they differ only in which losses are trained and how they are weighed. A follow-up,
+  `value_future` (run only when named in `--configs`), trains the value objective on each sequence's latest ~30%
+  of values instead of a random 30% (`value_mask_strategy="future"`): forecasting the last hours.
 - Low-label fine-tuning: a stratified share of the fitting stays' labels (at least 2 deaths), the same rows for
   every configuration. Two ways to use a backbone on those labels:
     fine-tuned (the configuration's own name)  every weight trained for a fixed number of optimiser steps (no
@@ -93,15 +95,18 @@ from ehr_transformer.utils import write_json  # noqa: E402
 
 logger = logging.getLogger("pretraining_ablation")
 OBJECTIVES = ("code", "value", "time", "feature")
-PRETRAINED = {  # name -> (objectives, loss balancing)
-    "code": (("code",), "static"),
-    "value": (("value",), "static"),
-    "time": (("time",), "static"),
-    "feature": (("feature",), "static"),
-    "all_static": (OBJECTIVES, "static"),
-    "all_uncertainty": (OBJECTIVES, "uncertainty"),
-    "all_gradnorm": (OBJECTIVES, "gradnorm"),
-    "all_pcgrad": (OBJECTIVES, "pcgrad"),
+PRETRAINED = {  # name -> (objectives, loss balancing, which values the value objective hides)
+    "code": (("code",), "static", "random"),
+    "value": (("value",), "static", "random"),
+    "time": (("time",), "static", "random"),
+    "feature": (("feature",), "static", "random"),
+    "all_static": (OBJECTIVES, "static", "random"),
+    "all_uncertainty": (OBJECTIVES, "uncertainty", "random"),
+    "all_gradnorm": (OBJECTIVES, "gradnorm", "random"),
+    "all_pcgrad": (OBJECTIVES, "pcgrad", "random"),
+}
+FOLLOW_UPS = {  # asked after the main run: run only when named in --configs, reported apart
+    "value_future": (("value",), "static", "future"),  # forecast the latest hours' values from the earlier ones
 }
 FRACTIONS = (0.05, 0.1, 0.25, 0.5, 1.0)
 METRICS = ("auroc", "auprc", "ece", "brier")
@@ -139,8 +144,8 @@ def stratified_subset(ids: np.ndarray, y: np.ndarray, fraction: float, minimum_p
     return np.sort(np.concatenate([rng.choice(pos, n_pos, replace=False), rng.choice(neg, n_neg, replace=False)]))
 
 
-def pretrain_backbone(hp: HParams, ap: AblationParams, tokenizer, corpus, objectives, balancing: str, seed: int,
-                      device: str = "cpu"):
+def pretrain_backbone(hp: HParams, ap: AblationParams, tokenizer, corpus, objectives, balancing: str,
+                      value_mask_strategy: str, seed: int, device: str = "cpu"):
     """Pretrain with the package's `PretrainingTrainer`; returns (backbone state dict, last logged losses/weights)."""
     from datasets import Dataset
     from transformers import TrainingArguments
@@ -151,6 +156,7 @@ def pretrain_backbone(hp: HParams, ap: AblationParams, tokenizer, corpus, object
     collator = DataCollatorForMaskedEventModeling(
         tokenizer, mlm_probability=hp.mlm_probability, value_mask_probability=hp.value_mask_probability,
         time_mask_probability=ap.time_mask_probability, return_teacher_inputs="feature" in objectives,
+        value_mask_strategy=value_mask_strategy,
     )
     dataset = Dataset.from_list(
         [{k: v.tolist() for k, v in f.items()} | {"length": len(f["input_ids"])} for f in corpus]
@@ -276,8 +282,9 @@ class Ablation:
         backbones = {"scratch": None}
         for name in args.configs:
             start = time.perf_counter()
-            objectives, balancing = PRETRAINED[name]
-            backbones[name], last = pretrain_backbone(hp, ap, tokenizer, corpus, objectives, balancing, seed, device)
+            objectives, balancing, value_mask_strategy = (PRETRAINED | FOLLOW_UPS)[name]
+            backbones[name], last = pretrain_backbone(hp, ap, tokenizer, corpus, objectives, balancing,
+                                                      value_mask_strategy, seed, device)
             self.pretraining_logs.append({"seed": seed, "config": name, "seconds": round(time.perf_counter() - start, 1),
                                           "corpus": len(corpus), "last_log": last})
             logger.info("  pretrained %s on %d sequences in %.0f s: %s", name, len(corpus),
@@ -510,7 +517,7 @@ def parse_args(argv=None):
                         help="label budgets; 1.0 is always run (it chooses pretrained_best and gives the transfer)")
     parser.add_argument("--ablation-fractions", type=float, nargs="+", default=[0.1, 1.0],
                         help="label budgets at which every configuration runs (the others: scratch, gbm, best)")
-    parser.add_argument("--configs", nargs="+", default=list(PRETRAINED), choices=list(PRETRAINED))
+    parser.add_argument("--configs", nargs="+", default=list(PRETRAINED), choices=[*PRETRAINED, *FOLLOW_UPS])
     parser.add_argument("--pretrain-epochs", type=float, default=None,
                         help=f"pretraining epochs of every backbone (default {AblationParams.pretrain_epochs})")
     parser.add_argument("--threads", type=int, default=1)

@@ -100,6 +100,12 @@ class ModelArguments:
         default=0.3,
         metadata={"help": "Share of valued events whose value is hidden and reconstructed (0 = off)."},
     )
+    value_mask_strategy: str = field(
+        default="random",
+        metadata={
+            "help": "Which values are hidden: random (each independently) or future (the latest ones: forecasting)."
+        },
+    )
     objectives: str = field(
         default="code,value",
         metadata={"help": "Pretraining objectives, comma-separated among code, value, time, feature."},
@@ -266,7 +272,8 @@ def describe_objectives(model: EHRTransformerForMaskedEventModeling, model_args:
     config = model.config
     parts = {
         "code": f"masked code prediction ({model_args.mlm_probability:.0%} of events, 80/10/10)",
-        "value": f"value reconstruction ({model_args.value_mask_probability:.0%} of valued events, MSE)",
+        "value": f"value reconstruction ({model_args.value_mask_probability:.0%} of valued events, "
+        f"{'the latest' if model_args.value_mask_strategy == 'future' else 'at random'}, MSE)",
         "time": f"time-gap reconstruction ({model_args.time_mask_probability:.0%} of events, MSE of log1p hours)",
         "feature": f"feature reconstruction (EMA teacher, decay {model_args.ema_decay}, mean of its top "
         f"{config.feature_target_layers} layers, MSE at masked events)",
@@ -336,6 +343,7 @@ def pretrain(
                 tokenizer,
                 mlm_probability=model_args.mlm_probability,
                 value_mask_probability=model_args.value_mask_probability if "value" in objectives else 0.0,
+                value_mask_strategy=model_args.value_mask_strategy,
                 time_mask_probability=model_args.time_mask_probability if "time" in objectives else 0.0,
                 return_teacher_inputs="feature" in objectives,
             ),

@@ -165,6 +165,38 @@ def test_value_reconstruction_targets_are_hidden_from_the_input():
     assert "value_labels" not in DataCollatorForMaskedEventModeling(tokenizer)(features)
 
 
+def test_future_value_masking_hides_the_latest_hours_and_nothing_before_them():
+    set_seed(0)
+    tokenizer = make_tokenizer()
+    features = []
+    for i in range(40):  # four measurements an hour, as in hourly ICU tables
+        feature = make_feature(61, offset=i)
+        feature["values"] = [NAN] + [float(k % 7) for k in range(60)]
+        feature["times"] = [0.0] + [float(k // 4) for k in range(60)]
+        features.append(feature)
+    collator = DataCollatorForMaskedEventModeling(
+        tokenizer, value_mask_probability=0.3, value_mask_strategy="future"
+    )
+    batch = collator(features)
+    plain = DataCollatorForEventClassification(tokenizer)(features)
+    targets = ~torch.isnan(batch["value_labels"])  # (B, L)
+    torch.testing.assert_close(batch["value_labels"][targets], plain["values"][targets])
+    shares = []
+    for row in range(len(features)):
+        target_times = plain["times"][row][targets[row]]
+        assert target_times.numel() > 0
+        cut = target_times.min()
+        # nothing from the cut hour on reaches the model; everything before it that had a value still does
+        assert torch.isnan(batch["values"][row][plain["times"][row] >= cut]).all()
+        before = (plain["times"][row] < cut) & ~torch.isnan(plain["values"][row]) & (batch["labels"][row] == -100)
+        torch.testing.assert_close(batch["values"][row][before], plain["values"][row][before])
+        shares.append(targets[row].sum().item() / 60)
+    assert 0.2 < sum(shares) / len(shares) < 0.45  # 30% on average, rounded up to whole hours
+    assert max(shares) > 0.45 and min(shares) < 0.15  # the share varies between samples
+    with pytest.raises(ValueError, match="value_mask_strategy"):
+        DataCollatorForMaskedEventModeling(tokenizer, value_mask_probability=0.3, value_mask_strategy="past")
+
+
 def test_multitask_labels_keep_missing_as_nan():
     collate = DataCollatorForEventClassification(make_tokenizer())
     labels = collate([make_feature(3, label=[1.0, None]), make_feature(4, label=[NAN, 2.5])])["labels"]

@@ -25,6 +25,7 @@ import torch
 from ehr_transformer.tokenization_ehr import EHREventTokenizer
 
 _SEQUENCE_KEYS = ("input_ids", "values", "times", "ages")
+VALUE_MASK_STRATEGIES = ("random", "future")
 
 
 def _pad_batch(
@@ -78,6 +79,10 @@ class DataCollatorForMaskedEventModeling:
     for code masking, each has its value hidden with probability `value_mask_probability` while its code stays
     visible; `value_labels` (B, L) hold the hidden (normalised) values there and NaN elsewhere, so the model
     learns what a lactate of 4 means rather than only which codes co-occur. 0 disables it.
+    `value_mask_strategy="future"` hides the values of a sample's latest valued events instead: a share drawn
+    uniformly from [0, 2 * value_mask_probability] (so `value_mask_probability` on average) sets a cut time, and
+    every valued event at or after it has its value hidden, so the objective becomes forecasting the last hours'
+    measurements (codes and times stay visible) from the history before them, as CLMBR / MOTOR predict the future.
 
     Time reconstruction (its own ratio): each real, non-special event after the first position has its time and age
     hidden (NaN, which the model embeds as "unknown") with probability `time_mask_probability`, independently of
@@ -95,6 +100,7 @@ class DataCollatorForMaskedEventModeling:
     mask_replace_prob: float = 0.8
     random_replace_prob: float = 0.1
     value_mask_probability: float = 0.0
+    value_mask_strategy: str = "random"
     pad_to_multiple_of: int | None = None
     generator: torch.Generator | None = None
     time_mask_probability: float = 0.0
@@ -105,6 +111,10 @@ class DataCollatorForMaskedEventModeling:
             raise ValueError(f"mlm_probability must be in (0, 1], got {self.mlm_probability}")
         if not 0.0 <= self.value_mask_probability <= 1.0:
             raise ValueError(f"value_mask_probability must be in [0, 1], got {self.value_mask_probability}")
+        if self.value_mask_strategy not in VALUE_MASK_STRATEGIES:
+            raise ValueError(
+                f"value_mask_strategy must be one of {VALUE_MASK_STRATEGIES}, got {self.value_mask_strategy!r}"
+            )
         if not 0.0 <= self.time_mask_probability <= 1.0:
             raise ValueError(f"time_mask_probability must be in [0, 1], got {self.time_mask_probability}")
         if self.mask_replace_prob < 0 or self.random_replace_prob < 0:
@@ -147,9 +157,13 @@ class DataCollatorForMaskedEventModeling:
         values = batch["values"].masked_fill(to_mask | to_random, float("nan"))  # (B, L)
         batch.update(input_ids=input_ids, values=values, labels=labels)
         if self.value_mask_probability > 0:
-            has_value = maskable & ~selected & ~torch.isnan(values)  # (B, L)
-            value_draws = torch.rand(input_ids.shape, generator=self.generator)  # (B, L)
-            hide_value = has_value & (value_draws < self.value_mask_probability)  # (B, L)
+            if self.value_mask_strategy == "future":  # every value from the cut on, so none of the future shows
+                has_value = maskable & ~torch.isnan(values)  # (B, L)
+                hide_value = has_value & (original["times"] >= self._cut_times(original["times"], has_value))
+            else:
+                has_value = maskable & ~selected & ~torch.isnan(values)  # (B, L)
+                value_draws = torch.rand(input_ids.shape, generator=self.generator)  # (B, L)
+                hide_value = has_value & (value_draws < self.value_mask_probability)  # (B, L)
             batch["value_labels"] = torch.where(hide_value, values, torch.full_like(values, float("nan")))
             batch["values"] = values.masked_fill(hide_value, float("nan"))
         if self.time_mask_probability > 0:
@@ -165,6 +179,16 @@ class DataCollatorForMaskedEventModeling:
         if self.return_teacher_inputs:
             batch.update({f"teacher_{key}": original[key] for key in _SEQUENCE_KEYS})
         return batch
+
+    def _cut_times(self, times: torch.Tensor, has_value: torch.Tensor) -> torch.Tensor:
+        """(B, 1) per-sample cut time of the "future" strategy: the time of the valued event that leaves a drawn
+        share of the sample's valued events at or after it (+inf where a sample has no valued event)."""
+        share = torch.rand(times.shape[0], generator=self.generator) * 2 * self.value_mask_probability  # (B,)
+        n_valued = has_value.sum(dim=1)  # (B,)
+        first_hidden = ((1.0 - share.clamp(max=1.0)) * n_valued).floor().long().clamp(max=n_valued - 1)  # (B,)
+        valued_times = times.masked_fill(~has_value, float("inf")).sort(dim=1).values  # (B, L)
+        cut = valued_times.gather(1, first_hidden.clamp(min=0).unsqueeze(1))  # (B, 1)
+        return cut.masked_fill((n_valued == 0).unsqueeze(1), float("inf"))
 
 
 @dataclass
