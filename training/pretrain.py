@@ -8,8 +8,7 @@
 Every `transformers.TrainingArguments` flag applies. Model size: --hidden_size --num_hidden_layers
 --num_attention_heads --intermediate_size --max_length --min_code_count. Objectives: --objectives
 --objective_weights "code=1,value=0.5" --mlm_probability --value_mask_probability --value_mask_strategy random|future
---time_mask_probability
---ema_decay --feature_target_layers --loss_balancing --balancing_learning_rate.
+--time_mask_probability --ema_decay --feature_target_layers --loss_balancing --balancing_learning_rate.
 """
 
 from transformers import HfArgumentParser, TrainingArguments
