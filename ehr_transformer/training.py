@@ -142,6 +142,15 @@ class ModelArguments:
             "--model_name_or_path needed; the TrainingArguments optimiser settings are unused."
         },
     )
+    linear_probe_init: bool = field(
+        default=False,
+        metadata={
+            "help": "Fine-tune from the linear probe (LP-FT): fit --linear_probe's logistic regression on the frozen "
+            "backbone first, then train every weight from there, so that the first steps do not distort the "
+            "pretrained features through a random head. Use a small learning rate (e.g. 1e-4). One binary label "
+            "file and --model_name_or_path needed."
+        },
+    )
 
 
 # Defaults of the command line that differ from `TrainingArguments`': batches of similar lengths (little padding,
@@ -454,6 +463,12 @@ def finetune(
     if model_args.linear_probe:
         return finetune_linear_probe(data_args, model_args, training_args)
     sources = label_sources(data_args.labels)
+    if model_args.linear_probe_init and (len(sources) > 1 or data_args.task_types or not model_args.model_name_or_path):
+        raise ValueError(
+            "--linear_probe_init starts one binary output from a linear probe on a pretrained backbone: it needs "
+            f"--model_name_or_path and one binary label file, got {list(sources)} (task_types "
+            f"{data_args.task_types}, model_name_or_path {model_args.model_name_or_path})"
+        )
     if len(sources) > 1 or data_args.task_types:
         _, names, types = join_task_labels(sources)
         if data_args.task_types:
@@ -496,7 +511,14 @@ def finetune(
     )
     logger.info("fine-tuning (%s) on %d labelled samples, evaluating on %d", described, len(train_dataset),
                 len(eval_dataset))  # fmt: skip
-    init_bias_to_prevalence(model, train_dataset["labels"])
+    if model_args.linear_probe_init:
+        model, probe = linear_probe_classifier(
+            model, tokenizer, train_dataset, training_args.seed, model_args.classifier_pooling,
+            training_args.per_device_eval_batch_size, attn_implementation=model_args.attn_implementation,
+        )  # fmt: skip
+        objective += f" from a linear probe (LP-FT; probe C {probe.best_params_['logisticregression__C']:g})"
+    else:
+        init_bias_to_prevalence(model, train_dataset["labels"])
     trainer = ResumableTrainer(
         model=model,
         args=training_args,

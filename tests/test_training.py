@@ -1,5 +1,6 @@
 """pretrain -> finetune -> evaluate -> predict with the plain Trainer, as a user runs them (tiny model, few steps)."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -358,6 +359,45 @@ def test_linear_probe_refuses_what_is_not_one_binary_label(pretrained, synthetic
             ModelArguments(linear_probe=True),
             training_args(tmp_path),
         )
+
+
+def test_finetune_from_a_linear_probe_starts_at_the_probe_then_trains_every_weight(
+    pretrained, synthetic_meds, tmp_path
+):
+    """`finetune --linear_probe_init` (LP-FT): without a gradient step (learning rate 0) the checkpoint predicts
+    exactly as the linear probe on the same rows; with steps, the backbone and the head both move from there;
+    what it cannot start from is refused."""
+    from ehr_transformer import EHRTransformerModel
+    from ehr_transformer.data.dataset import build_labeled_dataset
+    from ehr_transformer.training import _subsample_labels, linear_probe_classifier, predict_dataset
+
+    pretrained_dir, _ = pretrained
+    labels = synthetic_meds / "labels" / "in_hospital_mortality.parquet"
+    data = DataArguments(data_dir=str(synthetic_meds), labels=str(labels), label_fraction=0.5, cache_dir=str(tmp_path / "c"))
+    model_args = ModelArguments(model_name_or_path=str(pretrained_dir), linear_probe_init=True)
+    tokenizer = EHREventTokenizer.from_pretrained(pretrained_dir)
+    train = build_labeled_dataset(synthetic_meds, labels, tokenizer, "train", cache_dir=tmp_path / "c")
+    held_out = build_labeled_dataset(synthetic_meds, labels, tokenizer, "held_out", cache_dir=tmp_path / "c")
+    probe, _ = linear_probe_classifier(pretrained_dir, tokenizer, _subsample_labels(train, 0.5, 3), seed=3)
+
+    unmoved = finetune(data, model_args, training_args(tmp_path / "lr0", learning_rate=0.0, seed=3))
+    assert unmoved.config.classifier_head == "linear"
+    np.testing.assert_allclose(
+        predict_dataset(unmoved, held_out, tokenizer), predict_dataset(probe, held_out, tokenizer), atol=1e-5
+    )
+
+    tuned = finetune(data, model_args, training_args(tmp_path / "lpft", learning_rate=1e-3, seed=3))
+    assert not torch.allclose(tuned.classifier.weight, probe.classifier.weight)
+    backbone = EHRTransformerModel.from_pretrained(pretrained_dir).state_dict()
+    moved = [name for name, tensor in tuned.model.state_dict().items() if not torch.equal(tensor, backbone[name])]
+    assert len(moved) > len(backbone) // 2, f"only {moved} of the backbone trained"
+    assert "from a linear probe (LP-FT" in (tmp_path / "lpft" / "README.md").read_text()
+
+    two_files = f"{labels},{labels.parent / 'long_length_of_stay.parquet'}"
+    with pytest.raises(ValueError, match="--linear_probe_init.*one binary label file"):
+        finetune(dataclasses.replace(data, labels=two_files), model_args, training_args(tmp_path / "x"))
+    with pytest.raises(ValueError, match="--linear_probe_init.*--model_name_or_path"):
+        finetune(data, ModelArguments(linear_probe_init=True), training_args(tmp_path / "y"))
 
 
 def test_a_one_label_head_on_a_two_label_config_reports_no_mismatch(caplog):

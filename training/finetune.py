@@ -7,6 +7,8 @@
 (--labels a.parquet,b.parquet [--task_types binary,regression]) fine-tune one head per task on one backbone.
 --linear_probe fits a cross-validated logistic regression on the frozen backbone's pooled embeddings instead (the
 few-label choice, one binary label file) and saves it as a checkpoint that `ehr-transformer predict` uses.
+--linear_probe_init fits that probe first and then fine-tunes every weight from it (LP-FT; use a small
+--learning_rate such as 1e-4).
 """
 
 from transformers import HfArgumentParser, TrainingArguments
