@@ -183,7 +183,7 @@ def finetuned_predictions(
     for seed in range(seeds):
         model = finetune(
             DataArguments(data_dir=str(user), labels=str(user / "labels" / f"{TASK}.parquet"), label_fraction=fraction, cache_dir=str(work / "cache")),
-            ModelArguments(model_name_or_path=str(checkpoint), max_length=args.max_length),
+            ModelArguments(model_name_or_path=str(checkpoint), max_length=args.max_length, linear_probe_init=args.finetune_from_probe),
             training_args(out, args.finetune_epochs / fraction, seed, 32, args.finetune_lr),
         )  # fmt: skip
         probabilities.append(np.concatenate([predict_dataset(model, d, tokenizer) for d in datasets_]))
@@ -369,7 +369,9 @@ def summarize(cases: list[dict], settings: dict) -> dict:
         "truth": (
             f"each candidate fine-tuned on {fraction:.0%} of the user's training labels (at a given seed the same rows "
             f"for every candidate), {settings['low_label_seeds']} seeds, {settings['finetune_epochs'] / fraction:g} "
-            "epochs (as many steps as on all labels); mean AUROC on the user's evaluation subjects"
+            f"epochs (as many steps as on all labels) at learning rate {settings['finetune_lr']:g}"
+            + (", every weight trained from the linear probe (LP-FT)" if settings.get("finetune_from_probe") else "")
+            + "; mean AUROC on the user's evaluation subjects"
         ),
         "label_fraction": fraction,
         "n_cases": len(cases),
@@ -502,7 +504,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--probe_seeds", type=int, default=20,
-        help="head-only fine-tunes (linear probe on frozen features) per (case, candidate), averaged",
+        help="head-only fine-tunes (linear probe on frozen features) per (case, candidate), averaged (0: skip)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--finetune_from_probe", action="store_true",
+        help="fine-tune every weight from the linear probe (LP-FT, finetune --linear_probe_init) instead of a random head",
     )  # fmt: skip
     parser.add_argument(
         "--no_full_label_truth", action="store_true", help="skip the full-label truth (smoke tests)"
@@ -614,10 +620,11 @@ def run(args: argparse.Namespace, command: str) -> dict:
             }
             for n, r, truth in zip(names, rows, case["candidates"], strict=True)
         ]  # fmt: skip
-        t0 = time.perf_counter()
-        runs = [probe_predictions(checkpoints[n], user, evaluation, args.finetune_label_fraction, args.probe_seeds) for n in names]  # fmt: skip
-        timings["frozen_probe_s"] += time.perf_counter() - t0
-        case["frozen_probe"] = judge(runs, rows, names, args.bootstrap, seed)
+        if args.probe_seeds > 0:
+            t0 = time.perf_counter()
+            runs = [probe_predictions(checkpoints[n], user, evaluation, args.finetune_label_fraction, args.probe_seeds) for n in names]  # fmt: skip
+            timings["frozen_probe_s"] += time.perf_counter() - t0
+            case["frozen_probe"] = judge(runs, rows, names, args.bootstrap, seed)
         if not args.no_full_label_truth:
             t0 = time.perf_counter()
             runs = [finetuned_predictions(checkpoints[n], user, evaluation, work, args, 1.0, args.finetune_seeds) for n in names]  # fmt: skip
@@ -626,18 +633,19 @@ def run(args: argparse.Namespace, command: str) -> dict:
         cases.append(case)
         print(
             f"user {source}: selected {case['selected']}; {args.finetune_label_fraction:.0%} of labels: {describe(case)}"
-            + f"; frozen probe: {describe(case['frozen_probe'])}"
+            + (f"; frozen probe: {describe(case['frozen_probe'])}" if "frozen_probe" in case else "")
             + (f"; all labels: {describe(case['full_labels'])}" if "full_labels" in case else "")
             + f"; {time.perf_counter() - started:.0f} s so far",
             flush=True,
         )  # fmt: skip
         full = {c["checkpoint"]: c for c in case.get("full_labels", {}).get("candidates", [])}
-        probe = {c["checkpoint"]: c for c in case["frozen_probe"]["candidates"]}
+        probe = {c["checkpoint"]: c for c in case.get("frozen_probe", {}).get("candidates", [])}
         for c in case["candidates"]:
             print(
                 f"    {c['checkpoint']:<9} codes {c['code_coverage']:.3f} fit {c['fit']:.3f} logme "
                 f"{c['transferability']:.4f} combined {c['combined']:.3f} auroc {c['finetuned_auroc']:.3f} "
-                f"± {c['finetuned_auroc_se']:.3f} (frozen probe {probe[c['checkpoint']]['finetuned_auroc']:.3f})"
+                f"± {c['finetuned_auroc_se']:.3f}"
+                + (f" (frozen probe {probe[c['checkpoint']]['finetuned_auroc']:.3f})" if probe else "")
                 + (f" (all labels {full[c['checkpoint']]['finetuned_auroc']:.3f})" if full else ""),
                 flush=True,
             )
