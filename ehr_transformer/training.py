@@ -317,13 +317,6 @@ def pretrain(
     else:
         tokenizer = tokenizer or fit_tokenizer(data_args, model_args)
     seed_before_model_init(training_args)
-    train_dataset = build_pretraining_dataset(
-        data_args.data_dir, tokenizer, data_args.train_split, data_args.cache_dir
-    )
-    eval_dataset = build_pretraining_dataset(
-        data_args.data_dir, tokenizer, data_args.eval_split, data_args.cache_dir
-    )
-    logger.info("pretraining on %d subjects, evaluating on %d", len(train_dataset), len(eval_dataset))
     if model_args.model_name_or_path:
         model = EHRTransformerForMaskedEventModeling.from_pretrained(
             model_args.model_name_or_path,
@@ -342,22 +335,28 @@ def pretrain(
             config, attn_implementation=model_args.attn_implementation
         )
     objectives = model.config.pretraining_objectives
+    # The collator checks its settings: built before the datasets, a bad one is refused in seconds.
+    collator = DataCollatorForMaskedEventModeling(
+        tokenizer,
+        mlm_probability=model_args.mlm_probability,
+        value_mask_probability=model_args.value_mask_probability if "value" in objectives else 0.0,
+        value_mask_strategy=model_args.value_mask_strategy,
+        time_mask_probability=model_args.time_mask_probability if "time" in objectives else 0.0,
+        return_teacher_inputs="feature" in objectives,
+    )
+    train_dataset = build_pretraining_dataset(
+        data_args.data_dir, tokenizer, data_args.train_split, data_args.cache_dir
+    )
+    eval_dataset = build_pretraining_dataset(
+        data_args.data_dir, tokenizer, data_args.eval_split, data_args.cache_dir
+    )
+    logger.info("pretraining on %d subjects, evaluating on %d", len(train_dataset), len(eval_dataset))
     trainer = PretrainingTrainer(  # a ResumableTrainer: killed runs resume bit-identically (see safety.py)
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset if len(eval_dataset) else None,
-        data_collator=ReproducibleMasking(
-            DataCollatorForMaskedEventModeling(
-                tokenizer,
-                mlm_probability=model_args.mlm_probability,
-                value_mask_probability=model_args.value_mask_probability if "value" in objectives else 0.0,
-                value_mask_strategy=model_args.value_mask_strategy,
-                time_mask_probability=model_args.time_mask_probability if "time" in objectives else 0.0,
-                return_teacher_inputs="feature" in objectives,
-            ),
-            seed=training_args.seed,
-        ),
+        data_collator=ReproducibleMasking(collator, seed=training_args.seed),
         loss_balancing=model_args.loss_balancing,
         balancing_learning_rate=model_args.balancing_learning_rate,
         ema_decay=model_args.ema_decay,

@@ -135,6 +135,24 @@ def test_finetune_without_labels_says_what_is_missing(synthetic_meds, tmp_path):
         finetune(DataArguments(data_dir=str(synthetic_meds)), ModelArguments(**TINY), training_args(tmp_path))
 
 
+def test_pretrain_refuses_bad_masking_settings_before_tokenizing_the_data(pretrained, synthetic_meds, tmp_path, monkeypatch):
+    """A misspelt masking setting fails in seconds, naming the field, not after the datasets are built; also when
+    pretraining continues from a checkpoint (whose objectives decide which settings apply)."""
+    import ehr_transformer.training as training
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the datasets were built before the collator settings were checked")
+
+    monkeypatch.setattr(training, "build_pretraining_dataset", fail)
+    data = DataArguments(data_dir=str(synthetic_meds), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="value_mask_strategy"):
+        pretrain(data, ModelArguments(**TINY, value_mask_strategy="past"), training_args(tmp_path / "a"))
+    continued = ModelArguments(model_name_or_path=str(pretrained[0]), mlm_probability=1.5)
+    with pytest.raises(ValueError, match="mlm_probability"):
+        pretrain(data, continued, training_args(tmp_path / "b"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_pretrain_script_runs_as_a_command(synthetic_meds, tmp_path):
     """`python training/pretrain.py ...` with TrainingArguments flags, as the README shows."""
     command = [
