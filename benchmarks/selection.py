@@ -33,7 +33,12 @@ For every case
   - `frozen_probe` (added 2026-12-01, after the primary truth failed on 2026-12-01's first run): head-only
     fine-tuning, the README's few-label recipe (`training.fit_linear_probe`, `finetune --linear_probe`) on each
     candidate's frozen mean-pooled embeddings of the primary truth's rows, `--probe_seeds` (20) seeds. Reported
-    beside; the goal stays judged on the primary truth, as chosen before any of these runs.
+    beside; the goal stays judged on the primary truth, as chosen before any of these runs. `--probe_seeds 0`
+    skips it;
+  - with `--finetune_from_probe` (added 2026-12-01, after the 12-seed primary truth tied), the few-label and
+    full-label fine-tunes start from the linear probe and train every weight (LP-FT, `finetune
+    --linear_probe_init`); its learning rate was chosen on `--zoo dev` (1e-4 over 3e-4, by mean AUROC), and its
+    run is committed apart (`selection_lpft.json`).
 
 Why the few-label truth is primary: the users served are hospital data scientists with few labels who start
 from a shared checkpoint (DESIGN.md), and with few labels the starting checkpoint matters; with the whole
