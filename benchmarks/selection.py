@@ -171,9 +171,11 @@ def finetuned_predictions(
     args,
     fraction: float,
     seeds: int,
+    from_probe: bool = False,
 ):
     """Fine-tune `checkpoint` once per seed on `fraction` of the user's training labels (the rows drawn from the
-    seed, so the same for every checkpoint; `finetune_epochs / fraction` epochs, as many steps as on all labels):
+    seed, so the same for every checkpoint; `finetune_epochs / fraction` epochs, as many steps as on all labels;
+    every weight trained from the linear probe with `from_probe`, LP-FT):
     the `(seeds, N)` probabilities on the evaluation rows (in `evaluation`'s order), their `(N,)` labels and `(N,)`
     subject index (one per subject and evaluation cohort, for the bootstrap)."""
     import numpy as np
@@ -188,7 +190,7 @@ def finetuned_predictions(
     for seed in range(seeds):
         model = finetune(
             DataArguments(data_dir=str(user), labels=str(user / "labels" / f"{TASK}.parquet"), label_fraction=fraction, cache_dir=str(work / "cache")),
-            ModelArguments(model_name_or_path=str(checkpoint), max_length=args.max_length, linear_probe_init=args.finetune_from_probe),
+            ModelArguments(model_name_or_path=str(checkpoint), max_length=args.max_length, linear_probe_init=from_probe),
             training_args(out, args.finetune_epochs / fraction, seed, 32, args.finetune_lr),
         )  # fmt: skip
         probabilities.append(np.concatenate([predict_dataset(model, d, tokenizer) for d in datasets_]))
@@ -608,7 +610,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
         rows = [by_path[str(checkpoints[n])] for n in names]
         t0 = time.perf_counter()
         runs = [
-            finetuned_predictions(checkpoints[n], user, evaluation, work, args, args.finetune_label_fraction, args.low_label_seeds)
+            finetuned_predictions(checkpoints[n], user, evaluation, work, args, args.finetune_label_fraction, args.low_label_seeds, args.finetune_from_probe)
             for n in names
         ]  # fmt: skip
         timings["finetuning_low_label_s"] += time.perf_counter() - t0
@@ -632,7 +634,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
             case["frozen_probe"] = judge(runs, rows, names, args.bootstrap, seed)
         if not args.no_full_label_truth:
             t0 = time.perf_counter()
-            runs = [finetuned_predictions(checkpoints[n], user, evaluation, work, args, 1.0, args.finetune_seeds) for n in names]  # fmt: skip
+            runs = [finetuned_predictions(checkpoints[n], user, evaluation, work, args, 1.0, args.finetune_seeds, args.finetune_from_probe) for n in names]  # fmt: skip
             timings["finetuning_full_labels_s"] += time.perf_counter() - t0
             case["full_labels"] = judge(runs, rows, names, args.bootstrap, seed)
         cases.append(case)

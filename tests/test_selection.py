@@ -399,7 +399,7 @@ def test_selection_benchmark_merge_recomputes_the_summary_from_the_parts(tmp_pat
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
     settings = {"zoo": "benchmark", "finetune_label_fraction": 0.2, "low_label_seeds": 4, "finetune_seeds": 3,
-                "finetune_epochs": 4.0}  # fmt: skip
+                "finetune_epochs": 4.0, "finetune_lr": 1e-3}  # fmt: skip
 
     def part(name: str, indices: list[int], cases: list[dict], wall_s: float, **changed) -> str:
         data = {"cases": cases, "protocol": "graded_mismatch_low_label", "levels": [], "command": f"run {name}",
@@ -428,6 +428,16 @@ def test_selection_benchmark_merge_recomputes_the_summary_from_the_parts(tmp_pat
     )
     assert [p["command"] for p in data["parts"]] == ["run part0.json", "run part1.json"]
     assert data["command"].startswith("python benchmarks/selection.py --merge")
+    assert "20 epochs" in data["truth"] and "learning rate 0.001" in data["truth"] and "LP-FT" not in data["truth"]
+    assert "frozen_probe" not in data  # the parts carry no frozen-probe truth (--probe_seeds 0)
+
+    lpft = part("lpft.json", [0], [benchmark_case("general", True, 0.7, False, -0.4)], 10.0, finetune_lr=1e-4,
+                finetune_from_probe=True)  # fmt: skip
+    benchmark.main(["--merge", lpft, "--output", str(tmp_path / "lpft_merged.json")])
+    truth = json.loads((tmp_path / "lpft_merged.json").read_text())["truth"]
+    assert "learning rate 0.0001, every weight trained from the linear probe (LP-FT)" in truth
+    with pytest.raises(SystemExit, match="settings"):  # an LP-FT part never joins a random-head one
+        benchmark.main(["--merge", second, lpft, "--output", str(tmp_path / "refused.json")])
 
     again = part("part2.json", [1], [benchmark_case("local_labs", True, 0.9, True, 0.9)], 10.0)
     with pytest.raises(SystemExit, match="local_labs"):
