@@ -69,7 +69,7 @@ from ehr_transformer.modeling_ehr import (  # noqa: E402
     EHRTransformerForSequenceClassification,
 )
 from ehr_transformer.tokenization_ehr import EHREventTokenizer  # noqa: E402
-from ehr_transformer.training import init_bias_to_prevalence  # noqa: E402
+from ehr_transformer.training import init_bias_to_prevalence, linear_probe_classifier  # noqa: E402
 from ehr_transformer.utils import write_json  # noqa: E402
 
 logger = logging.getLogger("yaib_demo")
@@ -120,6 +120,12 @@ class HParams:
     mlm_probability: float = 0.15
     value_mask_probability: float = 0.3  # MAE-style value reconstruction beside masked codes (package default)
     pretrain_cut_hours: tuple[int, ...] = (24, 72)  # los-stay windows: history up to 24 h and up to 72 h
+    # How the pretrained transformer's classifier starts: "random" (a fresh head, then every weight at
+    # `learning_rate`) or "probe" (LP-FT, `finetune --linear_probe_init`: the linear probe fitted on the frozen
+    # pretrained backbone first, then every weight at `probe_init_learning_rate`). The protocol's choice is "random";
+    # "probe" is a development-check option (`--pretrained-head-init probe`).
+    pretrained_head_init: str = "random"
+    probe_init_learning_rate: float = 3e-4
     los_max_epochs: int = 4  # ~1,500 stay-hours of up to 400 events: ~25 s an epoch
     los_patience: int = 2
 
@@ -375,7 +381,13 @@ def train_head(hp: HParams, tokenizer, fit, val, seed: int, regression: bool, ba
     )
     if backbone is not None:
         model.model.load_state_dict(backbone)
-    if not regression:  # start at the base rate instead of spending the first epochs learning it
+    learning_rate = hp.learning_rate
+    if backbone is not None and not regression and hp.pretrained_head_init == "probe":
+        rows = {k: [f[k] for f in fit] for k in ("input_ids", "values", "times", "ages")}
+        rows["labels"] = [float(f["labels"]) for f in fit]
+        model, _ = linear_probe_classifier(model, tokenizer, rows, seed, hp.classifier_pooling, hp.batch_size)
+        learning_rate = hp.probe_init_learning_rate
+    elif not regression:  # start at the base rate instead of spending the first epochs learning it
         init_bias_to_prevalence(model, np.array([f["labels"] for f in fit]))
     collator = DataCollatorForEventClassification(tokenizer)
     max_epochs = hp.los_max_epochs if regression else hp.max_epochs
@@ -383,7 +395,7 @@ def train_head(hp: HParams, tokenizer, fit, val, seed: int, regression: bool, ba
     rng = np.random.default_rng(seed)
     lengths = lengths_of(fit)
     optimizer, scheduler = optimizer_for(
-        model, hp.learning_rate, hp.weight_decay, max_epochs * math.ceil(len(fit) / hp.batch_size)
+        model, learning_rate, hp.weight_decay, max_epochs * math.ceil(len(fit) / hp.batch_size)
     )
     best, best_state, best_epoch, history = float("inf"), None, 0, []
     for epoch in range(1, max_epochs + 1):
@@ -697,6 +709,10 @@ def parse_args(argv=None):
     parser.add_argument("--dev", action="store_true",
                         help="only the development check: out-of-fold AUROC on fold 0's training stays (no test fold)")
     parser.add_argument("--quick", action="store_true", help="tiny subset, 2 folds, tiny model (smoke test)")
+    parser.add_argument("--pretrained-head-init", choices=["random", "probe"], default=None,
+                        help="how the pretrained transformer's classifier starts (default: HParams, random)")
+    parser.add_argument("--probe-init-lr", type=float, default=None,
+                        help="learning rate after a probe start (default: HParams)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="PART",
                         help="combine the JSON outputs of runs with different seeds into --output (nothing is run)")
     args = parser.parse_args(argv)
@@ -765,6 +781,10 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(args.threads)
     hp = replace(HParams(), **QUICK) if args.quick else HParams()
+    if args.pretrained_head_init is not None:
+        hp = replace(hp, pretrained_head_init=args.pretrained_head_init)
+    if args.probe_init_lr is not None:
+        hp = replace(hp, probe_init_learning_rate=args.probe_init_lr)
     load_start = os.getloadavg()
     bench = Benchmark(args, hp)
     bench.start = time.perf_counter()
