@@ -452,7 +452,8 @@ def finetune(
     prevalence (`init_bias_to_prevalence`).
 
     With `model_args.linear_probe`, no gradient step: a linear probe on the frozen backbone instead
-    (`finetune_linear_probe`)."""
+    (`finetune_linear_probe`). With `model_args.linear_probe_init` (LP-FT), that probe is the starting head
+    (`linear_probe_classifier`, `classifier_head="linear"`) and every weight trains from there."""
     from .metrics import compute_classification_metrics
 
     if data_args.labels is None:
