@@ -38,7 +38,7 @@ For every case
   - with `--finetune_from_probe` (added 2026-12-01, after the 12-seed primary truth tied), the few-label and
     full-label fine-tunes start from the linear probe and train every weight (LP-FT, `finetune
     --linear_probe_init`); its learning rate was chosen on `--zoo dev` (1e-4 over 3e-4, by mean AUROC), and its
-    run is committed apart (`selection_lpft.json`).
+    runs are committed apart (`selection_lpft.json`, `selection_lpft_full_labels.json`).
 
 Why the few-label truth is primary: the users served are hospital data scientists with few labels who start
 from a shared checkpoint (DESIGN.md), and with few labels the starting checkpoint matters; with the whole
