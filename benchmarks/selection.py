@@ -372,13 +372,14 @@ def summarize(cases: list[dict], settings: dict) -> dict:
     figures = verdict_counts(cases)
     components = figures.pop("components_alone")
     fraction = settings["finetune_label_fraction"]
+    recipe = f"at learning rate {settings['finetune_lr']:g}" + (
+        ", every weight trained from the linear probe (LP-FT)" if settings.get("finetune_from_probe") else ""
+    )
     summary = {
         "truth": (
             f"each candidate fine-tuned on {fraction:.0%} of the user's training labels (at a given seed the same rows "
             f"for every candidate), {settings['low_label_seeds']} seeds, {settings['finetune_epochs'] / fraction:g} "
-            f"epochs (as many steps as on all labels) at learning rate {settings['finetune_lr']:g}"
-            + (", every weight trained from the linear probe (LP-FT)" if settings.get("finetune_from_probe") else "")
-            + "; mean AUROC on the user's evaluation subjects"
+            f"epochs (as many steps as on all labels) {recipe}; mean AUROC on the user's evaluation subjects"
         ),
         "label_fraction": fraction,
         "n_cases": len(cases),
@@ -401,7 +402,7 @@ def summarize(cases: list[dict], settings: dict) -> dict:
         summary["full_labels"] = {
             "truth": (
                 f"each candidate fine-tuned on all of the user's training labels, {settings['finetune_seeds']} seeds, "
-                f"{settings['finetune_epochs']:g} epochs; mean AUROC on the same evaluation subjects"
+                f"{settings['finetune_epochs']:g} epochs {recipe}; mean AUROC on the same evaluation subjects"
             ),
             **verdict_counts([c["full_labels"] for c in cases]),
         }

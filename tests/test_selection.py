@@ -434,8 +434,9 @@ def test_selection_benchmark_merge_recomputes_the_summary_from_the_parts(tmp_pat
     lpft = part("lpft.json", [0], [benchmark_case("general", True, 0.7, False, -0.4)], 10.0, finetune_lr=1e-4,
                 finetune_from_probe=True)  # fmt: skip
     benchmark.main(["--merge", lpft, "--output", str(tmp_path / "lpft_merged.json")])
-    truth = json.loads((tmp_path / "lpft_merged.json").read_text())["truth"]
-    assert "learning rate 0.0001, every weight trained from the linear probe (LP-FT)" in truth
+    merged = json.loads((tmp_path / "lpft_merged.json").read_text())
+    for truth in (merged["truth"], merged["full_labels"]["truth"]):  # both truths fine-tune with the same recipe
+        assert "learning rate 0.0001, every weight trained from the linear probe (LP-FT)" in truth
     with pytest.raises(SystemExit, match="settings"):  # an LP-FT part never joins a random-head one
         benchmark.main(["--merge", second, lpft, "--output", str(tmp_path / "refused.json")])
 
