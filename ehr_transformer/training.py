@@ -463,12 +463,8 @@ def finetune(
     if model_args.linear_probe:
         return finetune_linear_probe(data_args, model_args, training_args)
     sources = label_sources(data_args.labels)
-    if model_args.linear_probe_init and (len(sources) > 1 or data_args.task_types or not model_args.model_name_or_path):
-        raise ValueError(
-            "--linear_probe_init starts one binary output from a linear probe on a pretrained backbone: it needs "
-            f"--model_name_or_path and one binary label file, got {list(sources)} (task_types "
-            f"{data_args.task_types}, model_name_or_path {model_args.model_name_or_path})"
-        )
+    if model_args.linear_probe_init:
+        check_probe_inputs("--linear_probe_init", sources, data_args, model_args)
     if len(sources) > 1 or data_args.task_types:
         _, names, types = join_task_labels(sources)
         if data_args.task_types:
@@ -540,6 +536,18 @@ def finetune(
     return trainer.model
 
 
+def check_probe_inputs(flag: str, sources: dict, data_args: DataArguments, model_args: ModelArguments) -> None:
+    """The linear probe (`--linear_probe`, or as the start of `--linear_probe_init`) fits one binary label on a
+    pretrained backbone: refuse several label files, task types and a start without a checkpoint, naming `flag`."""
+    if len(sources) > 1 or data_args.task_types:
+        raise ValueError(
+            f"{flag} fits one binary label file, got {list(sources)} (task_types {data_args.task_types}): "
+            "multitask and regression heads need fine-tuning from a fresh head"
+        )
+    if not model_args.model_name_or_path:
+        raise ValueError(f"{flag} needs --model_name_or_path: a pretrained checkpoint whose backbone it probes")
+
+
 def finetune_linear_probe(
     data_args: DataArguments, model_args: ModelArguments, training_args: TrainingArguments
 ) -> EHRTransformerForSequenceClassification:
@@ -552,13 +560,7 @@ def finetune_linear_probe(
     from .metrics import compute_classification_metrics
 
     sources = label_sources(data_args.labels)
-    if len(sources) > 1 or data_args.task_types:
-        raise ValueError(
-            f"--linear_probe fits one binary label file, got {list(sources)} (task_types {data_args.task_types}): "
-            "multitask and regression heads need gradient fine-tuning"
-        )
-    if not model_args.model_name_or_path:
-        raise ValueError("--linear_probe needs --model_name_or_path: a pretrained checkpoint whose backbone it probes")
+    check_probe_inputs("--linear_probe", sources, data_args, model_args)
     check_checkpoint_folder(model_args.model_name_or_path)  # refuse pickle-only/absurd folders before loading
     tokenizer = EHREventTokenizer.from_pretrained(model_args.model_name_or_path)
     labels, name = read_labels(data_args.labels), Path(data_args.labels).stem
