@@ -126,6 +126,9 @@ class HParams:
     # "probe" is a development-check option (`--pretrained-head-init probe`).
     pretrained_head_init: str = "random"
     probe_init_learning_rate: float = 3e-4
+    # Per-code value-bin embeddings (`EHRTransformerConfig.num_value_bins`): 0 (off) is the protocol's choice;
+    # other values are a development-check option (`--num-value-bins`).
+    num_value_bins: int = 0
     los_max_epochs: int = 4  # ~1,500 stay-hours of up to 400 events: ~25 s an epoch
     los_patience: int = 2
 
@@ -302,6 +305,7 @@ def model_config(hp: HParams, tokenizer: EHREventTokenizer, **extra) -> EHRTrans
         embedding_dropout=hp.embedding_dropout,
         classifier_dropout=hp.classifier_dropout,
         classifier_pooling=hp.classifier_pooling,
+        num_value_bins=hp.num_value_bins,
         value_loss_weight=hp.value_loss_weight,
         pad_token_id=tokenizer.pad_token_id,
         unk_token_id=tokenizer.unk_token_id,
@@ -713,6 +717,8 @@ def parse_args(argv=None):
                         help="how the pretrained transformer's classifier starts (default: HParams, random)")
     parser.add_argument("--probe-init-lr", type=float, default=None,
                         help="learning rate after a probe start (default: HParams)")
+    parser.add_argument("--num-value-bins", type=int, default=None,
+                        help="per-code value-bin embeddings of every transformer (default: HParams, off)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="PART",
                         help="combine the JSON outputs of runs with different seeds into --output (nothing is run)")
     args = parser.parse_args(argv)
@@ -785,6 +791,8 @@ def main(argv=None) -> dict:
         hp = replace(hp, pretrained_head_init=args.pretrained_head_init)
     if args.probe_init_lr is not None:
         hp = replace(hp, probe_init_learning_rate=args.probe_init_lr)
+    if args.num_value_bins is not None:
+        hp = replace(hp, num_value_bins=args.num_value_bins)
     load_start = os.getloadavg()
     bench = Benchmark(args, hp)
     bench.start = time.perf_counter()

@@ -65,6 +65,12 @@ class EHRTransformerConfig(PreTrainedConfig):
             Run every per-event layer (embeddings, projections, feed-forward, norms) on the real events only and
             pad just for attention, so the padding of long-tailed batches costs no feed-forward compute. Outputs
             are identical either way (to floating-point tolerance).
+        num_value_bins (`int`, defaults to 0):
+            With K > 1, every code gets K learned vectors, one per bin of its normalised value (a robust z-score;
+            edges at the standard normal's quantiles 1/K, ..., (K-1)/K, so roughly equal-count bins), added to the
+            event embedding beside the smooth value embedding. A code's effect may then change direction across
+            its range, as a gradient-boosting split does. Costs `vocab_size * K * hidden_size` parameters. 0 or 1:
+            off (the smooth value embedding alone).
         value_loss_weight (`float`, defaults to 1.0):
             Weight of the value-reconstruction loss (MSE of hidden normalised values) beside the masked-code
             cross entropy in [`EHRTransformerForMaskedEventModeling`], unless `objective_weights` sets "value".
@@ -130,6 +136,7 @@ class EHRTransformerConfig(PreTrainedConfig):
     classifier_dropout: float | int = 0.1
     sparse_prediction: bool = True
     unpad_inputs: bool = True
+    num_value_bins: int = 0
     value_loss_weight: float | int = 1.0
     pretraining_objectives: list[str] | tuple[str, ...] = ("code", "value")
     objective_weights: dict[str, float | int] | None = None
@@ -163,6 +170,8 @@ class EHRTransformerConfig(PreTrainedConfig):
                 raise ValueError(
                     f"objective_weights[{name!r}] = {weight}: expected a finite weight >= 0 of one of {objectives}"
                 )
+        if self.num_value_bins < 0:
+            raise ValueError(f"num_value_bins must be 0 (off) or a number of bins, got {self.num_value_bins}")
         if self.feature_target_layers < 1:
             raise ValueError(f"feature_target_layers must be at least 1, got {self.feature_target_layers}")
         super().__post_init__(**kwargs)

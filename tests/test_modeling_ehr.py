@@ -100,9 +100,10 @@ def value_labels_for(inputs):
     return inputs, value_labels
 
 
-def test_every_parameter_gets_a_gradient_from_pretraining_loss():
+@pytest.mark.parametrize("num_value_bins", [0, 4])
+def test_every_parameter_gets_a_gradient_from_pretraining_loss(num_value_bins):
     set_seed(0)
-    model = EHRTransformerForMaskedEventModeling(tiny_config())
+    model = EHRTransformerForMaskedEventModeling(tiny_config(num_value_bins=num_value_bins))
     inputs, value_labels = value_labels_for(make_inputs())
     out = model(**inputs, labels=mlm_labels(inputs), value_labels=value_labels)
     torch.testing.assert_close(out.loss, out.code_loss + out.value_loss)
@@ -256,6 +257,29 @@ def test_time_and_age_start_no_louder_than_codes():
     code = embeddings.code_embeddings(inputs["input_ids"]).std().item()
     for part, x in ((embeddings.time_embeddings, inputs["times"]), (embeddings.age_embeddings, inputs["ages"])):
         assert 0.5 * code < part(x).std().item() < 2.0 * code
+
+
+def test_value_bins_give_each_code_its_own_vector_per_value_range(tmp_path):
+    """With `num_value_bins=4` the normalised value is cut at the standard normal's quartiles (-0.674, 0, 0.674):
+    the vector of (code 5, top bin) reaches the events of code 5 with a value above 0.674, and no other event."""
+    set_seed(0)
+    model = EHRTransformerModel(tiny_config(num_value_bins=4)).eval()
+    assert EHRTransformerModel(tiny_config()).embeddings.code_value_bin_embeddings is None  # off by default
+    input_ids = torch.tensor([[5, 5, 5, 5, 5, 5, 6]])
+    values = torch.tensor([[-1.0, -0.2, 0.3, 0.7, 3.0, float("nan"), 1.0]])
+    inputs = dict(input_ids=input_ids, values=values, times=torch.zeros(1, 7), ages=torch.full((1, 7), 50.0))
+    before = model.embeddings(**inputs)
+    with torch.no_grad():
+        model.embeddings.code_value_bin_embeddings.weight[5 * 4 + 3] += 1.0
+    after = model.embeddings(**inputs)
+    changed = (after - before).abs().amax(-1)[0] > 1e-6
+    assert changed.tolist() == [False, False, False, True, True, False, False]
+
+    model.save_pretrained(tmp_path)  # the bins' vectors travel with the checkpoint
+    reloaded = EHRTransformerModel.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded.embeddings(**inputs), after)
+    with pytest.raises(ValueError, match="num_value_bins"):
+        tiny_config(num_value_bins=-2)
 
 
 def test_save_load_round_trip_with_auto_classes(tmp_path):
