@@ -41,7 +41,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -123,11 +123,11 @@ class HParams:
     # How the pretrained transformer's classifier starts: "random" (a fresh head, then every weight at
     # `learning_rate`) or "probe" (LP-FT, `finetune --linear_probe_init`: the linear probe fitted on the frozen
     # pretrained backbone first, then every weight at `probe_init_learning_rate`). The protocol's choice is "random";
-    # "probe" is a development-check option (`--pretrained-head-init probe`).
+    # "probe" is a development-check option (`--hparam pretrained_head_init=probe`).
     pretrained_head_init: str = "random"
     probe_init_learning_rate: float = 3e-4
     # Per-code value-bin embeddings (`EHRTransformerConfig.num_value_bins`): 0 (off) is the protocol's choice;
-    # other values are a development-check option (`--num-value-bins`).
+    # other values are a development-check option (`--hparam num_value_bins=10`).
     num_value_bins: int = 0
     los_max_epochs: int = 4  # ~1,500 stay-hours of up to 400 events: ~25 s an epoch
     los_patience: int = 2
@@ -713,18 +713,29 @@ def parse_args(argv=None):
     parser.add_argument("--dev", action="store_true",
                         help="only the development check: out-of-fold AUROC on fold 0's training stays (no test fold)")
     parser.add_argument("--quick", action="store_true", help="tiny subset, 2 folds, tiny model (smoke test)")
-    parser.add_argument("--pretrained-head-init", choices=["random", "probe"], default=None,
-                        help="how the pretrained transformer's classifier starts (default: HParams, random)")
-    parser.add_argument("--probe-init-lr", type=float, default=None,
-                        help="learning rate after a probe start (default: HParams)")
-    parser.add_argument("--num-value-bins", type=int, default=None,
-                        help="per-code value-bin embeddings of every transformer (default: HParams, off)")
+    parser.add_argument("--hparam", nargs="+", default=[], metavar="NAME=VALUE",
+                        help="development-check override of HParams fields, e.g. pretrain_epochs=10")
     parser.add_argument("--merge", nargs="+", default=None, metavar="PART",
                         help="combine the JSON outputs of runs with different seeds into --output (nothing is run)")
     args = parser.parse_args(argv)
     if args.quick:
         args.folds, args.seeds, args.los_folds, args.los_train_hours, args.los_eval_hours = 2, 1, 1, 1, 1
     return args
+
+
+def override_hparams(hp: HParams, overrides: list[str]) -> HParams:
+    """`hp` with NAME=VALUE overrides (`--hparam`), each value parsed as its field's type; unknown names refused."""
+    types = {f.name: type(getattr(hp, f.name)) for f in fields(HParams)}
+    changes = {}
+    for item in overrides:
+        name, _, value = item.partition("=")
+        if name not in types or not value:
+            raise SystemExit(f"--hparam {item!r}: expected NAME=VALUE with NAME among {sorted(types)}")
+        if types[name] is tuple:
+            changes[name] = tuple(int(v) for v in value.split(","))
+        else:
+            changes[name] = types[name](value)
+    return replace(hp, **changes)
 
 
 def cv_protocol(folds: int, seeds: list[int]) -> str:
@@ -787,12 +798,7 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(args.threads)
     hp = replace(HParams(), **QUICK) if args.quick else HParams()
-    if args.pretrained_head_init is not None:
-        hp = replace(hp, pretrained_head_init=args.pretrained_head_init)
-    if args.probe_init_lr is not None:
-        hp = replace(hp, probe_init_learning_rate=args.probe_init_lr)
-    if args.num_value_bins is not None:
-        hp = replace(hp, num_value_bins=args.num_value_bins)
+    hp = override_hparams(hp, args.hparam)
     load_start = os.getloadavg()
     bench = Benchmark(args, hp)
     bench.start = time.perf_counter()

@@ -135,12 +135,12 @@ def test_development_check_scores_only_training_stays(yaib_demo, tmp_path):
     # LP-FT for the pretrained transformer changes that model alone: the others are the same runs, bit for bit
     probe_start = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "yaib_demo.py"), "--data", str(yaib_demo),
-         "--output", str(tmp_path / "probe.json"), "--quick", "--dev", "--pretrained-head-init", "probe"],
+         "--output", str(tmp_path / "probe.json"), "--quick", "--dev", "--hparam", "pretrained_head_init=probe"],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
     )
     assert probe_start.returncode == 0, probe_start.stderr[-3000:]
     result = json.loads((tmp_path / "probe.json").read_text())
-    assert "--pretrained-head-init probe" in result["meta"]["command"]
+    assert "--hparam pretrained_head_init=probe" in result["meta"]["command"]
     lpft = result["development"]
     assert lpft["gbm_bagged"] == development["gbm_bagged"]
     assert lpft["transformer_scratch"] == development["transformer_scratch"]
