@@ -731,10 +731,10 @@ def override_hparams(hp: HParams, overrides: list[str]) -> HParams:
         name, _, value = item.partition("=")
         if name not in types or not value:
             raise SystemExit(f"--hparam {item!r}: expected NAME=VALUE with NAME among {sorted(types)}")
-        if types[name] is tuple:
-            changes[name] = tuple(int(v) for v in value.split(","))
-        else:
-            changes[name] = types[name](value)
+        try:
+            changes[name] = tuple(map(int, value.split(","))) if types[name] is tuple else types[name](value)
+        except ValueError:
+            raise SystemExit(f"--hparam {item!r}: {name} takes {types[name].__name__} values") from None
     return replace(hp, **changes)
 
 

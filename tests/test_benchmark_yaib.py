@@ -145,3 +145,18 @@ def test_development_check_scores_only_training_stays(yaib_demo, tmp_path):
     assert lpft["gbm_bagged"] == development["gbm_bagged"]
     assert lpft["transformer_scratch"] == development["transformer_scratch"]
     assert lpft["transformer_pretrained"] != development["transformer_pretrained"]
+
+
+def test_hparam_overrides_are_typed_and_unknown_names_refused():
+    """`--hparam NAME=VALUE` changes one HParams field for a development check, parsed as that field's type."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import yaib_demo
+
+    hp = yaib_demo.override_hparams(
+        yaib_demo.HParams(), ["pretrain_epochs=10", "learning_rate=1e-3", "pretrain_cut_hours=24,48"]
+    )
+    assert (hp.pretrain_epochs, hp.learning_rate, hp.pretrain_cut_hours) == (10, 1e-3, (24, 48))
+    assert hp.hidden_size == yaib_demo.HParams().hidden_size  # the rest untouched
+    for bad in (["pretrain_epoch=10"], ["pretrain_epochs"], ["pretrain_epochs=ten"]):
+        with pytest.raises(SystemExit, match="pretrain_epoch"):
+            yaib_demo.override_hparams(yaib_demo.HParams(), bad)
