@@ -172,17 +172,25 @@ def continue_pretraining(
             disable_tqdm=True,
             train_sampling_strategy="group_by_length",
         )
-        pretrained = pretrain(
-            DataArguments(data_dir=str(data_dir), train_split=split, eval_split=split, cache_dir=cache_dir),
-            ModelArguments(
-                model_name_or_path=str(source),
-                objectives=objectives,
-                feature_target_layers=min(2, model.config.num_hidden_layers),
-                attn_implementation=model.config._attn_implementation,
-            ),
-            args,
-            tokenizer=tokenizer,
-        )
+        # The classifier just saved loads as a pretraining model: its head is unexpected and the pretraining heads
+        # are missing, by design. transformers' table of those keys would only alarm the user of `adapt`.
+        loading_logger = logging.getLogger("transformers.modeling_utils")
+        level = loading_logger.level
+        loading_logger.setLevel(logging.ERROR)
+        try:
+            pretrained = pretrain(
+                DataArguments(data_dir=str(data_dir), train_split=split, eval_split=split, cache_dir=cache_dir),
+                ModelArguments(
+                    model_name_or_path=str(source),
+                    objectives=objectives,
+                    feature_target_layers=min(2, model.config.num_hidden_layers),
+                    attn_implementation=model.config._attn_implementation,
+                ),
+                args,
+                tokenizer=tokenizer,
+            )
+        finally:
+            loading_logger.setLevel(level)
     with torch.no_grad():
         model.model.load_state_dict(pretrained.model.state_dict())
     # optimizer steps as the Trainer counts them on one device: ceil(epochs * batches per epoch), or max_steps
