@@ -93,13 +93,30 @@ PREVIOUS_ZOO_NOTE = (
     "truth was mostly noise"
 )
 # (name, share of the coded vocabulary written as local codes, years older, severity factor, frailty shift,
-#  other mortality mechanism): one candidate per degree of mismatch with the user's hospital
-LEVELS = [
-    ("match", 0.0, 0.0, 1.0, 0.0, False),
-    ("mild", 0.25, 5.0, 1.0, 0.0, False),
-    ("moderate", 0.5, 10.0, 1.25, 0.0, False),
-    ("severe", 0.75, 15.0, 1.5, 0.5, True),
-]
+#  other mortality mechanism, code systems the candidate's hospital writes otherwise): one candidate per degree
+#  of mismatch with the user's hospital. `graded` is the benchmark's zoo; the other two were tried on `--zoo dev`
+#  on 2026-12-02 for steeper zoos whose candidates might still differ after fine-tuning (README).
+LEVEL_SETS = {
+    "graded": [
+        ("match", 0.0, 0.0, 1.0, 0.0, False, ()),
+        ("mild", 0.25, 5.0, 1.0, 0.0, False, ()),
+        ("moderate", 0.5, 10.0, 1.25, 0.0, False, ()),
+        ("severe", 0.75, 15.0, 1.5, 0.5, True, ()),
+    ],
+    "local_codes": [  # the same population; ever more of the coded vocabulary local (nested)
+        ("match", 0.0, 0.0, 1.0, 0.0, False, ()),
+        ("half_local", 0.5, 0.0, 1.0, 0.0, False, ()),
+        ("most_local", 0.9, 0.0, 1.0, 0.0, False, ()),
+        ("all_local", 1.0, 0.0, 1.0, 0.0, False, ()),
+    ],
+    "code_systems": [  # the same population; whole code systems written otherwise (diagnoses, labs and vitals)
+        ("match", 0.0, 0.0, 1.0, 0.0, False, ()),
+        ("other_diagnoses", 0.0, 0.0, 1.0, 0.0, False, ("ICD10CM", "ICD10PCS", "RXNORM")),
+        ("other_labs", 0.0, 0.0, 1.0, 0.0, False, ("LOINC",)),
+        ("other_both", 0.0, 0.0, 1.0, 0.0, False, ("ICD10CM", "ICD10PCS", "RXNORM", "LOINC")),
+    ],
+}
+LEVEL_FIELDS = ("name", "local_code_share", "years_older", "severity_factor", "frailty_shift", "other_mortality_mechanism", "other_code_systems")  # fmt: skip
 
 
 def sources(zoo: str):
@@ -125,14 +142,15 @@ def sources(zoo: str):
 
 def candidate_profile(source, level, seed: int):
     """The hospital behind one candidate: the user's hospital with the mismatch of `level`."""
-    name, share, older, severity, frailty, other_mechanism = level
+    name, share, older, severity, frailty, other_mechanism, other_systems = level
     mechanism = source.mortality_mechanism
     if other_mechanism:
         mechanism = "physiology" if mechanism == "history" else "history"
+    code_systems = {**source.code_systems, **{system: f"OTHER_{system}" for system in other_systems}}
     return dataclasses.replace(
         source, name=f"{source.name}_{name}", local_code_share=share, local_code_seed=seed,
         age_shift=source.age_shift + older, severity_scale=source.severity_scale * severity,
-        frailty_shift=source.frailty_shift + frailty, mortality_mechanism=mechanism,
+        frailty_shift=source.frailty_shift + frailty, mortality_mechanism=mechanism, code_systems=code_systems,
     )  # fmt: skip
 
 
@@ -287,7 +305,7 @@ def previous_zoo(path: str | None) -> dict | None:
     data = json.loads(Path(path).read_text())
     if "previous_zoo" in data:
         return data["previous_zoo"]
-    if str(data.get("protocol", "")).startswith("graded_mismatch") or "cases" not in data:
+    if str(data.get("protocol", "")).endswith("_mismatch_low_label") or "cases" not in data:
         return None
     keep = ("n_cases", "top1_correct_cases", "mean_spearman", "min_spearman", "components_alone", "settings", "timings", "wall_s", "date", "machine")  # fmt: skip
     return {
@@ -414,7 +432,7 @@ def results(cases: list[dict], settings: dict, levels: list[dict], meta: dict) -
     timings, wall time, date, machine)."""
     return {
         "cases": cases,
-        "protocol": "graded_mismatch_low_label",
+        "protocol": f"{settings.get('level_set', 'graded')}_mismatch_low_label",
         "zoo": settings["zoo"],
         "levels": levels,
         **summarize(cases, settings),
@@ -480,6 +498,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--hospital_index", type=int, nargs="+", default=None, metavar="I",
         help="run only these user hospitals (indices into the zoo's, after --hospitals; --merge joins the parts)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--level_set", choices=sorted(LEVEL_SETS), default="graded",
+        help="the zoo's degrees of mismatch (graded: the benchmark's; the others: steeper zoos tried on --zoo dev)",
     )  # fmt: skip
     parser.add_argument(
         "--levels", type=int, default=None, help="use only the first N mismatch levels (smoke tests)"
@@ -568,7 +590,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
         hospitals = [hospitals[i] for i in sorted(set(args.hospital_index))]
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="selection_benchmark_"))
     work.mkdir(parents=True, exist_ok=True)
-    levels = LEVELS[: args.levels]
+    levels = LEVEL_SETS[args.level_set][: args.levels]
     model_args = ModelArguments(
         hidden_size=args.hidden_size, num_hidden_layers=args.layers, num_attention_heads=4,
         intermediate_size=2 * args.hidden_size, max_length=args.max_length, min_code_count=5,
@@ -659,7 +681,6 @@ def run(args: argparse.Namespace, command: str) -> dict:
             )
 
     settings = {k: v for k, v in vars(args).items() if k not in ("output", "work", "previous_zoo", "merge")}
-    level_fields = ("name", "local_code_share", "years_older", "severity_factor", "frailty_shift", "other_mortality_mechanism")  # fmt: skip
     meta = {
         "command": command,
         "timings": {k: round(v, 1) for k, v in timings.items()},
@@ -669,7 +690,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
     }  # fmt: skip
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
-    return results(cases, settings, [dict(zip(level_fields, level, strict=True)) for level in levels], meta)
+    return results(cases, settings, [dict(zip(LEVEL_FIELDS, level, strict=True)) for level in levels], meta)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,6 +3,7 @@ command, the files a pretrained folder shares (and what they must never hold), a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -366,6 +367,44 @@ def test_selection_benchmark_runs_and_writes_its_json(tmp_path):
     assert probe["top1_correct_cases"] == sum(c["frozen_probe"]["top1_correct"] for c in data["cases"])
     assert "3 seeds" in probe["truth"] and data["timings"]["frozen_probe_s"] > 0
     assert data["timings"]["finetuning_low_label_s"] > 0 and data["timings"]["finetuning_full_labels_s"] > 0
+
+
+def test_selection_benchmark_level_sets_build_the_hospitals_they_name():
+    """The benchmark's steeper zoos: `code_systems` candidates write whole code systems under another name (the
+    user's other codes unchanged, its own renames kept), `local_codes` ones an ever larger nested share of the
+    coded vocabulary as local codes, with the user's population; every set starts with the user's own hospital."""
+    import importlib.util
+
+    from conftest import REPO_ROOT
+
+    from ehr_transformer.data.synthetic import HospitalProfile, generate_synthetic_cohort
+
+    spec = importlib.util.spec_from_file_location("selection_benchmark", REPO_ROOT / "benchmarks" / "selection.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    user = HospitalProfile(name="user", code_systems={"ICD10CM": "DX"}, age_shift=8.0)
+
+    def systems(level) -> set[str]:
+        events = generate_synthetic_cohort(40, seed=3, profile=benchmark.candidate_profile(user, level, 7)).events
+        codes = events["code"].unique().to_list()
+        return {code.split("//")[0] for code in codes if "//" in code}
+
+    for name, levels in benchmark.LEVEL_SETS.items():
+        assert levels[0][0] == "match" and benchmark.candidate_profile(user, levels[0], 7) == dataclasses.replace(
+            user, name="user_match", local_code_seed=7
+        ), name
+    by_name = {level[0]: level for level in benchmark.LEVEL_SETS["code_systems"]}
+    assert systems(by_name["match"]) >= {"DX", "ICD10PCS", "RXNORM", "LOINC", "ADMISSION"}
+    labs = systems(by_name["other_labs"])
+    assert "LOINC" not in labs and {"OTHER_LOINC", "DX", "ICD10PCS", "RXNORM"} <= labs
+    both = systems(by_name["other_both"])
+    assert both & {"LOINC", "DX", "ICD10CM", "ICD10PCS", "RXNORM"} == set()
+    assert {"OTHER_LOINC", "OTHER_ICD10CM", "OTHER_ICD10PCS", "OTHER_RXNORM", "ADMISSION"} <= both
+    shares = [level[1] for level in benchmark.LEVEL_SETS["local_codes"]]
+    assert shares == sorted(shares) and shares[-1] == 1.0
+    assert systems(benchmark.LEVEL_SETS["local_codes"][-1]) == {"LOCAL"}  # every coded event local
+    profile = benchmark.candidate_profile(user, benchmark.LEVEL_SETS["local_codes"][1], 7)
+    assert (profile.age_shift, profile.severity_scale, profile.mortality_mechanism) == (8.0, 1.0, "physiology")
 
 
 def benchmark_case(
