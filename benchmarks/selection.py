@@ -60,6 +60,13 @@ changed for this zoo. `--zoo dev` runs the same protocol on separate development
 local-code orders (the only ones looked at while designing). The first benchmark zoo (five hospitals each
 offered the five hospitals' checkpoints, one fine-tune each) is kept in the JSON under `previous_zoo`
 (`--previous_zoo`, read from the output file when it holds an older run).
+
+Steeper zoos (`--level_set`, added 2026-12-02 and so far run on `--zoo dev` only): with the graded zoo the
+candidates tie after fine-tuning, so two zoos whose mismatch is larger, with the user's population kept:
+`local_codes` (50%, 90% and 100% of the coded vocabulary local) and `code_systems` (diagnoses, procedures and
+medications written in other systems; labs and vitals; both). `replicates` measures the truth's floor: four
+checkpoints of the user's own hospital that differ only in the draw of their pretraining cohort. A set would go to the benchmark hospitals only if
+on the development ones its truth put `match` first with a separable top two in at least 3 of 4 (README).
 """
 
 from __future__ import annotations
@@ -115,6 +122,9 @@ LEVEL_SETS = {
         ("other_labs", 0.0, 0.0, 1.0, 0.0, False, ("LOINC",)),
         ("other_both", 0.0, 0.0, 1.0, 0.0, False, ("ICD10CM", "ICD10PCS", "RXNORM", "LOINC")),
     ],
+    # no mismatch at all: four checkpoints of the user's own hospital, differing only in their pretraining cohort
+    # (seed): how far apart candidates land after fine-tuning by the draw of pretraining alone
+    "replicates": [(name, 0.0, 0.0, 1.0, 0.0, False, ()) for name in ("match", "match_b", "match_c", "match_d")],
 }
 LEVEL_FIELDS = ("name", "local_code_share", "years_older", "severity_factor", "frailty_shift", "other_mortality_mechanism", "other_code_systems")  # fmt: skip
 

@@ -403,6 +403,9 @@ def test_selection_benchmark_level_sets_build_the_hospitals_they_name():
     shares = [level[1] for level in benchmark.LEVEL_SETS["local_codes"]]
     assert shares == sorted(shares) and shares[-1] == 1.0
     assert systems(benchmark.LEVEL_SETS["local_codes"][-1]) == {"LOCAL"}  # every coded event local
+    replicates = [benchmark.candidate_profile(user, level, 7) for level in benchmark.LEVEL_SETS["replicates"]]
+    assert len({r.name for r in replicates}) == 4  # four checkpoints, each its own folder
+    assert all(dataclasses.replace(r, name=user.name, local_code_seed=0) == user for r in replicates)
     profile = benchmark.candidate_profile(user, benchmark.LEVEL_SETS["local_codes"][1], 7)
     assert (profile.age_shift, profile.severity_scale, profile.mortality_mechanism) == (8.0, 1.0, "physiology")
 
