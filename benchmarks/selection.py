@@ -61,12 +61,13 @@ local-code orders (the only ones looked at while designing). The first benchmark
 offered the five hospitals' checkpoints, one fine-tune each) is kept in the JSON under `previous_zoo`
 (`--previous_zoo`, read from the output file when it holds an older run).
 
-Steeper zoos (`--level_set`, added 2026-12-02 and so far run on `--zoo dev` only): with the graded zoo the
-candidates tie after fine-tuning, so two zoos whose mismatch is larger, with the user's population kept:
-`local_codes` (50%, 90% and 100% of the coded vocabulary local) and `code_systems` (diagnoses, procedures and
-medications written in other systems; labs and vitals; both). `replicates` measures the truth's floor: four
-checkpoints of the user's own hospital that differ only in the draw of their pretraining cohort. A set would go to the benchmark hospitals only if
-on the development ones its truth put `match` first with a separable top two in at least 3 of 4 (README).
+Other zoos (`--level_set`, added 2026-12-02): with the graded zoo the candidates tie after fine-tuning, so two
+zoos whose mismatch is larger, with the user's population kept, were tried on `--zoo dev`: `local_codes` (50%,
+90% and 100% of the coded vocabulary local) and `code_systems` (diagnoses, procedures and medications written in
+other systems; labs and vitals; both). Either would have gone to the benchmark hospitals only if on the
+development ones its truth put `match` first with a separable top two in at least 3 of 4; neither did (README).
+`replicates` measures the truth's floor: four checkpoints of the user's own hospital that differ only in the draw
+of their pretraining cohort.
 """
 
 from __future__ import annotations
@@ -101,8 +102,8 @@ PREVIOUS_ZOO_NOTE = (
 )
 # (name, share of the coded vocabulary written as local codes, years older, severity factor, frailty shift,
 #  other mortality mechanism, code systems the candidate's hospital writes otherwise): one candidate per degree
-#  of mismatch with the user's hospital. `graded` is the benchmark's zoo; the other two were tried on `--zoo dev`
-#  on 2026-12-02 for steeper zoos whose candidates might still differ after fine-tuning (README).
+#  of mismatch with the user's hospital. `graded` is the benchmark's zoo; `local_codes` and `code_systems` were
+#  tried on `--zoo dev` on 2026-12-02 as steeper zoos whose candidates might still differ after fine-tuning.
 LEVEL_SETS = {
     "graded": [
         ("match", 0.0, 0.0, 1.0, 0.0, False, ()),
@@ -511,7 +512,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--level_set", choices=sorted(LEVEL_SETS), default="graded",
-        help="the zoo's degrees of mismatch (graded: the benchmark's; the others: steeper zoos tried on --zoo dev)",
+        help="the zoo's degrees of mismatch (graded: the benchmark's; local_codes, code_systems: steeper; replicates: none)",
     )  # fmt: skip
     parser.add_argument(
         "--levels", type=int, default=None, help="use only the first N mismatch levels (smoke tests)"
