@@ -484,14 +484,19 @@ def finetune(
     if model_args.model_name_or_path:
         check_checkpoint_folder(model_args.model_name_or_path)  # refuse pickle-only/absurd folders before loading
         tokenizer = EHREventTokenizer.from_pretrained(model_args.model_name_or_path)
-        base = EHRTransformerConfig.from_pretrained(model_args.model_name_or_path)
-        model = EHRTransformerForSequenceClassification.from_pretrained(
-            model_args.model_name_or_path,
-            config=_with_tasks(base, classifier_pooling=model_args.classifier_pooling, **head),
-            attn_implementation=model_args.attn_implementation,
-            ignore_mismatched_sizes=True,  # another checkpoint's classifier rows need not fit these tasks
-            use_safetensors=True,
-        )
+        if model_args.linear_probe_init:  # the backbone only: `linear_probe_classifier` builds the classifier
+            model = EHRTransformerModel.from_pretrained(
+                model_args.model_name_or_path, attn_implementation=model_args.attn_implementation, use_safetensors=True
+            )
+        else:
+            base = EHRTransformerConfig.from_pretrained(model_args.model_name_or_path)
+            model = EHRTransformerForSequenceClassification.from_pretrained(
+                model_args.model_name_or_path,
+                config=_with_tasks(base, classifier_pooling=model_args.classifier_pooling, **head),
+                attn_implementation=model_args.attn_implementation,
+                ignore_mismatched_sizes=True,  # another checkpoint's classifier rows need not fit these tasks
+                use_safetensors=True,
+            )
     else:
         tokenizer = fit_tokenizer(data_args, model_args)
         config = config_for(tokenizer, model_args, **head)
