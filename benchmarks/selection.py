@@ -361,6 +361,36 @@ def judge(runs: list, rows: list[dict], names: list[str], n_boot: int, seed: int
     return verdict
 
 
+def top2_ensemble(runs: list, rows: list[dict], names: list[str]) -> dict:
+    """Two fine-tunes for a user whose top candidates tie, at equal compute: one each of the selector's first and
+    second choices, predictions averaged, against two of the first choice (seeds 2k and 2k + 1) and two of the
+    truth's best candidate. Mean AUROC over the seed pairs of `runs` (each candidate's `finetuned_predictions`);
+    the ensemble averages both ways of pairing the two seeds."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    labels = runs[0][1]
+    probabilities = [run[0] for run in runs]  # (seeds, N) per candidate
+    first, second = sorted(range(len(names)), key=lambda i: rows[i]["rank"])[:2]
+    pairs = [(2 * k, 2 * k + 1) for k in range(probabilities[0].shape[0] // 2)]
+
+    def two_of(i: int) -> float:
+        return float(np.mean([roc_auc_score(labels, (probabilities[i][a] + probabilities[i][b]) / 2) for a, b in pairs]))
+
+    ensemble = float(np.mean([
+        roc_auc_score(labels, (probabilities[first][a] + probabilities[second][b]) / 2)
+        for x, y in pairs for a, b in ((x, y), (y, x))
+    ]))  # fmt: skip
+    alone = {names[i]: two_of(i) for i in range(len(names))}
+    best = max(alone, key=alone.get)
+    return {
+        "first_choice": names[first], "second_choice": names[second], "seed_pairs": len(pairs),
+        "top2_ensemble_auroc": ensemble, "first_choice_auroc": alone[names[first]],
+        "best_candidate": best, "best_candidate_auroc": alone[best],
+        "difference_to_first_choice": ensemble - alone[names[first]],
+    }  # fmt: skip
+
+
 def describe(verdict: dict) -> str:
     return (
         f"best fine-tuned {verdict['best_by_finetuning']}, top1 {verdict['top1_correct']} (within noise "
@@ -398,6 +428,8 @@ def verdict_counts(cases: list[dict]) -> dict:
 def summarize(cases: list[dict], settings: dict) -> dict:
     """Every summary figure of an output, from its cases (a merge recomputes them all): the primary (few-label)
     truth's and the goal, and the full-label truth's under "full_labels" when the cases carry it."""
+    import numpy as np
+
     figures = verdict_counts(cases)
     components = figures.pop("components_alone")
     fraction = settings["finetune_label_fraction"]
@@ -417,6 +449,19 @@ def summarize(cases: list[dict], settings: dict) -> dict:
         "goal_met": len(cases) >= 5 and figures["top1_correct_cases"] >= 4 and (figures["mean_spearman"] or 0.0) >= 0.7,
         "components_alone": components,
     }  # fmt: skip
+    if cases and all("top2_ensemble" in c for c in cases):
+        differences = [c["top2_ensemble"]["difference_to_first_choice"] for c in cases]
+        summary["top2_ensemble"] = {
+            "what": (
+                "two few-label fine-tunes at equal compute: one each of the selector's first and second choices, "
+                "predictions averaged, against two of the first choice (seed pairs of the primary truth)"
+            ),
+            "mean_difference_to_first_choice": float(np.mean(differences)),
+            "cases_ahead": sum(d > 0 for d in differences),
+            "mean_top2_ensemble_auroc": float(np.mean([c["top2_ensemble"]["top2_ensemble_auroc"] for c in cases])),
+            "mean_first_choice_auroc": float(np.mean([c["top2_ensemble"]["first_choice_auroc"] for c in cases])),
+            "mean_best_candidate_auroc": float(np.mean([c["top2_ensemble"]["best_candidate_auroc"] for c in cases])),
+        }
     if cases and all("frozen_probe" in c for c in cases):
         summary["frozen_probe"] = {
             "truth": (
@@ -650,6 +695,8 @@ def run(args: argparse.Namespace, command: str) -> dict:
         timings["finetuning_low_label_s"] += time.perf_counter() - t0
         labels, clusters = runs[0][1], runs[0][2]
         case = {"source": source, **judge(runs, rows, names, args.bootstrap, seed)}
+        if args.low_label_seeds >= 2 and len(names) >= 2:
+            case["top2_ensemble"] = top2_ensemble(runs, rows, names)
         case.update(
             evaluation_rows=int(labels.size), evaluation_deaths=int(labels.sum()), evaluation_subjects=int(clusters.max() + 1),
         )  # fmt: skip
@@ -674,6 +721,12 @@ def run(args: argparse.Namespace, command: str) -> dict:
         cases.append(case)
         print(
             f"user {source}: selected {case['selected']}; {args.finetune_label_fraction:.0%} of labels: {describe(case)}"
+            + (
+                f"; top-2 ensemble {case['top2_ensemble']['top2_ensemble_auroc']:.3f} against the first choice's "
+                f"{case['top2_ensemble']['first_choice_auroc']:.3f}"
+                if "top2_ensemble" in case
+                else ""
+            )
             + (f"; frozen probe: {describe(case['frozen_probe'])}" if "frozen_probe" in case else "")
             + (f"; all labels: {describe(case['full_labels'])}" if "full_labels" in case else "")
             + f"; {time.perf_counter() - started:.0f} s so far",

@@ -359,6 +359,15 @@ def test_selection_benchmark_runs_and_writes_its_json(tmp_path):
         assert 200 < case["evaluation_subjects"] < 400 and case["evaluation_deaths"] > 0
         codes = {c["checkpoint"]: c["code_coverage"] for c in case["candidates"]}
         assert codes["mild"] < codes["match"]  # a quarter of the codes are local at the mild hospital
+        ensemble = case["top2_ensemble"]  # one seed pair: each checkpoint's two fine-tunes
+        assert ensemble["first_choice"] == chosen and {ensemble["first_choice"], ensemble["second_choice"]} == set(codes)
+        assert ensemble["seed_pairs"] == 1 and ensemble["best_candidate_auroc"] >= ensemble["first_choice_auroc"]
+        assert ensemble["difference_to_first_choice"] == pytest.approx(
+            ensemble["top2_ensemble_auroc"] - ensemble["first_choice_auroc"]
+        )
+    assert data["top2_ensemble"]["cases_ahead"] == sum(
+        c["top2_ensemble"]["difference_to_first_choice"] > 0 for c in data["cases"]
+    )
     assert data["top1_correct_cases"] == sum(c["top1_correct"] for c in data["cases"])
     full = data["full_labels"]
     assert full["top1_correct_cases"] == sum(c["full_labels"]["top1_correct"] for c in data["cases"])
@@ -408,6 +417,36 @@ def test_selection_benchmark_level_sets_build_the_hospitals_they_name():
     assert all(dataclasses.replace(r, name=user.name, local_code_seed=0) == user for r in replicates)
     profile = benchmark.candidate_profile(user, benchmark.LEVEL_SETS["local_codes"][1], 7)
     assert (profile.age_shift, profile.severity_scale, profile.mortality_mechanism) == (8.0, 1.0, "physiology")
+
+
+def test_selection_benchmark_top2_ensemble_averages_the_first_two_choices_at_equal_compute():
+    """The tie-breaking figure: two fine-tunes of the first choice against one each of the first two choices. A
+    second choice that predicts exactly as the first changes nothing; one that ranks every evaluation row right
+    lifts the ensemble above the first choice alone; the best candidate is the truth's at two fine-tunes."""
+    import importlib.util
+
+    from conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("selection_benchmark", REPO_ROOT / "benchmarks" / "selection.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200).astype(float)
+    noisy = rng.random((4, 200))  # 4 seeds of a checkpoint that learnt nothing
+    right = 0.2 + 0.6 * labels + 0.1 * rng.random((4, 200))  # ranks every row right
+    rows = [{"rank": 2}, {"rank": 1}, {"rank": 3}]
+    names = ["match", "mild", "severe"]
+
+    same = benchmark.top2_ensemble([(noisy, labels), (noisy, labels), (right, labels)], rows, names)
+    assert (same["first_choice"], same["second_choice"], same["seed_pairs"]) == ("mild", "match", 2)
+    assert same["top2_ensemble_auroc"] == pytest.approx(same["first_choice_auroc"])
+    assert same["best_candidate"] == "severe" and same["best_candidate_auroc"] == pytest.approx(1.0)
+
+    better = benchmark.top2_ensemble([(right, labels), (noisy, labels), (noisy, labels)], rows, names)
+    assert better["first_choice_auroc"] < 0.6 < 0.9 < better["top2_ensemble_auroc"]
+    assert better["difference_to_first_choice"] == pytest.approx(
+        better["top2_ensemble_auroc"] - better["first_choice_auroc"]
+    )
 
 
 def benchmark_case(
