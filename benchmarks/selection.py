@@ -53,7 +53,8 @@ fine-tuned AUROC), `spearman` (selector's combined score vs mean fine-tuned AURO
 truth's winner identifiable at all), `top1_within_noise` (the choice's AUROC is within one standard error of
 the paired difference from the best), each candidate's AUROC, standard error and selector scores, and the same
 for each selector component alone. The goal (issue 6), on the primary truth: top-1 right in >= 4 of 5 cases
-and mean Spearman >= 0.7.
+and mean Spearman >= 0.7. With two or more few-label seeds, `top2_ensemble` (added 2026-12-02) compares two
+fine-tunes at equal compute: one each of the first two choices, predictions averaged, against two of the first.
 
 Tuning: nothing of the selector was tuned on these hospitals or seeds, and `ehr_transformer.selection` was not
 changed for this zoo. `--zoo dev` runs the same protocol on separate development hospitals, seeds and
