@@ -459,9 +459,10 @@ def summarize(cases: list[dict], settings: dict) -> dict:
             ),
             "mean_difference_to_first_choice": float(np.mean(differences)),
             "cases_ahead": sum(d > 0 for d in differences),
-            "mean_top2_ensemble_auroc": float(np.mean([c["top2_ensemble"]["top2_ensemble_auroc"] for c in cases])),
-            "mean_first_choice_auroc": float(np.mean([c["top2_ensemble"]["first_choice_auroc"] for c in cases])),
-            "mean_best_candidate_auroc": float(np.mean([c["top2_ensemble"]["best_candidate_auroc"] for c in cases])),
+            **{
+                f"mean_{key}": float(np.mean([c["top2_ensemble"][key] for c in cases]))
+                for key in ("top2_ensemble_auroc", "first_choice_auroc", "best_candidate_auroc")
+            },
         }
     if cases and all("frozen_probe" in c for c in cases):
         summary["frozen_probe"] = {

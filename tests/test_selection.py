@@ -378,19 +378,25 @@ def test_selection_benchmark_runs_and_writes_its_json(tmp_path):
     assert data["timings"]["finetuning_low_label_s"] > 0 and data["timings"]["finetuning_full_labels_s"] > 0
 
 
-def test_selection_benchmark_level_sets_build_the_hospitals_they_name():
-    """The benchmark's steeper zoos: `code_systems` candidates write whole code systems under another name (the
-    user's other codes unchanged, its own renames kept), `local_codes` ones an ever larger nested share of the
-    coded vocabulary as local codes, with the user's population; every set starts with the user's own hospital."""
+def selection_benchmark():
+    """`benchmarks/selection.py` as a module (benchmarks are scripts, not a package)."""
     import importlib.util
 
     from conftest import REPO_ROOT
 
-    from ehr_transformer.data.synthetic import HospitalProfile, generate_synthetic_cohort
-
     spec = importlib.util.spec_from_file_location("selection_benchmark", REPO_ROOT / "benchmarks" / "selection.py")
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
+    return benchmark
+
+
+def test_selection_benchmark_level_sets_build_the_hospitals_they_name():
+    """The benchmark's steeper zoos: `code_systems` candidates write whole code systems under another name (the
+    user's other codes unchanged, its own renames kept), `local_codes` ones an ever larger nested share of the
+    coded vocabulary as local codes, with the user's population; every set starts with the user's own hospital."""
+    from ehr_transformer.data.synthetic import generate_synthetic_cohort
+
+    benchmark = selection_benchmark()
     user = HospitalProfile(name="user", code_systems={"ICD10CM": "DX"}, age_shift=8.0)
 
     def systems(level) -> set[str]:
@@ -423,13 +429,7 @@ def test_selection_benchmark_top2_ensemble_averages_the_first_two_choices_at_equ
     """The tie-breaking figure: two fine-tunes of the first choice against one each of the first two choices. A
     second choice that predicts exactly as the first changes nothing; one that ranks every evaluation row right
     lifts the ensemble above the first choice alone; the best candidate is the truth's at two fine-tunes."""
-    import importlib.util
-
-    from conftest import REPO_ROOT
-
-    spec = importlib.util.spec_from_file_location("selection_benchmark", REPO_ROOT / "benchmarks" / "selection.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = selection_benchmark()
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 200).astype(float)
     noisy = rng.random((4, 200))  # 4 seeds of a checkpoint that learnt nothing
@@ -470,15 +470,7 @@ def benchmark_case(
 def test_selection_benchmark_merge_recomputes_the_summary_from_the_parts(tmp_path):
     """`--merge` joins partial outputs (no training): cases in the zoo's order, every summary figure recomputed,
     timings summed, the longest part's wall time; a source in two parts or differing settings are refused."""
-    import importlib.util
-
-    from conftest import REPO_ROOT
-
-    spec = importlib.util.spec_from_file_location(
-        "selection_benchmark", REPO_ROOT / "benchmarks" / "selection.py"
-    )
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = selection_benchmark()
     settings = {"zoo": "benchmark", "finetune_label_fraction": 0.2, "low_label_seeds": 4, "finetune_seeds": 3,
                 "finetune_epochs": 4.0, "finetune_lr": 1e-3}  # fmt: skip
 
