@@ -1,21 +1,23 @@
 """Faults, bad input and privacy, counted: kill/resume of real training runs, generated bad inputs, leak scans.
 
-    python benchmarks/faults.py --output benchmarks/results/faults.json [--kill_points 10] [--bad_inputs 10000]
+    python -m benchmarks.faults --output benchmarks/results/faults.json [--kill_points 10] [--bad_inputs 10000]
 
 Three parts, each also run (smaller) by the tests:
 
-- kill_resume: `python training/pretrain.py` (tiny model, 20 steps, a checkpoint every 5 steps, seed 0, CPU,
-  `--full_determinism`) runs uninterrupted once; then, for each kill point, a second run is SIGKILLed at a random
-  moment after its first checkpoint exists, restarted with `--resume_from_checkpoint <last complete checkpoint>`,
-  and its final `model.safetensors` is compared tensor by tensor, bit for bit, with the uninterrupted run's.
-- bad_inputs: the hypothesis generators of `tests/test_bad_inputs.py` (random schemas, missing/extra columns,
-  wrong dtypes, nulls, NaN/inf, duplicates, unsorted times, empty shards, subjects without events, enormous
+- kill_resume: `ehr-transformer pretrain` (the package's command; tiny model, 30 steps, a checkpoint every 5
+  steps, seed 0, CPU, `--full_determinism`) runs uninterrupted once; then, for each kill point, a second run is
+  SIGKILLed at a random moment after its first checkpoint exists, restarted with `--resume_from_checkpoint <last
+  complete checkpoint>`, and its final `model.safetensors` is compared tensor by tensor, bit for bit, with the
+  uninterrupted run's.
+- bad_inputs: the hypothesis generators shared with `tests/test_bad_inputs.py` (random schemas, missing/extra
+  columns, wrong dtypes, nulls, NaN/inf, duplicates, unsorted times, empty shards, subjects without events, enormous
   timelines, non-UTF-8 and very long codes, orphan labels, prediction times before the first event) over
   `validate_events`, `iter_shards`/`read_events` on written parquet files, `write_meds`, `wide_to_meds` and the
   tokenizer. Every case must end in a correct result or an error of the package's own types; anything else is a
   crash, and an output folder left behind by a failed write is a partial output.
 - privacy: pretrain + fine-tune a tiny model on a synthetic cohort whose subject ids are 10-digit numbers, then
-  scan every file of both saved folders (checkpoints included) with `ehr_transformer.safety.scan_folder_for_leaks`.
+  scan every file of both saved folders (checkpoints included) with
+  `ehr_transformer.privacy.scan_folder_for_leaks`.
 """
 
 from __future__ import annotations
@@ -30,31 +32,38 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from benchmarks import common
 
-TINY_PRETRAIN_FLAGS = [
-    "--hidden_size", "16", "--num_hidden_layers", "1", "--num_attention_heads", "2", "--intermediate_size", "32",
-    "--max_length", "32", "--per_device_train_batch_size", "8", "--report_to", "none", "--use_cpu",
-    "--save_strategy", "steps", "--save_steps", "5", "--seed", "0", "--min_code_count", "3",
-    "--disable_tqdm", "true", "--eval_strategy", "no", "--logging_steps", "1", "--full_determinism",
-    "--dataloader_num_workers", "0",
-]  # fmt: skip
+TINY_PRETRAIN_FLAGS = (
+    "--hidden_size 16 --num_hidden_layers 1 --num_attention_heads 2 --intermediate_size 32 --max_length 32 "
+    "--per_device_train_batch_size 8 --report_to none --use_cpu --save_strategy steps --save_steps 5 --seed 0 "
+    "--min_code_count 3 --disable_tqdm true --eval_strategy no --logging_steps 1 --full_determinism "
+    "--dataloader_num_workers 0"
+).split()
 
 
 # ---------------------------------------------------------------------------------------------- kill / resume
-def pretrain_command(meds_dir: Path, output_dir: Path, cache_dir: Path, max_steps: int, *extra: str) -> list[str]:
+def pretrain_command(
+    meds_dir: Path, output_dir: Path, cache_dir: Path, max_steps: int, *extra: str
+) -> list[str]:
+    """`ehr-transformer pretrain` of the tiny model for `max_steps` steps, run by this interpreter."""
+    folders = {"--data_dir": meds_dir, "--output_dir": output_dir, "--cache_dir": cache_dir}
     return [
-        sys.executable, str(REPO_ROOT / "training" / "pretrain.py"), "--data_dir", str(meds_dir),
-        "--output_dir", str(output_dir), "--cache_dir", str(cache_dir), "--max_steps", str(max_steps),
-        *TINY_PRETRAIN_FLAGS, *extra,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "ehr_transformer.cli",
+        "pretrain",
+        *(arg for flag, path in folders.items() for arg in (flag, str(Path(path).resolve()))),
+        "--max_steps",
+        str(max_steps),
+        *TINY_PRETRAIN_FLAGS,
+        *extra,
+    ]
 
 
 def _env() -> dict[str, str]:
     threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return {**os.environ, **threads, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return {**os.environ, **threads, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
@@ -62,14 +71,22 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
     found = []
     for path in Path(output_dir).glob("checkpoint-*"):
         step = path.name.split("-")[-1]
-        if step.isdigit() and (path / "trainer_state.json").is_file() and (path / "model.safetensors").is_file():
+        if (
+            step.isdigit()
+            and (path / "trainer_state.json").is_file()
+            and (path / "model.safetensors").is_file()
+        ):
             found.append((int(step), path))
     return [path for _, path in sorted(found)]
 
 
 def run_uninterrupted(meds_dir: Path, output_dir: Path, cache_dir: Path, max_steps: int = 30) -> Path:
     result = subprocess.run(
-        pretrain_command(meds_dir, output_dir, cache_dir, max_steps), capture_output=True, text=True, env=_env(),
+        pretrain_command(meds_dir, output_dir, cache_dir, max_steps),
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=common.REPO_ROOT,
         timeout=900,
     )
     if result.returncode != 0:
@@ -78,15 +95,25 @@ def run_uninterrupted(meds_dir: Path, output_dir: Path, cache_dir: Path, max_ste
 
 
 def run_killed_and_resumed(
-    meds_dir: Path, output_dir: Path, cache_dir: Path, rng: random.Random, max_steps: int = 20, save_steps: int = 5
+    meds_dir: Path,
+    output_dir: Path,
+    cache_dir: Path,
+    rng: random.Random,
+    max_steps: int = 20,
+    save_steps: int = 5,
 ) -> dict:
     """Start a run, SIGKILL it at a random step after its first checkpoint (and a random moment within that step),
     then resume from the last complete checkpoint. Steps are followed through the per-step log lines."""
     kill_step = rng.randint(save_steps + 1, max_steps - 1)
     process = subprocess.Popen(
-        pretrain_command(meds_dir, output_dir, cache_dir, max_steps), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, env={**_env(), "PYTHONUNBUFFERED": "1"}, start_new_session=True,
-    )  # fmt: skip
+        pretrain_command(meds_dir, output_dir, cache_dir, max_steps),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**_env(), "PYTHONUNBUFFERED": "1"},
+        cwd=common.REPO_ROOT,
+        start_new_session=True,
+    )
     steps, tail = 0, []
     for line in process.stdout:
         tail = (tail + [line])[-50:]
@@ -105,12 +132,23 @@ def run_killed_and_resumed(
         raise RuntimeError(f"no complete checkpoint after {steps} steps:\n{''.join(tail)[-3000:]}")
     last = checkpoints[-1]
     result = subprocess.run(
-        pretrain_command(meds_dir, output_dir, cache_dir, max_steps, "--resume_from_checkpoint", str(last)),
-        capture_output=True, text=True, env=_env(), timeout=900,
-    )  # fmt: skip
+        pretrain_command(
+            meds_dir, output_dir, cache_dir, max_steps, "--resume_from_checkpoint", str(last.resolve())
+        ),
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=common.REPO_ROOT,
+        timeout=900,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"resumed run failed:\n{result.stderr[-3000:]}")
-    return {"kill_step": kill_step, "killed": killed, "resumed_from": last.name, "model": output_dir / "model.safetensors"}
+    return {
+        "kill_step": kill_step,
+        "killed": killed,
+        "resumed_from": last.name,
+        "model": output_dir / "model.safetensors",
+    }
 
 
 def compare_weights(a: Path, b: Path) -> dict:
@@ -130,7 +168,9 @@ def torch_equal(a, b) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))
 
 
-def kill_resume(workdir: Path, n_points: int, seed: int = 0, n_subjects: int = 200, max_steps: int = 30) -> dict:
+def kill_resume(
+    workdir: Path, n_points: int, seed: int = 0, n_subjects: int = 200, max_steps: int = 30
+) -> dict:
     from ehr_transformer.data.synthetic import write_synthetic_meds
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -145,10 +185,15 @@ def kill_resume(workdir: Path, n_points: int, seed: int = 0, n_subjects: int = 2
         started = time.perf_counter()
         run = run_killed_and_resumed(meds_dir, workdir / f"killed_{i}", cache_dir, rng, max_steps)
         comparison = compare_weights(reference, run["model"])
-        points.append({
-            "kill_step": run["kill_step"], "killed": run["killed"], "resumed_from": run["resumed_from"], **comparison,
-            "seconds": round(time.perf_counter() - started, 1),
-        })  # fmt: skip
+        points.append(
+            {
+                "kill_step": run["kill_step"],
+                "killed": run["killed"],
+                "resumed_from": run["resumed_from"],
+                **comparison,
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+        )
         print(f"kill point {i}: {points[-1]}", flush=True)
     return {
         "tried": len(points),
@@ -183,17 +228,51 @@ def _strategies():
         """A column of `n` values of a random dtype: mostly the right one, sometimes wrong."""
         nullable = data.draw(st.booleans())
         if kind == "int":
-            values = data.draw(st.lists(st.integers(-(2**63), 2**63 - 1) | st.integers(1, 5), min_size=n, max_size=n))
-            dtype = data.draw(st.sampled_from([pl.Int64, pl.Int32, pl.UInt64, pl.String, pl.Float64, pl.Boolean]))
+            values = data.draw(
+                st.lists(st.integers(-(2**63), 2**63 - 1) | st.integers(1, 5), min_size=n, max_size=n)
+            )
+            dtype = data.draw(
+                st.sampled_from([pl.Int64, pl.Int32, pl.UInt64, pl.String, pl.Float64, pl.Boolean])
+            )
         elif kind == "time":
-            values = data.draw(st.lists(st.datetimes(dt.datetime(1800, 1, 1), dt.datetime(2200, 1, 1)), min_size=n, max_size=n))
-            dtype = data.draw(st.sampled_from([pl.Datetime("us"), pl.Datetime("ns"), pl.Datetime("ms", "Europe/Paris"), pl.Date, pl.String, pl.Int64]))
+            values = data.draw(
+                st.lists(
+                    st.datetimes(dt.datetime(1800, 1, 1), dt.datetime(2200, 1, 1)), min_size=n, max_size=n
+                )
+            )
+            dtype = data.draw(
+                st.sampled_from(
+                    [
+                        pl.Datetime("us"),
+                        pl.Datetime("ns"),
+                        pl.Datetime("ms", "Europe/Paris"),
+                        pl.Date,
+                        pl.String,
+                        pl.Int64,
+                    ]
+                )
+            )
         elif kind == "code":
-            values = data.draw(st.lists(st.sampled_from(["A", "B", "LAB//X", " ", "", "MEDS_BIRTH", "x" * 5000, "é//€", "[PAD]"]) | st.text(max_size=20), min_size=n, max_size=n))
+            values = data.draw(
+                st.lists(
+                    st.sampled_from(["A", "B", "LAB//X", " ", "", "MEDS_BIRTH", "x" * 5000, "é//€", "[PAD]"])
+                    | st.text(max_size=20),
+                    min_size=n,
+                    max_size=n,
+                )
+            )
             dtype = data.draw(st.sampled_from([pl.String, pl.String, pl.Categorical, pl.Binary, pl.Int64]))
         elif kind == "float":
-            values = data.draw(st.lists(st.floats(allow_nan=True, allow_infinity=True) | st.floats(-1e3, 1e3), min_size=n, max_size=n))
-            dtype = data.draw(st.sampled_from([pl.Float32, pl.Float64, pl.Float64, pl.Int64, pl.String, pl.Boolean]))
+            values = data.draw(
+                st.lists(
+                    st.floats(allow_nan=True, allow_infinity=True) | st.floats(-1e3, 1e3),
+                    min_size=n,
+                    max_size=n,
+                )
+            )
+            dtype = data.draw(
+                st.sampled_from([pl.Float32, pl.Float64, pl.Float64, pl.Int64, pl.String, pl.Boolean])
+            )
         else:  # text
             values = data.draw(st.lists(st.text(max_size=5), min_size=n, max_size=n))
             dtype = data.draw(st.sampled_from([pl.String, pl.Int64, pl.Null]))
@@ -206,13 +285,21 @@ def _strategies():
     def event_frame(draw, allow_wrong=True):
         data = draw(st.data())
         n = draw(n_rows)
-        kinds = {"subject_id": "int", "time": "time", "code": "code", "numeric_value": "float", "text_value": "text"}
+        kinds = {
+            "subject_id": "int",
+            "time": "time",
+            "code": "code",
+            "numeric_value": "float",
+            "text_value": "text",
+        }
         present = [c for c in MEDS_COLUMNS if not allow_wrong or draw(st.integers(0, 9)) > 0]
         columns = [column(c, kinds[c], n, data) for c in present]
         if allow_wrong and draw(st.integers(0, 9)) == 0:
             columns.append(column("patient_id", "int", n, data))
         if allow_wrong and draw(st.booleans()):
-            columns.append(column(draw(st.sampled_from(["extra", "subject", "Code", "time2"])), "text", n, data))
+            columns.append(
+                column(draw(st.sampled_from(["extra", "subject", "Code", "time2"])), "text", n, data)
+            )
         if draw(st.integers(0, 49)) == 0:
             return _enormous_timeline()
         frame = pl.DataFrame(columns) if columns else pl.DataFrame()
@@ -225,25 +312,62 @@ def _strategies():
         """Frames in the MEDS dtypes (so the tokenizer and writers get far) with hostile values."""
         n = draw(st.integers(0, 15))
         subjects = draw(st.lists(st.integers(1, 4), min_size=n, max_size=n))
-        times = draw(st.lists(st.none() | st.datetimes(dt.datetime(1900, 1, 1), dt.datetime(2100, 1, 1)), min_size=n, max_size=n))
-        codes = draw(st.lists(st.sampled_from(["A", "B", "C", "MEDS_BIRTH", "MEDS_DEATH", "Z" * 3000, "é"]), min_size=n, max_size=n))
-        values = draw(st.lists(st.none() | st.floats(width=32, allow_nan=True, allow_infinity=False), min_size=n, max_size=n))
+        times = draw(
+            st.lists(
+                st.none() | st.datetimes(dt.datetime(1900, 1, 1), dt.datetime(2100, 1, 1)),
+                min_size=n,
+                max_size=n,
+            )
+        )
+        codes = draw(
+            st.lists(
+                st.sampled_from(["A", "B", "C", "MEDS_BIRTH", "MEDS_DEATH", "Z" * 3000, "é"]),
+                min_size=n,
+                max_size=n,
+            )
+        )
+        values = draw(
+            st.lists(
+                st.none() | st.floats(width=32, allow_nan=True, allow_infinity=False), min_size=n, max_size=n
+            )
+        )
         return pl.DataFrame(
-            {"subject_id": subjects, "time": times, "code": codes, "numeric_value": values, "text_value": [None] * n},
-            schema={"subject_id": pl.Int64, "time": pl.Datetime("us"), "code": pl.String, "numeric_value": pl.Float32, "text_value": pl.String},
-        )  # fmt: skip
+            {
+                "subject_id": subjects,
+                "time": times,
+                "code": codes,
+                "numeric_value": values,
+                "text_value": [None] * n,
+            },
+            schema={
+                "subject_id": pl.Int64,
+                "time": pl.Datetime("us"),
+                "code": pl.String,
+                "numeric_value": pl.Float32,
+                "text_value": pl.String,
+            },
+        )
 
     @st.composite
     def labels_frame(draw):
         n = draw(st.integers(0, 6))
         return pl.DataFrame(
             {
-                "subject_id": draw(st.lists(st.integers(1, 6), min_size=n, max_size=n)),  # 5, 6: subjects without events
-                "prediction_time": draw(st.lists(st.datetimes(dt.datetime(1850, 1, 1), dt.datetime(2150, 1, 1)), min_size=n, max_size=n)),
+                # subjects 5 and 6 have no events
+                "subject_id": draw(st.lists(st.integers(1, 6), min_size=n, max_size=n)),
+                "prediction_time": draw(
+                    st.lists(
+                        st.datetimes(dt.datetime(1850, 1, 1), dt.datetime(2150, 1, 1)), min_size=n, max_size=n
+                    )
+                ),
                 "boolean_value": draw(st.lists(st.booleans(), min_size=n, max_size=n)),
             },
-            schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"), "boolean_value": pl.Boolean},
-        )  # fmt: skip
+            schema={
+                "subject_id": pl.Int64,
+                "prediction_time": pl.Datetime("us"),
+                "boolean_value": pl.Boolean,
+            },
+        )
 
     @st.composite
     def shards(draw):
@@ -258,19 +382,33 @@ def _strategies():
         raw = events["subject_id"].to_list() if "subject_id" in events.columns else []
         ids = sorted({i for i in raw if isinstance(i, int) and not isinstance(i, bool) and abs(i) < 2**62})
         listed = draw(st.lists(st.sampled_from(ids), unique=True)) if ids and draw(st.booleans()) else ids
-        splits = pl.DataFrame({"subject_id": listed + [99], "split": [draw(st.sampled_from(["train", "tuning", "held_out", "test"])) for _ in listed] + ["train"]},
-                              schema={"subject_id": pl.Int64, "split": pl.String})  # fmt: skip
-        return {"events": events, "splits": splits, "labels": draw(labels_frame()), "n_shards": draw(st.integers(0, 3))}
+        names = [draw(st.sampled_from(["train", "tuning", "held_out", "test"])) for _ in listed]
+        splits = pl.DataFrame(
+            {"subject_id": [*listed, 99], "split": [*names, "train"]},
+            schema={"subject_id": pl.Int64, "split": pl.String},
+        )
+        return {
+            "events": events,
+            "splits": splits,
+            "labels": draw(labels_frame()),
+            "n_shards": draw(st.integers(0, 3)),
+        }
 
     @st.composite
     def wide_case(draw):
         data = draw(st.data())
-        pairs = draw(st.lists(st.tuples(st.integers(1, 4), st.integers(-2, 30)), max_size=8, unique=draw(st.booleans())))
+        pairs = draw(
+            st.lists(
+                st.tuples(st.integers(1, 4), st.integers(-2, 30)), max_size=8, unique=draw(st.booleans())
+            )
+        )
         n = len(pairs)
         stays, hours = [p[0] for p in pairs], [p[1] for p in pairs]
         dyn = {"stay_id": stays, "time": [dt.timedelta(hours=h) for h in hours]}
         for var in draw(st.lists(st.sampled_from(["hr", "map", "crea", "bad"]), unique=True, max_size=3)):
-            dyn[var] = data.draw(st.lists(st.none() | st.floats(allow_nan=True, allow_infinity=True), min_size=n, max_size=n))
+            dyn[var] = data.draw(
+                st.lists(st.none() | st.floats(allow_nan=True, allow_infinity=True), min_size=n, max_size=n)
+            )
         dyn = pl.DataFrame(dyn, strict=False)
         if draw(st.integers(0, 5)) == 0:
             name = draw(st.sampled_from(dyn.columns))
@@ -278,23 +416,50 @@ def _strategies():
         if draw(st.integers(0, 15)) == 0:
             dyn = dyn.drop(draw(st.sampled_from(dyn.columns)))
         m = draw(st.integers(0, 5))
-        sta = pl.DataFrame({
-            "stay_id": draw(st.lists(st.integers(1, 6), min_size=m, max_size=m, unique=draw(st.integers(0, 4)) > 0)),
-            "age": draw(st.lists(st.none() | st.floats(0, 100) | st.sampled_from([-5.0, 200.0, float("nan")]), min_size=m, max_size=m)),
-            "sex": draw(st.lists(st.none() | st.sampled_from(["Male", "Female", "", "x" * 300]), min_size=m, max_size=m)),
-        }, schema={"stay_id": pl.Int64, "age": pl.Float64, "sex": pl.String})  # fmt: skip
+        sta = pl.DataFrame(
+            {
+                "stay_id": draw(
+                    st.lists(st.integers(1, 6), min_size=m, max_size=m, unique=draw(st.integers(0, 4)) > 0)
+                ),
+                "age": draw(
+                    st.lists(
+                        st.none() | st.floats(0, 100) | st.sampled_from([-5.0, 200.0, float("nan")]),
+                        min_size=m,
+                        max_size=m,
+                    )
+                ),
+                "sex": draw(
+                    st.lists(
+                        st.none() | st.sampled_from(["Male", "Female", "", "x" * 300]), min_size=m, max_size=m
+                    )
+                ),
+            },
+            schema={"stay_id": pl.Int64, "age": pl.Float64, "sex": pl.String},
+        )
         k = draw(st.integers(0, 5))
         task = draw(st.sampled_from(["mortality24", "mortality24", "los", "los", "los", "other"]))
-        outc_stays = st.sampled_from(sorted(set(stays))) if stays and draw(st.integers(0, 3)) else st.integers(1, 8)
+        outc_stays = (
+            st.sampled_from(sorted(set(stays))) if stays and draw(st.integers(0, 3)) else st.integers(1, 8)
+        )
         if task == "mortality24" and stays and draw(st.booleans()):
             k = len(set(stays))
             outc_ids = sorted(set(stays))
         else:
             outc_ids = draw(st.lists(outc_stays, min_size=k, max_size=k))
-        outc = {"stay_id": outc_ids,
-                "label": draw(st.lists(st.sampled_from([0.0, 1.0]) | st.sampled_from([None, 2.0, float("nan")]), min_size=k, max_size=k))}  # fmt: skip
+        outc = {
+            "stay_id": outc_ids,
+            "label": draw(
+                st.lists(
+                    st.sampled_from([0.0, 1.0]) | st.sampled_from([None, 2.0, float("nan")]),
+                    min_size=k,
+                    max_size=k,
+                )
+            ),
+        }
         if task == "los" or draw(st.integers(0, 9)) == 0:
-            outc["time"] = [dt.timedelta(hours=h) for h in draw(st.lists(st.integers(0, 30), min_size=k, max_size=k))]
+            outc["time"] = [
+                dt.timedelta(hours=h) for h in draw(st.lists(st.integers(0, 30), min_size=k, max_size=k))
+            ]
         return {"dyn": dyn, "sta": sta, "outc": pl.DataFrame(outc, strict=False), "task": task}
 
     @st.composite
@@ -302,8 +467,13 @@ def _strategies():
         train = draw(good_ish_events() | event_frame())
         encode = draw(good_ish_events() | event_frame())
         labels = draw(st.none() | labels_frame())
-        return {"train": train, "encode": encode, "labels": labels, "min_code_count": draw(st.integers(1, 3)),
-                "max_length": draw(st.integers(2, 8))}  # fmt: skip
+        return {
+            "train": train,
+            "encode": encode,
+            "labels": labels,
+            "min_code_count": draw(st.integers(1, 3)),
+            "max_length": draw(st.integers(2, 8)),
+        }
 
     return st.one_of(
         st.tuples(st.just("validate_events"), event_frame()),
@@ -333,12 +503,14 @@ def _enormous_timeline(n: int = 200_000):
     import polars as pl
 
     rng = np.random.default_rng(0)
-    return pl.DataFrame({
-        "subject_id": np.ones(n, dtype=np.int64),
-        "time": (np.sort(rng.integers(0, 10**15, n))).astype("datetime64[us]"),
-        "code": rng.choice(["A", "B", "LAB//X"], n),
-        "numeric_value": rng.normal(size=n).astype(np.float32),
-    })  # fmt: skip
+    return pl.DataFrame(
+        {
+            "subject_id": np.ones(n, dtype=np.int64),
+            "time": (np.sort(rng.integers(0, 10**15, n))).astype("datetime64[us]"),
+            "code": rng.choice(["A", "B", "LAB//X"], n),
+            "numeric_value": rng.normal(size=n).astype(np.float32),
+        }
+    )
 
 
 def _check_error(error: BaseException, sources: list[str]) -> str:
@@ -347,7 +519,9 @@ def _check_error(error: BaseException, sources: list[str]) -> str:
     message = str(error)
     if isinstance(error, MEDSValidationError):
         if not any(source in message for source in sources):
-            raise Crash(f"{type(error).__name__} does not name its file/frame {sources}: {message}") from error
+            raise Crash(
+                f"{type(error).__name__} does not name its file/frame {sources}: {message}"
+            ) from error
         if not re.search(r"column|columns|field|not a readable parquet file", message):
             raise Crash(f"{type(error).__name__} does not name a column: {message}") from error
         if re.search(r"null or empty|infinite|stay_id \d|null label", message) and not re.search(
@@ -400,8 +574,9 @@ def run_case(case, workdir: Path) -> str:
 def _run(target: str, payload, tmp: Path) -> str:
     import polars as pl
 
-    from ehr_transformer.data.meds import iter_shards, read_events, validate_events, write_meds
+    from ehr_transformer.data.meds import iter_shards, read_events, validate_events
     from ehr_transformer.data.wide import wide_to_meds
+    from ehr_transformer.data.writer import write_meds
     from ehr_transformer.tokenization_ehr import EHREventTokenizer
 
     if target == "validate_events":
@@ -430,8 +605,10 @@ def _run(target: str, payload, tmp: Path) -> str:
             paths.append(bad)
         sources = [str(p) for p in paths] + [str(data)]
         outcome = []
-        for call in (lambda: [f for _, f in iter_shards(tmp / "meds", payload["subject_ids"])],
-                     lambda: [read_events(tmp / "meds", payload["subject_ids"])]):  # fmt: skip
+        for call in (
+            lambda: [f for _, f in iter_shards(tmp / "meds", payload["subject_ids"])],
+            lambda: [read_events(tmp / "meds", payload["subject_ids"])],
+        ):
             try:
                 frames = call()
             except Exception as error:  # noqa: BLE001
@@ -439,7 +616,9 @@ def _run(target: str, payload, tmp: Path) -> str:
                 continue
             for frame in frames:
                 _check_events_result(frame)
-                if payload["subject_ids"] is not None and not set(frame["subject_id"].to_list()) <= set(payload["subject_ids"]):
+                if payload["subject_ids"] is not None and not set(frame["subject_id"].to_list()) <= set(
+                    payload["subject_ids"]
+                ):
                     raise Crash("read_events/iter_shards returned subjects that were not asked for")
             outcome.append("correct")
         # iter_shards(subject_ids=...) skips shards without those subjects unread, read_events validates every
@@ -448,8 +627,13 @@ def _run(target: str, payload, tmp: Path) -> str:
     if target == "write_meds":
         out = tmp / "out" / "meds"
         try:
-            write_meds(out, payload["events"], payload["splits"], labels={"task": payload["labels"]},
-                       n_shards=payload["n_shards"])  # fmt: skip
+            write_meds(
+                out,
+                payload["events"],
+                payload["splits"],
+                labels={"task": payload["labels"]},
+                n_shards=payload["n_shards"],
+            )
         except Exception as error:  # noqa: BLE001
             left = _leftovers(out.parent, "meds") if out.parent.exists() else []
             if left:
@@ -457,7 +641,10 @@ def _run(target: str, payload, tmp: Path) -> str:
             return _check_error(error, ["<events>", "<splits>", "<labels", str(out), "<events for"])
         expected = validate_events(payload["events"]).height
         if expected == 0:  # an empty dataset: metadata and an empty data/ folder
-            if list((out / "data").glob("**/*.parquet")) or not (out / "metadata" / "subject_splits.parquet").is_file():
+            if (
+                list((out / "data").glob("**/*.parquet"))
+                or not (out / "metadata" / "subject_splits.parquet").is_file()
+            ):
                 raise Crash("an empty dataset was not written as metadata + empty data/")
         else:
             _check_events_result(read_events(out), expected)
@@ -466,7 +653,9 @@ def _run(target: str, payload, tmp: Path) -> str:
         return "correct"
     if target == "wide_to_meds":
         try:
-            events, labels = wide_to_meds(payload["dyn"], payload["sta"], payload["outc"], task=payload["task"])
+            events, labels = wide_to_meds(
+                payload["dyn"], payload["sta"], payload["outc"], task=payload["task"]
+            )
         except Exception as error:  # noqa: BLE001
             return _check_error(error, ["dyn", "sta", "outc"])
         _check_events_result(events)
@@ -476,14 +665,17 @@ def _run(target: str, payload, tmp: Path) -> str:
         return "correct"
     if target == "tokenizer":
         try:
-            tokenizer = EHREventTokenizer.fit(payload["train"], min_code_count=payload["min_code_count"],
-                                              max_length=payload["max_length"])  # fmt: skip
+            tokenizer = EHREventTokenizer.fit(
+                payload["train"], min_code_count=payload["min_code_count"], max_length=payload["max_length"]
+            )
             rows = tokenizer.encode_events(payload["encode"], labels=payload["labels"])
         except Exception as error:  # noqa: BLE001
             return _check_error(error, ["<frame>"])
         for row in rows.iter_rows(named=True):
             n = len(row["input_ids"])
-            if not (1 <= n <= tokenizer.max_length) or {len(row[k]) for k in ("values", "times", "ages")} != {n}:
+            if not (1 <= n <= tokenizer.max_length) or {len(row[k]) for k in ("values", "times", "ages")} != {
+                n
+            }:
                 raise Crash(f"encoded row of inconsistent length: {row}")
             if not all(0 <= i < tokenizer.vocab_size for i in row["input_ids"]):
                 raise Crash("input id outside the vocabulary")
@@ -509,8 +701,13 @@ def bad_inputs(n_cases: int, workdir: Path, seed: int = 0) -> dict:
     crashes: list[str] = []
 
     @hseed(seed)
-    @settings(max_examples=n_cases, deadline=None, database=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @settings(
+        max_examples=n_cases,
+        deadline=None,
+        database=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=bad_input_cases())
     def run(case):
         counts["tried"] += 1
@@ -544,35 +741,67 @@ def privacy(workdir: Path, n_subjects: int = 120, min_code_count: int = 3) -> di
     import polars as pl
     from transformers import TrainingArguments
 
-    from ehr_transformer.data.meds import write_meds
     from ehr_transformer.data.synthetic import generate_synthetic_cohort
-    from ehr_transformer.safety import scan_folder_for_leaks
-    from ehr_transformer.training import DataArguments, ModelArguments, finetune, pretrain
+    from ehr_transformer.data.writer import write_meds
+    from ehr_transformer.privacy import scan_folder_for_leaks
+    from ehr_transformer.training.arguments import (
+        DataArguments,
+        FinetuningArguments,
+        ModelArguments,
+        PretrainingArguments,
+    )
+    from ehr_transformer.training.finetune import finetune
+    from ehr_transformer.training.pretrain import pretrain
 
     cohort = generate_synthetic_cohort(n_subjects=n_subjects, seed=1)
     shift = pl.col("subject_id") + 7_300_000_000
     events = cohort.events.with_columns(shift)
-    rare = events.group_by("subject_id").agg(pl.col("time").max()).with_columns(
-        ("RARE//SUBJECT_" + pl.col("subject_id").cast(pl.String)).alias("code"),
-        pl.lit(None, pl.Float32).alias("numeric_value"), pl.lit(None, pl.String).alias("text_value"),
-    )  # fmt: skip
+    rare = (
+        events.group_by("subject_id")
+        .agg(pl.col("time").max())
+        .with_columns(
+            ("RARE//SUBJECT_" + pl.col("subject_id").cast(pl.String)).alias("code"),
+            pl.lit(None, pl.Float32).alias("numeric_value"),
+            pl.lit(None, pl.String).alias("text_value"),
+        )
+    )
     events = pl.concat([events, rare.select(events.columns)])
     labels = {task: df.with_columns(shift) for task, df in cohort.labels.items()}
-    meds = write_meds(workdir / "meds", events, cohort.splits.with_columns(shift), labels=labels, overwrite=True)
+    meds = write_meds(
+        workdir / "meds", events, cohort.splits.with_columns(shift), labels=labels, overwrite=True
+    )
     train_ids = cohort.splits.with_columns(shift).filter(pl.col("split") == "train")["subject_id"]
     train = events.filter(pl.col("subject_id").is_in(train_ids.implode()))
     counts = train.group_by("code").agg(pl.col("subject_id").n_unique().alias("n"))
     rare_codes = counts.filter(pl.col("n") < min_code_count)["code"].to_list()
-    args = dict(use_cpu=True, report_to=[], seed=0, max_steps=4, per_device_train_batch_size=8, logging_steps=1,
-                save_strategy="steps", save_steps=2, disable_tqdm=True, eval_strategy="steps", eval_steps=2)  # fmt: skip
-    out = workdir / "out"
-    tiny = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, max_length=32)
-    pretrain(DataArguments(data_dir=str(meds), cache_dir=str(workdir / "cache")),
-             ModelArguments(**tiny, min_code_count=min_code_count), TrainingArguments(str(out / "pretrained"), **args))
-    finetune(DataArguments(data_dir=str(meds), labels=str(meds / "labels" / "in_hospital_mortality.parquet"),
-                           cache_dir=str(workdir / "cache")),
-             ModelArguments(model_name_or_path=str(out / "pretrained"), max_length=32),
-             TrainingArguments(str(out / "finetuned"), **args))  # fmt: skip
+    args = dict(
+        use_cpu=True,
+        report_to=[],
+        seed=0,
+        max_steps=4,
+        per_device_train_batch_size=8,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=2,
+        disable_tqdm=True,
+        eval_strategy="steps",
+        eval_steps=2,
+    )
+    out, cache = workdir / "out", str(workdir / "cache")
+    pretrain(
+        DataArguments(data_dir=str(meds), cache_dir=cache, max_length=32, min_code_count=min_code_count),
+        ModelArguments(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
+        PretrainingArguments(),
+        TrainingArguments(str(out / "pretrained"), **args),
+    )
+    finetune(
+        DataArguments(
+            data_dir=str(meds), labels=str(meds / "labels" / "in_hospital_mortality.parquet"), cache_dir=cache
+        ),
+        ModelArguments(model_name_or_path=str(out / "pretrained")),
+        FinetuningArguments(),
+        TrainingArguments(str(out / "finetuned"), **args),
+    )
     files = [p for p in out.rglob("*") if p.is_file()]
     findings = scan_folder_for_leaks(out, train_ids.to_list(), rare_codes, train["time"].drop_nulls())
     return {
@@ -588,19 +817,23 @@ def privacy(workdir: Path, n_subjects: int = 120, min_code_count: int = 3) -> di
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import platform
     import shutil
     import tempfile
 
     from ehr_transformer.utils import write_json
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default=str(REPO_ROOT / "benchmarks" / "results" / "faults.json"))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--output", default=str(common.REPO_ROOT / "benchmarks" / "results" / "faults.json"))
     parser.add_argument("--kill_points", type=int, default=10)
     parser.add_argument("--bad_inputs", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed after)")
+    parser.add_argument(
+        "--workdir", default=None, help="scratch folder (default: a temporary one, removed after)"
+    )
     args = parser.parse_args(argv)
+    command = common.command_line("faults", argv)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ehr_faults_"))
     started = time.perf_counter()
     try:
@@ -613,15 +846,17 @@ def main(argv: list[str] | None = None) -> dict:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     result["settings"] = {
-        "seed": args.seed, "platform": platform.platform(), "python": platform.python_version(),
-        "seconds": round(time.perf_counter() - started, 1),
+        "seed": args.seed,
+        "kill_points": args.kill_points,
+        "bad_inputs": args.bad_inputs,
         "kill_resume": "tiny pretraining, 30 steps, checkpoint every 5, --full_determinism, CPU, killed with SIGKILL "
-                       "at a random step after the first checkpoint; identical = every tensor of model.safetensors "
-                       "bit-equal to the uninterrupted run's",
-    }  # fmt: skip
+        "at a random step after the first checkpoint; identical = every tensor of model.safetensors bit-equal to "
+        "the uninterrupted run's",
+    }
+    result["meta"] = common.metadata(command, started)
     write_json(args.output, result)
-    summary = {k: {m: v for m, v in result[k].items() if not isinstance(v, list | dict)} for k in ("kill_resume", "bad_inputs", "privacy")}
-    print(summary)
+    parts = ("kill_resume", "bad_inputs", "privacy")
+    print({k: {m: v for m, v in result[k].items() if not isinstance(v, list | dict)} for k in parts})
     return result
 
 

@@ -1,6 +1,6 @@
 """bf16 pretraining throughput and model FLOPs utilisation (MFU) on one CUDA GPU.
 
-    python benchmarks/gpu.py --output benchmarks/results/gpu.json [--compile] [--attn sdpa|flash_attention_2]
+    python -m benchmarks.gpu --output benchmarks/results/gpu.json [--compile] [--attn sdpa|flash_attention_2]
 
 A ~110M-parameter EHRTransformerForMaskedEventModeling (hidden 768, 12 layers, 12 heads, feed-forward 3072,
 vocabulary 32,768), sequences of 512 events, bf16 autocast, AdamW (fused), masked-event + value objectives.
@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from benchmarks import common
 from ehr_transformer import EHRTransformerConfig, EHRTransformerForMaskedEventModeling
 from ehr_transformer.utils import write_json
 
@@ -59,7 +60,7 @@ def make_batch(batch_size: int, seq_len: int, vocab_size: int, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="gpu.json")
     parser.add_argument("--batch_size", type=int, default=32)
@@ -69,18 +70,25 @@ def main() -> None:
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--peak_tflops", type=float, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit(
-            "benchmarks/gpu.py needs a CUDA GPU; none is visible here (torch.cuda.is_available() is False)."
+            "python -m benchmarks.gpu needs a CUDA GPU; none is visible here (torch.cuda.is_available() is False)."
         )
+    command = common.command_line("gpu", argv)
+    started = time.perf_counter()
 
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
     config = EHRTransformerConfig(
-        vocab_size=32768, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-        hidden_dropout_prob=0.1, embedding_dropout=0.1,
-    )  # fmt: skip
+        vocab_size=32768,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        hidden_dropout_prob=0.1,
+        embedding_dropout=0.1,
+    )
     model = EHRTransformerForMaskedEventModeling._from_config(config, attn_implementation=args.attn).to(
         device
     )
@@ -129,6 +137,7 @@ def main() -> None:
         "mfu": flops_per_step / seconds / 1e12 / peak,
         "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
         "torch": torch.__version__,
+        "meta": common.metadata(command, started),
     }
     print(json.dumps(result, indent=2))
     write_json(args.output, result)

@@ -1,6 +1,6 @@
 """Cost of the data path: MEDS shards -> validated -> tokenizer fitted -> tokenized `datasets.Dataset`s.
 
-    python benchmarks/preprocess.py --subjects 1000 10000 100000 --output benchmarks/results/preprocess.json
+    python -m benchmarks.preprocess --subjects 1000 10000 100000 --output benchmarks/results/preprocess.json
 
 For each N a synthetic MEDS cohort of N subjects is written first (not timed), then a fresh process times reading
 and validating every shard, fitting the tokenizer on the training split and building the tokenized dataset of
@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -22,18 +20,19 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks import common
 
 
 def measure(meds_dir: str, cache_dir: str) -> dict:
     """Runs in a fresh process: time validated reading + tokenizer fit + tokenized datasets of all splits."""
     from ehr_transformer.data.dataset import build_pretraining_dataset
-    from ehr_transformer.data.meds import summarize
-    from ehr_transformer.training import DataArguments, ModelArguments, fit_tokenizer
+    from ehr_transformer.data.splits import summarize
+    from ehr_transformer.training.arguments import DataArguments
+    from ehr_transformer.training.checkpoint import fit_tokenizer
 
     events = summarize(meds_dir)["n_events"]
     started = time.perf_counter()
-    tokenizer = fit_tokenizer(DataArguments(data_dir=meds_dir), ModelArguments(max_length=512, min_code_count=10))
+    tokenizer = fit_tokenizer(DataArguments(data_dir=meds_dir, max_length=512, min_code_count=10))
     rows = sum(
         len(build_pretraining_dataset(meds_dir, tokenizer, split, cache_dir=cache_dir))
         for split in ("train", "tuning", "held_out")
@@ -43,12 +42,12 @@ def measure(meds_dir: str, cache_dir: str) -> dict:
     return {"events": events, "samples": rows, "seconds": seconds, "peak_rss_mib": peak_kib / 1024}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--subjects", type=int, nargs="+", default=[1000, 10000, 100000])
     parser.add_argument("--output", default="preprocess.json")
     parser.add_argument("--_measure", nargs=2, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args._measure:
         print(json.dumps(measure(*args._measure)))
         return
@@ -57,14 +56,16 @@ def main() -> None:
     from ehr_transformer.utils import write_json
 
     results = []
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for n in args.subjects:
         with tempfile.TemporaryDirectory() as tmp:
             write_synthetic_meds(Path(tmp) / "meds", n_subjects=n, seed=0)
             out = subprocess.run(
-                [sys.executable, __file__, "--_measure", str(Path(tmp) / "meds"), str(Path(tmp) / "cache")],
-                capture_output=True, text=True, env=env, check=True,
-            )  # fmt: skip
+                [sys.executable, "-m", "benchmarks.preprocess", "--_measure", f"{tmp}/meds", f"{tmp}/cache"],
+                cwd=common.REPO_ROOT,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             row = json.loads(out.stdout.strip().splitlines()[-1])
         row = {"subjects": n, **row, "events_per_s": row["events"] / row["seconds"]}
         results.append(row)
@@ -74,7 +75,7 @@ def main() -> None:
             flush=True,
         )
     write_json(args.output, results)
-    print(f"written to {args.output} ({platform.machine()}, {os.cpu_count()} cores)")
+    print(f"written to {args.output} ({common.machine()})")
 
 
 if __name__ == "__main__":

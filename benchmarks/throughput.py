@@ -1,6 +1,6 @@
 """Training and inference throughput of EHRTransformerForMaskedEventModeling against transformers' BertForMaskedLM.
 
-    python benchmarks/throughput.py --output benchmarks/results/throughput.json [--repeats 5] [--threads 2]
+    python -m benchmarks.throughput --output benchmarks/results/throughput.json [--repeats 5] [--threads 2]
 
 Both models have the same hidden size, layers, heads, feed-forward width and vocabulary and see the same batches
 (the same event ids, attention masks and masked positions; ours also gets values, times and ages), one training
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +27,7 @@ import numpy as np
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
+from benchmarks import common
 from ehr_transformer import EHRTransformerConfig, EHRTransformerForMaskedEventModeling
 from ehr_transformer.utils import write_json
 
@@ -36,17 +35,17 @@ MAX_LENGTH = 512
 # Median and 99th percentile of events per stay in the eICU demo mortality24 + los cohorts, measured with
 # `sample_lengths` on 2026-11-22; used only where ../shared/data is absent.
 LOGNORMAL_FALLBACK = {"median": 203.0, "p99": 512.0}
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "yaib_demo"
 
 
-def sample_lengths(data: Path, n: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
-    """Event counts per stay of the eICU demo cohorts (non-null measurements + static events + [CLS])."""
+def sample_lengths(data: Path | None, n: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """Event counts per stay of the eICU demo cohorts (non-null measurements + static events + [CLS]) in `data`;
+    the log-normal fallback where `data` is None or holds neither cohort."""
     import polars as pl
 
     counts = []
     for task in ("mortality24", "los"):
-        dyn = data / task / "eicu_demo" / "dyn.parquet"
-        if not dyn.exists():
+        dyn = data / task / "eicu_demo" / "dyn.parquet" if data is not None else None
+        if dyn is None or not dyn.exists():
             continue
         frame = pl.read_parquet(dyn)
         value_columns = [c for c in frame.columns if c not in ("stay_id", "time")]
@@ -173,10 +172,12 @@ def compare(measure, models, batches, repeats: int) -> dict:
     return {"ours": ours, "bert": bert, "ratio": ours / bert, "rounds": rounds}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="throughput.json")
-    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument(
+        "--data", default=None, help="YAIB demo cohorts (default: ../shared/data/yaib_demo where present)"
+    )
     parser.add_argument("--hidden_size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
@@ -185,14 +186,17 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=6, help="batches per measurement round")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    command = common.command_line("throughput", argv)
+    started = time.perf_counter()
     torch.set_num_threads(args.threads)
+    data = Path(args.data) if args.data else common.shared_data("yaib_demo")
     rng = np.random.default_rng(0)
     models = build_models(args, args.vocab_size)
     n = args.batch_size * args.batches
 
     results: dict = {}
-    long_lengths, source = sample_lengths(Path(args.data), n, rng)
+    long_lengths, source = sample_lengths(data, n, rng)
     for name, lengths in (("equal_lengths", np.full(n, MAX_LENGTH)), ("long_tailed", long_lengths)):
         batches = make_batches(lengths, args.batch_size, args.vocab_size, seed=1)
         train = compare(train_events_per_second, models, batches, args.repeats)
@@ -212,7 +216,7 @@ def main() -> None:
         )
     results["long_tailed"]["length_source"] = source
 
-    inference_lengths, _ = sample_lengths(Path(args.data), 128, rng)
+    inference_lengths, _ = sample_lengths(data, 128, rng)
     batches = make_batches(inference_lengths, 64, args.vocab_size, seed=2)  # 2 batches of 64 patients
     inference = compare(inference_patients_per_second, models, batches, args.repeats)
     latency = {
@@ -231,13 +235,15 @@ def main() -> None:
         f"latency ours {latency['ours']:.1f} ms  BERT {latency['bert']:.1f} ms"
     )
     results["meta"] = {
-        "command": "python benchmarks/throughput.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {args.threads} threads",
+        **common.metadata(command, started, args.threads),
+        "settings": {
+            **{k: v for k, v in vars(args).items() if k != "output"},
+            "data": str(data) if data else None,
+        },
         "model": {
             k: getattr(args, k) for k in ("hidden_size", "layers", "heads", "vocab_size", "batch_size")
         },
         "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()},
-        "date": time.strftime("%Y-%m-%d"),
     }
     write_json(args.output, results)
 

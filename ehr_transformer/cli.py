@@ -1,18 +1,20 @@
-"""The `ehr-transformer` command.
+"""The `ehr-transformer` command: argument parsing only; each command calls one public function of the package.
 
-    ehr-transformer quickstart [--output DIR]                 synthetic cohort -> pretrain -> fine-tune -> evaluate
-    ehr-transformer synthetic --subjects N --output DIR       write a synthetic MEDS cohort
-    ehr-transformer convert-wide --dyn F --sta F --outc F --task mortality24 --output DIR
+    ehr-transformer quickstart [--output_dir DIR]             synthetic cohort -> pretrain -> fine-tune -> evaluate
+    ehr-transformer synthetic --output_dir DIR [--num_subjects N]   write a synthetic MEDS cohort
+    ehr-transformer convert-wide --dyn F --sta F --outc F --task mortality24 --output_dir DIR
     ehr-transformer pretrain --data_dir MEDS --output_dir DIR [TrainingArguments ...]
     ehr-transformer finetune --data_dir MEDS --labels FILE --model_name_or_path DIR --output_dir DIR [...]
                              [--linear_probe]                 frozen backbone + logistic regression (few labels)
-    ehr-transformer evaluate --checkpoint DIR --data_dir MEDS --labels FILE [--output DIR]
-    ehr-transformer predict --checkpoint DIR --data_dir MEDS --labels FILE --output predictions.parquet
+    ehr-transformer evaluate --checkpoint DIR --data_dir MEDS --labels FILE [--output_dir DIR]
+    ehr-transformer predict --checkpoint DIR --data_dir MEDS --labels FILE --output_file predictions.parquet
     ehr-transformer adapt --checkpoint DIR --data_dir TARGET_MEDS --labels FILE --output_dir DIR [--no_refit_values]
-    ehr-transformer select --data MEDS --candidates DIR_OR_HUB_ID ... [--labels FILE] [--output ranking.json]
+    ehr-transformer select --data_dir MEDS --candidates DIR_OR_HUB_ID ... [--labels FILE] [--output_file F.json]
 
-`pretrain` and `finetune` take every `transformers.TrainingArguments` flag (`--num_train_epochs`,
-`--per_device_train_batch_size`, `--learning_rate`, ...) and work under `accelerate launch`.
+Every flag is written `--snake_case`, as `transformers`' own. `pretrain` and `finetune` take every
+`transformers.TrainingArguments` flag (`--num_train_epochs`, `--per_device_train_batch_size`, `--learning_rate`,
+...) and work under `accelerate launch`. The package's modules are imported inside each command so that `--help`
+does not load torch.
 """
 
 from __future__ import annotations
@@ -22,47 +24,51 @@ import logging
 import sys
 
 
-def _parse_training(argv: list[str]):
+def _parse_training(argv: list[str], task_arguments):
+    """(DataArguments, ModelArguments, `task_arguments`, TrainingArguments) from the command line."""
     from transformers import HfArgumentParser, TrainingArguments
 
-    from .training import TRAINING_DEFAULTS, DataArguments, ModelArguments
+    from .training.arguments import TRAINING_DEFAULTS, DataArguments, ModelArguments
 
-    parser = HfArgumentParser((DataArguments, ModelArguments, TrainingArguments))
+    parser = HfArgumentParser((DataArguments, ModelArguments, task_arguments, TrainingArguments))
     parser.set_defaults(**TRAINING_DEFAULTS)
-    data_args, model_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    return data_args, model_args, training_args
+    return parser.parse_args_into_dataclasses(args=argv)
 
 
 def _pretrain(argv: list[str]) -> int:
-    from .training import finish_distributed, pretrain
+    from .training.arguments import PretrainingArguments
+    from .training.pretrain import pretrain
+    from .training.trainer import finish_distributed
 
-    data_args, model_args, training_args = _parse_training(argv)
-    pretrain(data_args, model_args, training_args)
+    data_args, model_args, pretraining_args, training_args = _parse_training(argv, PretrainingArguments)
+    pretrain(data_args, model_args, pretraining_args, training_args)
     finish_distributed()
     print(f"pretrained checkpoint written to {training_args.output_dir}")
     return 0
 
 
 def _finetune(argv: list[str]) -> int:
-    from .training import finetune, finish_distributed
+    from .training.arguments import FinetuningArguments
+    from .training.finetune import finetune
+    from .training.trainer import finish_distributed
 
-    data_args, model_args, training_args = _parse_training(argv)
-    finetune(data_args, model_args, training_args)
+    data_args, model_args, finetuning_args, training_args = _parse_training(argv, FinetuningArguments)
+    finetune(data_args, model_args, finetuning_args, training_args)
     finish_distributed()
-    kind = "linear-probe" if model_args.linear_probe else "fine-tuned"
+    kind = "linear-probe" if finetuning_args.linear_probe else "fine-tuned"
     print(f"{kind} checkpoint written to {training_args.output_dir}")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .training import evaluate_checkpoint
+    from .evaluation.report import evaluate_checkpoint, format_report
 
     report = evaluate_checkpoint(
         args.checkpoint,
         args.data_dir,
         args.labels,
         split=args.split,
-        output_dir=args.output,
+        output_dir=args.output_dir,
         n_bootstrap=args.n_bootstrap,
         baseline=None if args.baseline == "none" else args.baseline,
     )
@@ -71,12 +77,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .training import predict
+    from .evaluation.explain import explain_checkpoint
+    from .inference import predict
     from .utils import atomic_path
 
     predictions = predict(args.checkpoint, args.data_dir, args.labels, split=args.split or None)
     if args.explain:  # the N events that moved each risk most (integrated gradients), same row order
-        from .explain import explain_checkpoint
 
         top_events, subject_ids = explain_checkpoint(
             args.checkpoint, args.data_dir, args.labels, split=args.split or None, top_k=args.explain
@@ -84,28 +90,28 @@ def _predict(args: argparse.Namespace) -> int:
         if subject_ids != predictions["subject_id"].to_list():
             raise RuntimeError("explanations and predictions are not in the same row order")
         predictions = predictions.with_columns(top_events)
-    with atomic_path(args.output) as tmp:
+    with atomic_path(args.output_file) as tmp:
         predictions.write_parquet(tmp)
     print(predictions.head(10))
-    print(f"{len(predictions)} predictions written to {args.output}")
+    print(f"{len(predictions)} predictions written to {args.output_file}")
     return 0
 
 
 def _select(args: argparse.Namespace) -> int:
-    from .selection import format_ranking, select_checkpoints, write_ranking
+    from .selection.selector import format_ranking, select_checkpoints, write_ranking
 
     result = select_checkpoints(
-        args.data, args.candidates, labels=args.labels, split=args.split or None,
+        args.data_dir, args.candidates, labels=args.labels, split=args.split or None,
         max_subjects=args.max_subjects, max_labels=args.max_labels, seed=args.seed,
     )  # fmt: skip
     print(format_ranking(result))
-    if args.output:
-        print(f"ranking written to {write_ranking(result, args.output)}")
+    if args.output_file:
+        print(f"ranking written to {write_ranking(result, args.output_file)}")
     return 0
 
 
 def _adapt(args: argparse.Namespace) -> int:
-    from .calibration import adapt_checkpoint, format_adaptation
+    from .adaptation import adapt_checkpoint, format_adaptation
 
     result = adapt_checkpoint(
         args.checkpoint, args.data_dir, args.labels, args.output_dir,
@@ -123,8 +129,8 @@ def _adapt(args: argparse.Namespace) -> int:
 def _synthetic(args: argparse.Namespace) -> int:
     from .data.synthetic import write_synthetic_meds
 
-    path = write_synthetic_meds(args.output, n_subjects=args.subjects, seed=args.seed)
-    print(f"synthetic MEDS cohort of {args.subjects} subjects written to {path}")
+    path = write_synthetic_meds(args.output_dir, n_subjects=args.num_subjects, seed=args.seed)
+    print(f"synthetic MEDS cohort of {args.num_subjects} subjects written to {path}")
     return 0
 
 
@@ -132,7 +138,7 @@ def _convert_wide(args: argparse.Namespace) -> int:
     from .data.wide import convert_wide
 
     summary = convert_wide(
-        args.dyn, args.sta, args.outc, args.output, task=args.task, seed=args.seed, overwrite=args.overwrite
+        args.dyn, args.sta, args.outc, args.output_dir, task=args.task, seed=args.seed, overwrite=args.overwrite
     )
     for key, value in summary.items():
         print(f"{key}: {value}")
@@ -142,29 +148,8 @@ def _convert_wide(args: argparse.Namespace) -> int:
 def _quickstart(args: argparse.Namespace) -> int:
     from .quickstart import run_quickstart
 
-    run_quickstart(output_dir=args.output, n_subjects=args.subjects, seed=args.seed)
+    run_quickstart(output_dir=args.output_dir, n_subjects=args.num_subjects, seed=args.seed)
     return 0
-
-
-def format_report(report: dict) -> str:
-    """A few readable lines from `evaluate_checkpoint`'s report."""
-    lines = [f"{report['split']} split, {report['n']} predictions"]
-    for name, metrics in report.items():
-        if not isinstance(metrics, dict) or "auroc" not in metrics:
-            continue
-        lines.append(
-            f"  {name:<18} AUROC {_fmt(metrics['auroc'])}  AUPRC {_fmt(metrics['auprc'])}  "
-            f"Brier {metrics['brier']:.3f}  ECE {metrics['ece']:.3f}"
-        )
-    return "\n".join(lines)
-
-
-def _fmt(metric: dict | None) -> str:
-    if metric is None:
-        return "  n/a"
-    if metric.get("ci_lower") is None:
-        return f"{metric['estimate']:.3f}"
-    return f"{metric['estimate']:.3f} [{metric['ci_lower']:.3f}, {metric['ci_upper']:.3f}]"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,16 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("finetune", help="fine-tune on a label file (takes TrainingArguments flags; --linear_probe)")
 
     p = sub.add_parser("quickstart", help="synthetic cohort -> pretrain -> fine-tune -> evaluate -> reload")
-    p.add_argument("--output", default="quickstart_output")
-    p.add_argument("--subjects", type=int, default=3000)
+    p.add_argument("--output_dir", default="quickstart_output")
+    p.add_argument("--num_subjects", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_quickstart)
 
     p = sub.add_parser("select", help="rank candidate checkpoints for a dataset (coverage, fit, LogME)")
-    p.add_argument("--data", required=True, help="MEDS dataset folder of the user")
+    p.add_argument("--data_dir", required=True, help="MEDS dataset folder of the user")
     p.add_argument("--candidates", required=True, nargs="+", help="checkpoint folders or hub ids")
     p.add_argument("--labels", default=None, help="optional label file: adds LogME transferability")
-    p.add_argument("--output", default=None, help="ranking JSON (written atomically)")
+    p.add_argument("--output_file", default=None, help="ranking JSON (written atomically)")
     p.add_argument("--split", default="train", help="split of the user's data to score ('' for all subjects)")
     p.add_argument("--max_subjects", type=int, default=1000, help="subjects embedded per candidate (sample)")
     p.add_argument("--max_labels", type=int, default=2000, help="label rows used for LogME (sample)")
@@ -215,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_adapt)
 
     p = sub.add_parser("synthetic", help="write a synthetic MEDS cohort")
-    p.add_argument("--output", required=True)
-    p.add_argument("--subjects", type=int, default=3000)
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--num_subjects", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_synthetic)
 
@@ -225,13 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sta", required=True, help="static table: stay_id, age, sex, height, weight")
     p.add_argument("--outc", required=True, help="outcome table: label per stay or per stay-hour")
     p.add_argument("--task", required=True, choices=["mortality24", "los"])
-    p.add_argument("--output", required=True)
+    p.add_argument("--output_dir", required=True)
     p.add_argument("--seed", type=int, default=0, help="seed of the subject-level 70/15/15 split")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_convert_wide)
 
     for name, func, help_text in (
-        ("evaluate", _evaluate, "held-out metrics with 95% intervals, subgroups and plots"),
+        ("evaluate", _evaluate, "held-out metrics with 95%% intervals, subgroups and plots"),
         ("predict", _predict, "risk for every (subject_id, prediction_time) row of a file"),
     ):
         p = sub.add_parser(name, help=help_text)
@@ -239,11 +224,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--data_dir", required=True)
         p.add_argument("--labels", required=True, help="label / prediction-time file")
         p.add_argument("--split", default="held_out", help="split to score ('' for all subjects)")
-        p.add_argument("--output", required=name == "predict")
         if name == "predict":
+            p.add_argument("--output_file", required=True, help="predictions parquet (written atomically)")
             p.add_argument("--explain", type=int, default=0, metavar="N",
                            help="add `top_events`: the N events with the largest integrated-gradient attribution")
         if name == "evaluate":
+            p.add_argument("--output_dir", default=None, help="folder for metrics.json and the plots")
             p.add_argument("--n_bootstrap", type=int, default=1000)
             p.add_argument("--baseline", default="gbm", choices=["gbm", "logistic", "none"])
         p.set_defaults(func=func)
@@ -255,4 +241,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-__all__ = ["main", "format_report"]
+__all__ = ["main"]

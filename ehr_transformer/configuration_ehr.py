@@ -4,9 +4,14 @@ from typing import Literal
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 # Names of the pretraining objectives of `EHRTransformerForMaskedEventModeling` (see `pretraining_objectives`).
 PRETRAINING_OBJECTIVES = ("code", "value", "time", "feature")
+# Values of the inherited `problem_type` field, which chooses the loss of `EHRTransformerForSequenceClassification`.
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 
 @strict
@@ -65,23 +70,14 @@ class EHRTransformerConfig(PreTrainedConfig):
             Run every per-event layer (embeddings, projections, feed-forward, norms) on the real events only and
             pad just for attention, so the padding of long-tailed batches costs no feed-forward compute. Outputs
             are identical either way (to floating-point tolerance).
-        num_value_bins (`int`, defaults to 0):
-            With K > 1, every code gets K learned vectors, one per bin of its normalised value (a robust z-score;
-            edges at the standard normal's quantiles 1/K, ..., (K-1)/K, so roughly equal-count bins), added to the
-            event embedding beside the smooth value embedding. A code's effect may then change direction across
-            its range, as a gradient-boosting split does. Costs `vocab_size * K * hidden_size` parameters. 0 or 1:
-            off (the smooth value embedding alone).
-        value_loss_weight (`float`, defaults to 1.0):
-            Weight of the value-reconstruction loss (MSE of hidden normalised values) beside the masked-code
-            cross entropy in [`EHRTransformerForMaskedEventModeling`], unless `objective_weights` sets "value".
         pretraining_objectives (`list[str]`, defaults to `("code", "value")`):
             Objectives of [`EHRTransformerForMaskedEventModeling`], among `"code"` (masked code prediction),
             `"value"` (masked value reconstruction), `"time"` (masked time-gap reconstruction) and `"feature"`
             (regression of an EMA teacher's hidden states at masked positions, data2vec-style). Only the heads of
             the chosen objectives are built.
         objective_weights (`dict[str, float]`, *optional*):
-            Static weight of each objective's loss in `loss` (missing names weigh 1.0, "value" weighs
-            `value_loss_weight`). Learned balancing (`ehr_transformer.pretraining`) replaces them.
+            Static weight of each objective's loss in `loss` (missing names weigh 1.0). Learned balancing
+            (`ehr_transformer.pretraining`) replaces them.
         feature_target_layers (`int`, defaults to 2):
             The feature objective's target is the mean of the layer-normed outputs of the teacher's top K layers
             (all of them if the model has fewer).
@@ -136,8 +132,6 @@ class EHRTransformerConfig(PreTrainedConfig):
     classifier_dropout: float | int = 0.1
     sparse_prediction: bool = True
     unpad_inputs: bool = True
-    num_value_bins: int = 0
-    value_loss_weight: float | int = 1.0
     pretraining_objectives: list[str] | tuple[str, ...] = ("code", "value")
     objective_weights: dict[str, float | int] | None = None
     feature_target_layers: int = 2
@@ -151,12 +145,18 @@ class EHRTransformerConfig(PreTrainedConfig):
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
+        self._absorb_legacy_fields(kwargs)
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads})"
             )
-        # Literal fields (classifier_pooling, classifier_head) are refused by the strict dataclass check, by name
+        # Literal fields (classifier_pooling, classifier_head) are refused by the strict dataclass check, by name;
+        # the inherited `problem_type` is not, and any other string would silently select the BCE loss
+        if self.problem_type not in (None, *PROBLEM_TYPES):
+            raise ValueError(
+                f"problem_type must be None or one of {PROBLEM_TYPES}, got {self.problem_type!r}"
+            )
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         objectives = list(self.pretraining_objectives)
@@ -170,12 +170,35 @@ class EHRTransformerConfig(PreTrainedConfig):
                 raise ValueError(
                     f"objective_weights[{name!r}] = {weight}: expected a finite weight >= 0 of one of {objectives}"
                 )
-        if self.num_value_bins < 0:
-            raise ValueError(f"num_value_bins must be 0 (off) or a number of bins, got {self.num_value_bins}")
         if self.feature_target_layers < 1:
             raise ValueError(f"feature_target_layers must be at least 1, got {self.feature_target_layers}")
         super().__post_init__(**kwargs)
         self._check_tasks()
+
+    def _absorb_legacy_fields(self, kwargs: dict) -> None:
+        """Take out of `kwargs` two fields that configs of earlier versions carry, so that their folders load and
+        the fields are not written back.
+
+        `num_value_bins` (per-code value-bin embeddings): 0 or 1 meant off and is dropped; a model with more bins
+        has an embedding table this model has no place for, so it is refused. `value_loss_weight` (the value
+        objective's weight) is dropped at 1.0, or when the value objective is off or `objective_weights` sets
+        "value"; any other weight becomes `objective_weights["value"]`, which weighs the loss the same.
+        """
+        num_value_bins = kwargs.pop("num_value_bins", 0)
+        if num_value_bins not in (None, 0, 1):
+            raise ValueError(
+                f"num_value_bins={num_value_bins}: per-code value-bin embeddings are no longer supported, so a model "
+                "that used them cannot be loaded by this version of ehr_transformer (load it with the version that "
+                "saved it, or train a model without value bins)"
+            )
+        value_weight = kwargs.pop("value_loss_weight", 1.0)
+        weights = dict(self.objective_weights or {})
+        if value_weight != 1.0 and "value" in self.pretraining_objectives and "value" not in weights:
+            logger.warning(
+                f"value_loss_weight={value_weight} is no longer a config field: "
+                f"read as objective_weights['value'] = {value_weight}"
+            )
+            self.objective_weights = {**weights, "value": value_weight}
 
     def _check_tasks(self) -> None:
         if self.task_names is None and self.task_types is None:

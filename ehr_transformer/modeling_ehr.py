@@ -51,7 +51,8 @@ class ContinuousEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         angles = x.unsqueeze(-1).float() * self.angular_frequencies  # (B, L, F)
-        features = torch.cat([angles.sin(), angles.cos()], dim=-1) / math.sqrt(self.num_frequencies)  # (B, L, 2F)
+        features = torch.cat([angles.sin(), angles.cos()], dim=-1)  # (B, L, 2F)
+        features = features / math.sqrt(self.num_frequencies)
         return self.proj(features.to(self.proj.weight.dtype))  # (B, L, H)
 
 
@@ -60,10 +61,6 @@ class EHRTransformerEmbeddings(nn.Module):
 
     The value part is a shared non-linear function of the normalised value plus the value times a per-code
     direction (`code_value_embeddings`), so that a high lactate and a high heart rate need not look alike.
-    With `config.num_value_bins = K > 1` each code also gets one vector per value bin
-    (`code_value_bin_embeddings`, row `code * K + bin`): the bins split the normalised value (a robust z-score) at
-    the standard normal's quantiles 1/K, ..., (K-1)/K, so that a code's risk can rise at both ends of its range,
-    as a low and a high potassium both do, from the first layer on.
     A NaN time or age (hidden for time reconstruction) adds nothing, as a NaN value does."""
 
     def __init__(self, config: EHRTransformerConfig):
@@ -78,12 +75,6 @@ class EHRTransformerEmbeddings(nn.Module):
         )
         self.code_value_embeddings = nn.Embedding(
             config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
-        )
-        self.num_value_bins = config.num_value_bins
-        self.code_value_bin_embeddings = (
-            nn.Embedding(config.vocab_size * config.num_value_bins, config.hidden_size)
-            if config.num_value_bins > 1
-            else None
         )
         self.time_embeddings = ContinuousEmbedding(
             config.num_time_frequencies, config.max_time_hours, config.hidden_size
@@ -106,11 +97,6 @@ class EHRTransformerEmbeddings(nn.Module):
             value_embeddings = self.value_embeddings(value_input) + value_input * self.code_value_embeddings(
                 input_ids
             )
-            if self.code_value_bin_embeddings is not None:
-                k = self.num_value_bins
-                edges = torch.special.ndtri(torch.arange(1, k, device=values.device) / k)  # (K-1,)
-                bins = torch.bucketize(value_input.squeeze(-1).float(), edges)  # (B, L) in [0, K)
-                value_embeddings = value_embeddings + self.code_value_bin_embeddings(input_ids * k + bins)
             embeddings = embeddings + value_embeddings * has_value.unsqueeze(-1)  # (B, L, H)
         for x, embed in ((times, self.time_embeddings), (ages, self.age_embeddings)):
             if x is not None:
@@ -417,7 +403,9 @@ class EHRTransformerModel(EHRTransformerPreTrainedModel):
         if self.config.classifier_pooling == "max":
             if attention_mask is not None:
                 padding = ~attention_mask.bool().unsqueeze(-1)  # (B, L, 1)
-                last_hidden_state = last_hidden_state.masked_fill(padding, torch.finfo(last_hidden_state.dtype).min)
+                last_hidden_state = last_hidden_state.masked_fill(
+                    padding, torch.finfo(last_hidden_state.dtype).min
+                )
             return last_hidden_state.amax(dim=1)
         if attention_mask is None:
             return last_hidden_state.mean(dim=1)
@@ -540,10 +528,8 @@ class EHRTransformerForMaskedEventModeling(EHRTransformerPreTrainedModel):
         self.__dict__["feature_teacher"] = teacher
 
     def loss_weights(self) -> dict[str, float]:
-        """Static weight of each objective: `config.objective_weights`, else `value_loss_weight` for "value", else 1."""
+        """Static weight of each objective: `config.objective_weights`, else 1."""
         weights = {name: 1.0 for name in self.config.pretraining_objectives}
-        if "value" in weights:
-            weights["value"] = float(self.config.value_loss_weight)
         return {**weights, **{k: float(v) for k, v in (self.config.objective_weights or {}).items()}}
 
     @staticmethod

@@ -14,7 +14,17 @@ import shutil
 import time
 from pathlib import Path
 
-from transformers import TrainingArguments, set_seed
+import polars as pl
+from transformers import AutoModelForSequenceClassification, TrainingArguments, set_seed
+
+from .data.dataset import build_labeled_dataset
+from .data.synthetic import write_synthetic_meds
+from .evaluation.report import evaluate_checkpoint, format_report
+from .inference import predict_dataset
+from .tokenization_ehr import EHREventTokenizer
+from .training.arguments import DataArguments, FinetuningArguments, ModelArguments, PretrainingArguments
+from .training.finetune import finetune
+from .training.pretrain import pretrain
 
 TASK = "in_hospital_mortality"
 
@@ -48,21 +58,6 @@ def quickstart_training_arguments(output_dir: Path, seed: int, **overrides) -> T
 
 def run_quickstart(output_dir: str | Path = "quickstart_output", n_subjects: int = 3000, seed: int = 0) -> dict:
     """Run the five steps above into `output_dir` and return the held-out report."""
-    import polars as pl
-    from transformers import AutoModelForSequenceClassification
-
-    from . import EHREventTokenizer
-    from .cli import format_report
-    from .data.synthetic import write_synthetic_meds
-    from .training import (
-        DataArguments,
-        ModelArguments,
-        evaluate_checkpoint,
-        finetune,
-        predict_dataset,
-        pretrain,
-    )
-
     started = time.perf_counter()
     output_dir = Path(output_dir)
     set_seed(seed)
@@ -74,14 +69,11 @@ def run_quickstart(output_dir: str | Path = "quickstart_output", n_subjects: int
     write_synthetic_meds(data_dir, n_subjects=n_subjects, seed=seed)
     labels = data_dir / "labels" / f"{TASK}.parquet"
 
-    model_args = ModelArguments(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, max_length=256,
-        min_code_count=5,
-    )
     _step("2/5 pretraining with masked event modeling on the training subjects' timelines", started)
     pretrain(
-        DataArguments(data_dir=str(data_dir)),
-        model_args,
+        DataArguments(data_dir=str(data_dir), max_length=256, min_code_count=5),
+        ModelArguments(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
+        PretrainingArguments(),
         quickstart_training_arguments(output_dir / "pretrained", seed, num_train_epochs=4, eval_strategy="epoch"),
     )
 
@@ -89,6 +81,7 @@ def run_quickstart(output_dir: str | Path = "quickstart_output", n_subjects: int
     finetune(
         DataArguments(data_dir=str(data_dir), labels=str(labels)),
         ModelArguments(model_name_or_path=str(output_dir / "pretrained")),
+        FinetuningArguments(),
         quickstart_training_arguments(
             output_dir / "finetuned", seed, num_train_epochs=4, learning_rate=1e-3, eval_strategy="epoch"
         ),
@@ -105,8 +98,6 @@ def run_quickstart(output_dir: str | Path = "quickstart_output", n_subjects: int
     _step("5/5 reloading the checkpoint with AutoModelForSequenceClassification.from_pretrained", started)
     model = AutoModelForSequenceClassification.from_pretrained(output_dir / "finetuned", use_safetensors=True)
     tokenizer = EHREventTokenizer.from_pretrained(output_dir / "finetuned")
-    from .data.dataset import build_labeled_dataset
-
     sample = build_labeled_dataset(data_dir, labels, tokenizer, split="held_out").select(range(5))
     risks = predict_dataset(model, sample, tokenizer)
     print(

@@ -39,7 +39,10 @@ from .utils import atomic_path
 
 TOKENIZER_FILE = "event_tokenizer.json"
 FORMAT_NAME = "ehr_event_tokenizer"
-FORMAT_VERSION = 1
+# Version 2: value statistics without per-code bin edges. Version 1 files (which also carry `bin_edges` and a
+# `n_value_bins` setting, never read by the model) still load, those two fields dropped.
+FORMAT_VERSION = 2
+_LEGACY_VERSION = 1
 
 PAD_TOKEN, UNK_TOKEN, MASK_TOKEN, CLS_TOKEN = "[PAD]", "[UNK]", "[MASK]", "[CLS]"
 SPECIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN, MASK_TOKEN, CLS_TOKEN)
@@ -55,12 +58,11 @@ _SETTINGS_TYPES: dict[str, type] = {
     "max_length": int,
     "min_code_count": int,
     "max_static_events": int,
-    "n_value_bins": int,
     "reservoir_size": int,
     "seed": int,
 }
 _TOP_LEVEL_FIELDS = {"format", "version", "settings", "vocab", "value_statistics"}
-_STAT_FIELDS = {"median", "scale", "count", "bin_edges"}
+_STAT_FIELDS = {"median", "scale", "count"}
 
 
 def _as_frames(events: pl.DataFrame | pl.LazyFrame | Iterable[pl.DataFrame]) -> Iterable[pl.DataFrame]:
@@ -99,9 +101,8 @@ class _ValueReservoir:
 
     Every value gets a seeded uniform random key; the sample of a code is the `size` values with the
     smallest keys seen so far (bottom-k sampling), which is a uniform sample without replacement of
-    all the code's values, whatever the shard boundaries. Exact counts are kept beside it. Medians,
-    IQRs and quantiles are therefore exact for codes with at most `size` values and estimates
-    otherwise.
+    all the code's values, whatever the shard boundaries. Exact counts are kept beside it. Medians
+    and IQRs are therefore exact for codes with at most `size` values and estimates otherwise.
     """
 
     def __init__(self, size: int, seed: int, codes: Iterable[str] | None = None) -> None:
@@ -122,19 +123,17 @@ class _ValueReservoir:
         values = values.with_columns(pl.Series("key", self.rng.random(values.height)))
         counts = values.group_by("code").agg(pl.len().cast(pl.UInt32).alias("count"))
         self.counts = pl.concat([self.counts, counts]).group_by("code").agg(pl.col("count").sum())
-        self.sample = (
-            pl.concat([self.sample, values.select("code", "key", "value")])
-            .filter(pl.col("key").rank("ordinal").over("code") <= self.size)
+        self.sample = pl.concat([self.sample, values.select("code", "key", "value")]).filter(
+            pl.col("key").rank("ordinal").over("code") <= self.size
         )
 
-    def statistics(self, n_value_bins: int) -> dict[str, dict[str, Any]]:
-        probs = [i / n_value_bins for i in range(1, n_value_bins)] if n_value_bins > 1 else []
+    def statistics(self) -> dict[str, dict[str, Any]]:
         aggs = [
             pl.col("value").median().alias("median"),
             pl.col("value").quantile(0.25, "linear").alias("q1"),
             pl.col("value").quantile(0.75, "linear").alias("q3"),
             pl.col("value").std().alias("std"),
-        ] + [pl.col("value").quantile(p, "linear").alias(f"b{i}") for i, p in enumerate(probs)]
+        ]
         table = self.sample.group_by("code").agg(aggs).join(self.counts, on="code").sort("code")
         out: dict[str, dict[str, Any]] = {}
         for row in table.iter_rows(named=True):
@@ -143,12 +142,10 @@ class _ValueReservoir:
                 scale = row["std"] if row["std"] is not None else float("nan")
             if not (math.isfinite(scale) and scale > 0):
                 scale = 1.0
-            edges = sorted({float(row[f"b{i}"]) for i in range(len(probs))})
             out[row["code"]] = {
                 "median": float(row["median"]),
                 "scale": float(scale),
                 "count": int(row["count"]),
-                "bin_edges": edges,
             }
         return out
 
@@ -158,8 +155,7 @@ class EHREventTokenizer:
 
     Build one with `EHREventTokenizer.fit(train_events)` or `EHREventTokenizer.from_pretrained(folder)`.
     `vocab` maps code -> id (the four special tokens first, then codes by decreasing number of
-    subjects, ties broken by code name); `value_statistics` maps code -> {median, scale, count,
-    bin_edges}.
+    subjects, ties broken by code name); `value_statistics` maps code -> {median, scale, count}.
     """
 
     def __init__(
@@ -170,7 +166,6 @@ class EHREventTokenizer:
         max_length: int = 512,
         min_code_count: int = 5,
         max_static_events: int = 32,
-        n_value_bins: int = 10,
         reservoir_size: int = 10_000,
         seed: int = 0,
     ) -> None:
@@ -182,17 +177,16 @@ class EHREventTokenizer:
         _validate_vocab(vocab)
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2 (CLS and one event), got {max_length}")
-        if max_static_events < 0 or min_code_count < 1 or reservoir_size < 1 or n_value_bins < 0:
-            raise ValueError("max_static_events >= 0, min_code_count >= 1, reservoir_size >= 1, n_value_bins >= 0")
+        if max_static_events < 0 or min_code_count < 1 or reservoir_size < 1:
+            raise ValueError("max_static_events >= 0, min_code_count >= 1, reservoir_size >= 1")
         self.vocab: dict[str, int] = dict(vocab)
         self.ids_to_codes: list[str] = sorted(self.vocab, key=self.vocab.__getitem__)
         self.value_statistics: dict[str, dict[str, Any]] = {
-            code: dict(stats) for code, stats in (value_statistics or {}).items()
+            code: dict(_without_legacy_stats(stats)) for code, stats in (value_statistics or {}).items()
         }
         self.max_length = int(max_length)
         self.min_code_count = int(min_code_count)
         self.max_static_events = int(max_static_events)
-        self.n_value_bins = int(n_value_bins)
         self.reservoir_size = int(reservoir_size)
         self.seed = int(seed)
         self._table: pl.DataFrame | None = None
@@ -256,7 +250,6 @@ class EHREventTokenizer:
         max_length: int = 512,
         *,
         max_static_events: int = 32,
-        n_value_bins: int = 10,
         reservoir_size: int = 10_000,
         seed: int = 0,
     ) -> EHREventTokenizer:
@@ -286,7 +279,7 @@ class EHREventTokenizer:
             (pl.col("n_subjects") >= min_code_count) & ~pl.col("code").is_in(list(SPECIAL_TOKENS))
         ).sort(["n_subjects", "code"], descending=[True, False])
         codes = kept["code"].to_list()
-        stats = reservoir.statistics(n_value_bins)
+        stats = reservoir.statistics()
         kept_codes = set(codes)
         return cls(
             list(SPECIAL_TOKENS) + codes,
@@ -294,7 +287,6 @@ class EHREventTokenizer:
             max_length=max_length,
             min_code_count=min_code_count,
             max_static_events=max_static_events,
-            n_value_bins=n_value_bins,
             reservoir_size=reservoir_size,
             seed=seed,
         )
@@ -309,7 +301,7 @@ class EHREventTokenizer:
         for frame in _as_frames(events):
             _check_columns(frame, ("code", "numeric_value"))
             reservoir.update(frame)
-        stats = {**self.value_statistics, **reservoir.statistics(self.n_value_bins)}
+        stats = {**self.value_statistics, **reservoir.statistics()}
         return type(self)(self.vocab, stats, **self._settings())
 
     # -------------------------------------------------------------------------------------- encode
@@ -330,15 +322,18 @@ class EHREventTokenizer:
 
     def normalize_values(self, codes: Iterable[str], values: Iterable[float | None]) -> list[float]:
         """Normalised values for (code, raw value) pairs: NaN where no value or no statistics."""
-        frame = pl.DataFrame({"code": list(codes), "numeric_value": list(values)},
-                             schema={"code": pl.String, "numeric_value": pl.Float64})
+        frame = pl.DataFrame(
+            {"code": list(codes), "numeric_value": list(values)},
+            schema={"code": pl.String, "numeric_value": pl.Float64},
+        )
         return self._tokens(frame.lazy()).collect()["_value"].to_list()
 
     def _tokens(self, lazy: pl.LazyFrame) -> pl.LazyFrame:
         value = ((pl.col("numeric_value").cast(pl.Float64) - pl.col("_median")) / pl.col("_scale")).clip(
             -VALUE_CLIP, VALUE_CLIP
         )
-        return lazy.join(self._code_table().lazy(), on="code", how="left", maintain_order="left").with_columns(
+        table = self._code_table().lazy()
+        return lazy.join(table, on="code", how="left", maintain_order="left").with_columns(
             pl.col("_id").fill_null(self.unk_token_id),
             value.fill_nan(None).fill_null(float("nan")).cast(pl.Float32).alias("_value"),
         )
@@ -386,9 +381,14 @@ class EHREventTokenizer:
             queries = (
                 pl.concat([static.select("subject_id"), timed.select("subject_id")])
                 .unique()
-                .join(timed.select("subject_id", pl.col("_t_us").list.len().alias("_end")), on="subject_id",
-                      how="left")
-                .with_columns(pl.col("_end").fill_null(0).cast(pl.Int64), pl.lit(None, pl.Int64).alias("_p_us"))
+                .join(
+                    timed.select("subject_id", pl.col("_t_us").list.len().alias("_end")),
+                    on="subject_id",
+                    how="left",
+                )
+                .with_columns(
+                    pl.col("_end").fill_null(0).cast(pl.Int64), pl.lit(None, pl.Int64).alias("_p_us")
+                )
             )
             keys = ["subject_id"]
         else:
@@ -399,13 +399,24 @@ class EHREventTokenizer:
             # 1-based position of each timed event within its subject (events are sorted by subject)
             row = pl.int_range(0, pl.len(), dtype=pl.Int64)
             subject_start = (
-                pl.when(pl.col("subject_id") != pl.col("subject_id").shift(1)).then(row).forward_fill().fill_null(0)
+                pl.when(pl.col("subject_id") != pl.col("subject_id").shift(1))
+                .then(row)
+                .forward_fill()
+                .fill_null(0)
             )
             positions = (
-                timed_events.select("subject_id", "_us").with_columns((row - subject_start + 1).alias("_end")).collect()
+                timed_events.select("subject_id", "_us")
+                .with_columns((row - subject_start + 1).alias("_end"))
+                .collect()
             )
-            with_ends = label_frame.with_columns(pl.col("prediction_time").dt.epoch("us").alias("_p_us")).join_asof(
-                positions, left_on="_p_us", right_on="_us", by="subject_id", strategy="backward",
+            with_ends = label_frame.with_columns(
+                pl.col("prediction_time").dt.epoch("us").alias("_p_us")
+            ).join_asof(
+                positions,
+                left_on="_p_us",
+                right_on="_us",
+                by="subject_id",
+                strategy="backward",
                 check_sortedness=False,
             )
             queries = (
@@ -434,9 +445,7 @@ class EHREventTokenizer:
                 pl.col("_t_values").fill_null(empty_f),
                 pl.col("_t_us").fill_null(empty_u),
             )
-            .with_columns(
-                (self.max_length - 1 - pl.col("_s_ids").list.len().cast(pl.Int64)).alias("_budget")
-            )
+            .with_columns((self.max_length - 1 - pl.col("_s_ids").list.len().cast(pl.Int64)).alias("_budget"))
             .with_columns(
                 (pl.col("_end") - pl.col("_budget")).clip(lower_bound=0).alias("_start"),
             )
@@ -459,13 +468,17 @@ class EHREventTokenizer:
             .cast(pl.Float32)
             .repeat_by(pl.col("_n_head"))
         )
-        t_times = ((pl.col("_t_us") - pl.col("_t_us").list.first()).cast(pl.List(pl.Float64)) / _US_PER_HOUR).cast(
-            pl.List(pl.Float32)
-        )
-        t_ages = pl.when(pl.col("_birth").is_null()).then(
-            pl.lit(0.0, pl.Float32).repeat_by(pl.col("_n"))
-        ).otherwise(
-            ((pl.col("_t_us") - pl.col("_birth")).cast(pl.List(pl.Float64)) / _US_PER_YEAR).cast(pl.List(pl.Float32))
+        t_times = (
+            (pl.col("_t_us") - pl.col("_t_us").list.first()).cast(pl.List(pl.Float64)) / _US_PER_HOUR
+        ).cast(pl.List(pl.Float32))
+        t_ages = (
+            pl.when(pl.col("_birth").is_null())
+            .then(pl.lit(0.0, pl.Float32).repeat_by(pl.col("_n")))
+            .otherwise(
+                ((pl.col("_t_us") - pl.col("_birth")).cast(pl.List(pl.Float64)) / _US_PER_YEAR).cast(
+                    pl.List(pl.Float32)
+                )
+            )
         )
         extra = [c for c in (labels.columns if labels is not None else []) if c not in keys]
         out = joined.select(
@@ -490,7 +503,9 @@ class EHREventTokenizer:
         """
         n_subjects = subject_events["subject_id"].n_unique() if subject_events.height else 0
         if n_subjects > 1:
-            raise ValueError(f"encode() takes one subject's events, got {n_subjects} subjects; use encode_events()")
+            raise ValueError(
+                f"encode() takes one subject's events, got {n_subjects} subjects; use encode_events()"
+            )
         subject_id = subject_events["subject_id"][0] if subject_events.height else 0
         labels = None
         if prediction_time is not None:
@@ -551,7 +566,9 @@ class EHREventTokenizer:
             raise FileNotFoundError(f"no {TOKENIZER_FILE} at {pretrained_path}")
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:
-            raise ValueError(f"{path}: {size} bytes is too large for an event tokenizer file (limit {MAX_FILE_BYTES})")
+            raise ValueError(
+                f"{path}: {size} bytes is too large for an event tokenizer file (limit {MAX_FILE_BYTES})"
+            )
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -565,27 +582,40 @@ class EHREventTokenizer:
         unknown = set(data) - _TOP_LEVEL_FIELDS
         missing = _TOP_LEVEL_FIELDS - set(data)
         if unknown or missing:
-            raise ValueError(f"{source}: unknown field(s) {sorted(unknown)}, missing field(s) {sorted(missing)}")
+            raise ValueError(
+                f"{source}: unknown field(s) {sorted(unknown)}, missing field(s) {sorted(missing)}"
+            )
         if data["format"] != FORMAT_NAME:
             raise ValueError(f"{source}: format is {data['format']!r}, expected {FORMAT_NAME!r}")
-        if data["version"] != FORMAT_VERSION:
-            raise ValueError(f"{source}: version {data['version']!r} not supported (this code reads {FORMAT_VERSION})")
-        settings = data["settings"]
+        if data["version"] not in (_LEGACY_VERSION, FORMAT_VERSION):
+            raise ValueError(
+                f"{source}: version {data['version']!r} not supported "
+                f"(this code reads versions {_LEGACY_VERSION} and {FORMAT_VERSION})"
+            )
+        settings, stats = data["settings"], data["value_statistics"]
+        if data["version"] == _LEGACY_VERSION and isinstance(settings, dict) and isinstance(stats, dict):
+            settings = {name: value for name, value in settings.items() if name != "n_value_bins"}
+            stats = {code: _without_legacy_stats(entry) for code, entry in stats.items()}
         if not isinstance(settings, dict) or set(settings) - set(_SETTINGS_TYPES):
-            raise ValueError(f"{source}: settings must be an object with fields among {sorted(_SETTINGS_TYPES)}")
+            raise ValueError(
+                f"{source}: settings must be an object with fields among {sorted(_SETTINGS_TYPES)}"
+            )
         for name, value in settings.items():
             if not _is_int(value) or not 0 <= value <= MAX_VOCAB_SIZE:
-                raise ValueError(f"{source}: settings.{name} must be an integer in [0, {MAX_VOCAB_SIZE}], got {value!r}")
+                raise ValueError(
+                    f"{source}: settings.{name} must be an integer in [0, {MAX_VOCAB_SIZE}], got {value!r}"
+                )
         vocab = data["vocab"]
         if not isinstance(vocab, dict):
             raise ValueError(f"{source}: vocab must be an object code -> id, got {type(vocab).__name__}")
         if len(vocab) > MAX_VOCAB_SIZE:
-            raise ValueError(f"{source}: vocab has {len(vocab)} entries, more than the limit {MAX_VOCAB_SIZE}")
+            raise ValueError(
+                f"{source}: vocab has {len(vocab)} entries, more than the limit {MAX_VOCAB_SIZE}"
+            )
         try:
             _validate_vocab(vocab)
         except ValueError as error:
             raise ValueError(f"{source}: {error}") from error
-        stats = data["value_statistics"]
         if not isinstance(stats, dict):
             raise ValueError(f"{source}: value_statistics must be an object code -> statistics")
         for code, entry in stats.items():
@@ -617,6 +647,14 @@ def _validate_vocab(vocab: Mapping[Any, Any]) -> None:
             raise ValueError(f"special token {token} must have id {index}, got {vocab.get(token)!r}")
 
 
+def _without_legacy_stats(entry: Any) -> Any:
+    """A copy of one code's statistics without `bin_edges`, the per-code value quantiles that version 1 files
+    carry and no model reads."""
+    if not isinstance(entry, Mapping):
+        return entry
+    return {name: value for name, value in entry.items() if name != "bin_edges"}
+
+
 def _validate_stats(code: Any, entry: Any, vocab: Mapping[str, int], source: str) -> None:
     where = f"{source}: value_statistics[{code!r}]"
     if code not in vocab:
@@ -627,11 +665,6 @@ def _validate_stats(code: Any, entry: Any, vocab: Mapping[str, int], source: str
         raise ValueError(f"{where}: median must be a finite number and scale a finite positive number")
     if not _is_int(entry["count"]) or entry["count"] < 0:
         raise ValueError(f"{where}: count must be a non-negative integer")
-    edges = entry["bin_edges"]
-    if not isinstance(edges, list) or len(edges) > 1000 or not all(_is_number(e) for e in edges):
-        raise ValueError(f"{where}: bin_edges must be a list of at most 1000 finite numbers")
-    if edges != sorted(edges):
-        raise ValueError(f"{where}: bin_edges must be sorted")
 
 
 def _is_meds_sorted(frame: pl.DataFrame) -> bool:

@@ -1,14 +1,10 @@
-"""Crash-safe training: a real `python training/pretrain.py` subprocess SIGKILLed at a random step after its first
+"""Crash-safe training: a real `ehr-transformer pretrain` subprocess SIGKILLed at a random step after its first
 checkpoint and resumed with --resume_from_checkpoint ends with the same weights, bit for bit, as an uninterrupted
-run (CPU, seed 0, --full_determinism). `benchmarks/faults.py` repeats this at many kill points."""
+run (CPU, seed 0, --full_determinism). `python -m benchmarks.faults` repeats this at many kill points."""
 
 import random
-import sys
 
-from conftest import REPO_ROOT
-
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-import faults  # noqa: E402
+from benchmarks import faults
 
 
 def test_killed_and_resumed_run_ends_identical_to_an_uninterrupted_one(tmp_path):

@@ -379,15 +379,10 @@ def test_selection_benchmark_runs_and_writes_its_json(tmp_path):
 
 
 def selection_benchmark():
-    """`benchmarks/selection.py` as a module (benchmarks are scripts, not a package)."""
-    import importlib.util
+    """The selection benchmark's module, `benchmarks.selection`."""
+    import benchmarks.selection
 
-    from conftest import REPO_ROOT
-
-    spec = importlib.util.spec_from_file_location("selection_benchmark", REPO_ROOT / "benchmarks" / "selection.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
-    return benchmark
+    return benchmarks.selection
 
 
 def test_selection_benchmark_level_sets_build_the_hospitals_they_name():

@@ -44,8 +44,12 @@ def tokenizer() -> EHREventTokenizer:
 
 def test_special_tokens_and_vocab_order(tokenizer):
     assert tokenizer.convert_ids_to_codes([0, 1, 2, 3]) == ["[PAD]", "[UNK]", "[MASK]", "[CLS]"]
-    assert (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.mask_token_id, tokenizer.cls_token_id) == (
-        0, 1, 2, 3)
+    assert (
+        tokenizer.pad_token_id,
+        tokenizer.unk_token_id,
+        tokenizer.mask_token_id,
+        tokenizer.cls_token_id,
+    ) == (0, 1, 2, 3)
     assert tokenizer.all_special_ids == [0, 1, 2, 3]
     # most subjects first, ties by name; MEDS_BIRTH is no token
     assert tokenizer.ids_to_codes[4:] == ["ADMISSION", "LAB//GLUCOSE", "SEX//F", "SEX//M"]
@@ -72,7 +76,10 @@ def test_fitted_only_on_given_events_and_streams_shards():
     shards = [train.filter(pl.col("subject_id") < 3), train.filter(pl.col("subject_id") >= 3)]
     assert EHREventTokenizer.fit(iter(shards), min_code_count=2) == tok
     assert EHREventTokenizer.fit([(None, s) for s in shards], min_code_count=2) == tok
-    assert tok.encode(extra.filter(pl.col("subject_id") == 6))["input_ids"] == [tok.cls_token_id, tok.unk_token_id]
+    assert tok.encode(extra.filter(pl.col("subject_id") == 6))["input_ids"] == [
+        tok.cls_token_id,
+        tok.unk_token_id,
+    ]
 
 
 def test_value_statistics_and_normalisation(tokenizer):
@@ -82,9 +89,10 @@ def test_value_statistics_and_normalisation(tokenizer):
     assert stats["median"] == pytest.approx(150.0)
     q1, q3 = np.quantile(values, [0.25, 0.75])  # exact: 20 values fit in the reservoir
     assert stats["scale"] == pytest.approx((q3 - q1) / 1.349)
-    assert len(stats["bin_edges"]) == 9 and stats["bin_edges"] == sorted(stats["bin_edges"])
-    out = tokenizer.normalize_values(["LAB//GLUCOSE", "LAB//GLUCOSE", "ADMISSION", "UNSEEN"],
-                                     [150.0, 1e9, None, 3.0])
+    assert set(stats) == {"median", "scale", "count"}
+    out = tokenizer.normalize_values(
+        ["LAB//GLUCOSE", "LAB//GLUCOSE", "ADMISSION", "UNSEEN"], [150.0, 1e9, None, 3.0]
+    )
     assert out[0] == pytest.approx(0.0) and out[1] == pytest.approx(10.0)
     assert math.isnan(out[2]) and math.isnan(out[3])
 
@@ -98,13 +106,15 @@ def test_unknown_code_maps_to_unk(tokenizer):
 
 def test_times_and_ages_on_hand_made_subject(tokenizer):
     birth = dt.datetime(1990, 1, 1)
-    subject = make_events([
-        (7, None, "SEX//F", None),
-        (7, birth, "MEDS_BIRTH", None),
-        (7, hours(10), "ADMISSION", None),
-        (7, hours(10), "LAB//GLUCOSE", 150.0),
-        (7, hours(13.5), "LAB//GLUCOSE", 150.0),
-    ])
+    subject = make_events(
+        [
+            (7, None, "SEX//F", None),
+            (7, birth, "MEDS_BIRTH", None),
+            (7, hours(10), "ADMISSION", None),
+            (7, hours(10), "LAB//GLUCOSE", 150.0),
+            (7, hours(13.5), "LAB//GLUCOSE", 150.0),
+        ]
+    )
     encoded = tokenizer.encode(subject)
     v = tokenizer.vocab
     assert encoded["input_ids"] == [3, v["SEX//F"], v["ADMISSION"], v["LAB//GLUCOSE"], v["LAB//GLUCOSE"]]
@@ -128,7 +138,16 @@ def test_truncation_keeps_static_and_latest_events():
     tok = EHREventTokenizer.fit(events, min_code_count=1, max_length=8)
     encoded = tok.encode(events)
     codes = tok.convert_ids_to_codes(encoded["input_ids"])
-    assert codes == ["[CLS]", "STATIC_0", "STATIC_1", "STATIC_2", "EVENT_16", "EVENT_17", "EVENT_18", "EVENT_19"]
+    assert codes == [
+        "[CLS]",
+        "STATIC_0",
+        "STATIC_1",
+        "STATIC_2",
+        "EVENT_16",
+        "EVENT_17",
+        "EVENT_18",
+        "EVENT_19",
+    ]
     assert encoded["times"] == pytest.approx([0, 0, 0, 0, 0, 1, 2, 3])
     # static events are capped, leaving room for timed events
     capped = EHREventTokenizer(tok.vocab, max_length=8, max_static_events=1, min_code_count=1)
@@ -139,8 +158,11 @@ def test_truncation_keeps_static_and_latest_events():
 def test_encode_events_with_labels_filters_future(tokenizer):
     events = cohort(3)
     labels = pl.DataFrame(
-        {"subject_id": [0, 0, 2, 99], "prediction_time": [hours(1), hours(100), hours(2.5), hours(1)],
-         "boolean_value": [True, False, True, False]},
+        {
+            "subject_id": [0, 0, 2, 99],
+            "prediction_time": [hours(1), hours(100), hours(2.5), hours(1)],
+            "boolean_value": [True, False, True, False],
+        },
         schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"), "boolean_value": pl.Boolean},
     )
     out = tokenizer.encode_events(events, labels)
@@ -172,6 +194,8 @@ def test_save_load_round_trip(tmp_path, tokenizer):
         (lambda d: d.update(vocab=[1, 2]), "vocab must be"),
         (lambda d: d["value_statistics"]["LAB//GLUCOSE"].update(scale=-1.0), "scale"),
         (lambda d: d.update(version=99), "version"),
+        (lambda d: d["value_statistics"]["LAB//GLUCOSE"].update(bin_edges=[100.0]), "fields"),
+        (lambda d: d["settings"].update(n_value_bins=10), "settings"),
     ],
 )
 def test_from_pretrained_refuses_corrupted_files(tmp_path, tokenizer, corrupt, message):
@@ -183,13 +207,38 @@ def test_from_pretrained_refuses_corrupted_files(tmp_path, tokenizer, corrupt, m
         EHREventTokenizer.from_pretrained(tmp_path)
 
 
+def test_version_1_file_with_value_bin_fields_loads(tmp_path, tokenizer):
+    """A file written by an earlier version (version 1) carries per-code `bin_edges` and a `n_value_bins` setting
+    that no model reads: it loads, dropping both, and encodes as the tokenizer that wrote it did."""
+    tokenizer.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / TOKENIZER_FILE).read_text())
+    data["version"] = 1
+    data["settings"]["n_value_bins"] = 10
+    for stats in data["value_statistics"].values():
+        stats["bin_edges"] = [stats["median"] - 1.0, stats["median"], stats["median"] + 1.0]
+    (tmp_path / TOKENIZER_FILE).write_text(json.dumps(data))
+    loaded = EHREventTokenizer.from_pretrained(tmp_path)
+    assert loaded == tokenizer and loaded.content_hash() == tokenizer.content_hash()
+    events = cohort(4)
+    assert loaded.encode_events(events).equals(tokenizer.encode_events(events))
+    loaded.save_pretrained(tmp_path / "resaved")
+    resaved = json.loads((tmp_path / "resaved" / TOKENIZER_FILE).read_text())
+    assert resaved["version"] == 2 and "n_value_bins" not in resaved["settings"]
+    assert all(set(stats) == {"median", "scale", "count"} for stats in resaved["value_statistics"].values())
+
+
 def test_from_pretrained_refuses_absurd_vocab_and_garbage(tmp_path, monkeypatch):
     import ehr_transformer.tokenization_ehr as module
 
     monkeypatch.setattr(module, "MAX_VOCAB_SIZE", 10)
     vocab = {f"C{i}": i for i in range(20)}
-    payload = {"format": "ehr_event_tokenizer", "version": 1, "settings": {}, "vocab": vocab,
-               "value_statistics": {}}
+    payload = {
+        "format": "ehr_event_tokenizer",
+        "version": 2,
+        "settings": {},
+        "vocab": vocab,
+        "value_statistics": {},
+    }
     (tmp_path / TOKENIZER_FILE).write_text(json.dumps(payload))
     with pytest.raises(ValueError, match="more than the limit"):
         EHREventTokenizer.from_pretrained(tmp_path)
@@ -204,8 +253,10 @@ def test_refit_value_statistics_keeps_ids(tokenizer):
     assert refit.vocab == tokenizer.vocab
     assert refit.value_statistics["LAB//GLUCOSE"]["median"] == pytest.approx(300.0)
     assert tokenizer.value_statistics["LAB//GLUCOSE"]["median"] == pytest.approx(150.0)
-    a, b = tokenizer.encode(target.filter(pl.col("subject_id") == 3)), refit.encode(
-        target.filter(pl.col("subject_id") == 3))
+    a, b = (
+        tokenizer.encode(target.filter(pl.col("subject_id") == 3)),
+        refit.encode(target.filter(pl.col("subject_id") == 3)),
+    )
     assert a["input_ids"] == b["input_ids"] and a["values"] != b["values"]
 
 
@@ -239,7 +290,13 @@ def test_property_encode_is_bounded_and_finite(rows, max_length):
     for row in out.iter_rows(named=True):
         assert 2 <= row["length"] <= max_length
         assert row["input_ids"][0] == tok.cls_token_id
-        assert len(row["input_ids"]) == len(row["values"]) == len(row["times"]) == len(row["ages"]) == row["length"]
+        assert (
+            len(row["input_ids"])
+            == len(row["values"])
+            == len(row["times"])
+            == len(row["ages"])
+            == row["length"]
+        )
         assert all(math.isfinite(x) for x in row["times"] + row["ages"])
         assert all(x >= 0 for x in row["times"])
         assert all(math.isnan(v) or -10 <= v <= 10 for v in row["values"])
@@ -252,8 +309,10 @@ def test_property_labels_equal_encoding_of_the_past(rows, max_length, cut_hours)
     tok = EHREventTokenizer.fit(events, min_code_count=1, max_length=max_length)
     cut = hours(cut_hours)
     subjects = events["subject_id"].unique().sort()
-    labels = pl.DataFrame({"subject_id": subjects, "prediction_time": [cut] * len(subjects)},
-                          schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us")})
+    labels = pl.DataFrame(
+        {"subject_id": subjects, "prediction_time": [cut] * len(subjects)},
+        schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us")},
+    )
     labelled = tok.encode_events(events, labels)
     past = tok.encode_events(events.filter(pl.col("time").is_null() | (pl.col("time") <= cut)))
     assert labelled["subject_id"].to_list() == past["subject_id"].to_list()

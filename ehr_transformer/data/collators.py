@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ehr_transformer.tokenization_ehr import EHREventTokenizer
+from ..tokenization_ehr import EHREventTokenizer
 
 _SEQUENCE_KEYS = ("input_ids", "values", "times", "ages")
 VALUE_MASK_STRATEGIES = ("random", "future")

@@ -27,12 +27,14 @@ import polars as pl
 import pyarrow as pa
 from datasets.arrow_writer import ArrowWriter
 
-from ehr_transformer.tokenization_ehr import EHREventTokenizer
+from ..tokenization_ehr import EHREventTokenizer
+from .labels import _read_label_source, _resolve_label_column, join_task_labels
+from .meds import iter_shards
+from .splits import read_subject_splits
 
 logger = logging.getLogger(__name__)
 
 _CACHE_VERSION = "1"
-LABEL_VALUE_COLUMNS = ("boolean_value", "integer_value", "float_value")
 _SEQUENCE_FIELDS = {
     "input_ids": pa.list_(pa.int32()),
     "values": pa.list_(pa.float32()),
@@ -122,8 +124,6 @@ def _write_cached(folder: Path, schema: pa.Schema, tables, stats_fn) -> datasets
 
 
 def _split_subjects(meds_dir: Path, split: str) -> tuple[pl.Series, pl.DataFrame]:
-    from ehr_transformer.data.meds import read_subject_splits
-
     splits = read_subject_splits(meds_dir)
     known = sorted(splits["split"].unique().to_list())
     subjects = splits.filter(pl.col("split") == split)["subject_id"]
@@ -161,8 +161,6 @@ def build_pretraining_dataset(
     Built shard by shard into a cached Arrow file under `cache_dir` (default: the `datasets` cache
     folder / "ehr_transformer"). Subjects of the split without events are counted and logged.
     """
-    from ehr_transformer.data.meds import iter_shards
-
     meds_dir = Path(meds_dir)
     subjects, _ = _split_subjects(meds_dir, split)
     schema = _schema(labelled=False)
@@ -205,69 +203,10 @@ def build_pretraining_dataset(
     return _write_cached(folder, schema, tables(), stats)
 
 
-def _resolve_label_column(labels: pl.DataFrame, label_column: str | None) -> str:
-    if label_column is not None:
-        if label_column not in LABEL_VALUE_COLUMNS or label_column not in labels.columns:
-            raise ValueError(
-                f"label_column {label_column!r} must be one of {list(LABEL_VALUE_COLUMNS)} present in the labels "
-                f"(columns: {labels.columns})"
-            )
-        return label_column
-    present = [c for c in LABEL_VALUE_COLUMNS if c in labels.columns and labels[c].null_count() < labels.height]
-    if len(present) != 1:
-        raise ValueError(
-            f"cannot auto-detect the label column: columns with values {present} (expected exactly one of "
-            f"{list(LABEL_VALUE_COLUMNS)}); pass label_column="
-        )
-    return present[0]
 
 
-def _read_label_source(labels: pl.DataFrame | str | os.PathLike, source: str) -> tuple[pl.DataFrame, str]:
-    from ehr_transformer.data.meds import read_labels, validate_labels
-
-    if isinstance(labels, (str, os.PathLike)):
-        return read_labels(labels), str(labels)
-    if isinstance(labels, pl.DataFrame):
-        return validate_labels(labels, source=source), source
-    raise TypeError(f"labels must be a polars DataFrame or a path, got {type(labels).__name__}")
 
 
-def join_task_labels(
-    labels: Mapping[str, pl.DataFrame | str | os.PathLike],
-) -> tuple[pl.DataFrame, list[str], list[str]]:
-    """Join the label files of several tasks on (subject_id, prediction_time), for multitask fine-tuning.
-
-    `labels` maps a task name to a label frame or MEDS label file. Returns the joined frame (subject_id,
-    prediction_time, one Float64 column per task, null where that task has no label at that time, sorted), the
-    task names (in the mapping's order) and their types: "binary" for a `boolean_value` file, "regression" for
-    `float_value` / `integer_value`. A (subject_id, prediction_time) repeated within one file is an error.
-    """
-    if not labels:
-        raise ValueError("join_task_labels needs at least one task")
-    joined: pl.DataFrame | None = None
-    names, types = [], []
-    for name, source in labels.items():
-        if name in ("subject_id", "prediction_time", "labels") or not name:
-            raise ValueError(f"task name {name!r} is reserved or empty; rename the label file")
-        frame, where = _read_label_source(source, f"<labels of task {name!r}>")
-        column = _resolve_label_column(frame, None)
-        repeated = frame.filter(pl.struct("subject_id", "prediction_time").is_duplicated())
-        if repeated.height:
-            row = repeated.row(0, named=True)
-            raise ValueError(
-                f"{where}: subject_id {row['subject_id']} has {repeated.height} rows sharing a prediction_time "
-                f"(first at {row['prediction_time']}); multitask labels need one row per (subject_id, prediction_time)"
-            )
-        task = frame.select("subject_id", "prediction_time", pl.col(column).cast(pl.Float64).alias(name))
-        joined = (
-            task
-            if joined is None
-            else joined.join(task, on=["subject_id", "prediction_time"], how="full", coalesce=True)
-        )
-        names.append(name)
-        types.append("binary" if column == "boolean_value" else "regression")
-    assert joined is not None
-    return joined.sort(["subject_id", "prediction_time"]), names, types
 
 
 def build_labeled_dataset(
@@ -293,8 +232,6 @@ def build_labeled_dataset(
     `build_stats(dataset)`. Label rows of subjects in other splits (`n_labels_other_split`) or without
     a split (`n_labels_subject_without_split`) are filtered out, not dropped.
     """
-    from ehr_transformer.data.meds import iter_shards
-
     meds_dir = Path(meds_dir)
     tasks = task_types = None
     if isinstance(labels, Mapping):  # multitask: one float per task, NaN where missing
@@ -394,4 +331,12 @@ def _warn_drops(stats: dict[str, Any]) -> None:
         )
 
 
-__all__ = ["build_pretraining_dataset", "build_labeled_dataset", "build_stats", "join_task_labels"]
+def subsample_labels(dataset: datasets.Dataset, fraction: float, seed: int) -> datasets.Dataset:
+    """A seeded random `fraction` of a labelled dataset's rows (at least one): the few-label setting of `finetune`."""
+    if fraction >= 1.0:
+        return dataset
+    n = max(1, round(len(dataset) * fraction))
+    return dataset.shuffle(seed=seed).select(range(n))
+
+
+__all__ = ["build_pretraining_dataset", "build_labeled_dataset", "build_stats", "subsample_labels"]

@@ -50,7 +50,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from .meds import DATA_SCHEMA, LABEL_SCHEMA, SPLITS, MEDSWriter, validate_events
+from .labels import LABEL_SCHEMA
+from .meds import DATA_SCHEMA, SPLITS, validate_events
+from .writer import MEDSWriter
 
 CHUNK_SIZE = 2000  # subjects generated together; fixed so results do not depend on sharding
 STUDY_START = np.datetime64("2015-01-01T00:00", "us").astype(np.int64)  # microseconds since epoch

@@ -43,7 +43,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from .meds import MEDSValidationError, validate_events, validate_labels, write_meds
+from .labels import validate_labels
+from .meds import MEDSValidationError, validate_events
+from .writer import write_meds
 
 TASKS = ("mortality24", "los")
 DEFAULT_ANCHOR = datetime(2000, 1, 1)

@@ -1,0 +1,96 @@
+"""What a checkpoint is made of and how it is written: the tokenizer and config of a new model, the saved folder
+(safetensors weights, config, tokenizer, model card)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from transformers import TrainingArguments
+
+from ..configuration_ehr import EHRTransformerConfig
+from ..data.splits import iter_split_events, read_subject_splits
+from ..model_card import data_summary, render_model_card, write_model_card
+from ..tokenization_ehr import EHREventTokenizer
+from .arguments import DataArguments, ModelArguments
+
+
+def fit_tokenizer(data_args: DataArguments) -> EHREventTokenizer:
+    """Fit the tokenizer on the training split only."""
+    return EHREventTokenizer.fit(
+        iter_split_events(data_args.data_dir, data_args.train_split),
+        min_code_count=data_args.min_code_count,
+        max_length=data_args.max_length,
+    )
+
+
+def config_for(tokenizer: EHREventTokenizer, model_args: ModelArguments, **fields) -> EHRTransformerConfig:
+    """The config of a model trained from scratch: the tokenizer's vocabulary and special ids, the sizes of
+    `model_args`, and `fields` (objectives, tasks, pooling)."""
+    return EHRTransformerConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=model_args.hidden_size,
+        num_hidden_layers=model_args.num_hidden_layers,
+        num_attention_heads=model_args.num_attention_heads,
+        intermediate_size=model_args.intermediate_size,
+        pad_token_id=tokenizer.pad_token_id,
+        unk_token_id=tokenizer.unk_token_id,
+        mask_token_id=tokenizer.mask_token_id,
+        cls_token_id=tokenizer.cls_token_id,
+        **fields,
+    )
+
+
+def save_checkpoint(
+    model, tokenizer: EHREventTokenizer, output_dir: str | os.PathLike, card: dict | None = None
+) -> Path:
+    """Write model (safetensors + config + modeling code), tokenizer and model card (README.md) into one folder.
+    `card` holds the keyword arguments of `model_card.render_model_card` other than the config."""
+    output_dir = Path(output_dir)
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    if card is not None:
+        write_model_card(output_dir, render_model_card(model.config, **card))
+    return output_dir
+
+
+def card_for_training(
+    data_args: DataArguments,
+    tokenizer: EHREventTokenizer,
+    train_dataset,
+    training_args: TrainingArguments,
+    **details,
+) -> dict:
+    """Model-card fields of a training run: counts of the data (never identifiers) and the settings used."""
+    counts = read_subject_splits(data_args.data_dir).group_by("split").len()
+    subjects = dict(zip(counts["split"].to_list(), counts["len"].to_list(), strict=True))
+    events = int(sum(train_dataset["length"])) if "length" in train_dataset.column_names else None
+    training = {
+        "epochs": training_args.num_train_epochs
+        if training_args.max_steps <= 0
+        else f"{training_args.max_steps} steps",
+        "batch size per device": training_args.per_device_train_batch_size,
+        "learning rate": training_args.learning_rate,
+        "weight decay": training_args.weight_decay,
+        "seed": training_args.seed,
+        "events per sequence (max_length)": tokenizer.max_length,
+        **details,
+    }
+    return {"data": data_summary(subjects, events, tokenizer), "training": training}
+
+
+# The config fields of a one-binary-outcome classifier: one logit, BCE (as `finetune` builds for one label file).
+BINARY_HEAD = {"task_names": None, "task_types": None, "num_labels": 1, "problem_type": "multi_label_classification"}
+
+
+def with_tasks(config: EHRTransformerConfig, **changes) -> EHRTransformerConfig:
+    """A copy of `config` with `changes` (task_names/task_types ...) applied through the constructor's checks. A
+    new `num_labels` drops the old label names, which `transformers` would otherwise report as a mismatch."""
+    fields = config.to_dict()
+    if "num_labels" in changes and changes["num_labels"] != len(fields.get("id2label") or {}):
+        fields.pop("id2label", None)
+        fields.pop("label2id", None)
+    return EHRTransformerConfig.from_dict({**fields, **changes})
+
+
+__all__ = ["BINARY_HEAD", "with_tasks", "fit_tokenizer", "config_for", "save_checkpoint", "card_for_training"]

@@ -1,0 +1,178 @@
+"""Fine-tuning a classifier on MEDS labels: one binary outcome, or several tasks over one shared backbone."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import TrainingArguments
+
+from ..checkpoint_safety import check_checkpoint_folder
+from ..configuration_ehr import EHRTransformerConfig
+from ..data.collators import DataCollatorForEventClassification
+from ..data.dataset import build_labeled_dataset, subsample_labels
+from ..data.labels import join_task_labels, label_sources, read_labels
+from ..evaluation.metrics import compute_classification_metrics
+from ..modeling_ehr import EHRTransformerForSequenceClassification, EHRTransformerModel
+from ..tokenization_ehr import EHREventTokenizer
+from ..utils import write_json
+from .arguments import DataArguments, FinetuningArguments, ModelArguments
+from .checkpoint import BINARY_HEAD, card_for_training, config_for, fit_tokenizer, save_checkpoint, with_tasks
+from .linear_probe import check_probe_inputs, finetune_linear_probe, linear_probe_classifier
+from .trainer import ResumableTrainer, seed_before_model_init
+
+logger = logging.getLogger(__name__)
+
+def multitask_metrics(task_names: list[str], task_types: list[str]):
+    """A Trainer `compute_metrics` for (N, T) logits and labels with NaN: `<task>_auroc/_auprc/_brier/_ece` for
+    binary tasks, `<task>_mse/_mae` for regression tasks, each over the rows labelled for that task."""
+
+    def compute(eval_pred) -> dict[str, float]:
+        logits, labels = eval_pred.predictions, eval_pred.label_ids
+        logits = np.asarray(logits[0] if isinstance(logits, (tuple, list)) else logits, dtype=np.float64)
+        labels = np.asarray(labels, dtype=np.float64).reshape(logits.shape)
+        results = {}
+        for i, (name, kind) in enumerate(zip(task_names, task_types, strict=True)):
+            keep = ~np.isnan(labels[:, i])
+            if not keep.any():
+                continue
+            if kind == "binary":
+                task = compute_classification_metrics((logits[keep, i], labels[keep, i]))
+                results.update({f"{name}_{key}": value for key, value in task.items()})
+            else:
+                error = logits[keep, i] - labels[keep, i]
+                results.update(
+                    {f"{name}_mse": float(np.mean(error**2)), f"{name}_mae": float(np.mean(np.abs(error)))}
+                )
+        return results
+
+    return compute
+
+
+def finetune(
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    finetuning_args: FinetuningArguments,
+    training_args: TrainingArguments,
+) -> EHRTransformerForSequenceClassification:
+    """Fine-tune a classifier on one binary label (BCE on one logit), from a pretrained folder or from scratch.
+
+    With several label files (`data_args.labels = "a.parquet,b.parquet"`) or `data_args.task_types`, multitask
+    fine-tuning: one output per task over the shared backbone (`config.task_names`/`task_types`), loss = mean of
+    the tasks' BCE / MSE, each ignoring rows where its task has no label. Binary outputs start at the training
+    prevalence (`init_bias_to_prevalence`).
+
+    With `finetuning_args.linear_probe`, no gradient step: a linear probe on the frozen backbone instead
+    (`finetune_linear_probe`). With `finetuning_args.linear_probe_init` (LP-FT), that probe is the starting head
+    (`linear_probe_classifier`, `classifier_head="linear"`) and every weight trains from there."""
+
+    if data_args.labels is None:
+        raise ValueError(
+            "fine-tuning needs --labels: a MEDS label file with subject_id, prediction_time, *_value"
+        )
+    if finetuning_args.linear_probe:
+        return finetune_linear_probe(data_args, model_args, finetuning_args, training_args)
+    sources = label_sources(data_args.labels)
+    if finetuning_args.linear_probe_init:
+        check_probe_inputs("--linear_probe_init", sources, data_args, model_args)
+    if len(sources) > 1 or data_args.task_types:
+        _, names, types = join_task_labels(sources)
+        if data_args.task_types:
+            types = [t.strip() for t in data_args.task_types.split(",")]
+            if len(types) != len(names):
+                raise ValueError(f"--task_types gives {len(types)} types for {len(names)} label files {names}")
+        head = {"task_names": names, "task_types": types, "num_labels": len(names), "problem_type": None}
+        labels, compute_metrics = sources, multitask_metrics(names, types)
+        objective = "multitask: mean over tasks of BCE (binary) / MSE (regression), missing labels ignored"
+        described = ", ".join(f"{n} ({t})" for n, t in zip(names, types, strict=True))
+    else:
+        names = [Path(data_args.labels).stem]
+        head = BINARY_HEAD
+        labels, compute_metrics = read_labels(data_args.labels), compute_classification_metrics
+        objective, described = "binary cross entropy on one logit", names[0]
+    seed_before_model_init(training_args)
+    if model_args.model_name_or_path:
+        check_checkpoint_folder(model_args.model_name_or_path)  # refuse pickle-only/absurd folders before loading
+        tokenizer = EHREventTokenizer.from_pretrained(model_args.model_name_or_path)
+        if finetuning_args.linear_probe_init:  # the backbone only: `linear_probe_classifier` builds the classifier
+            model = EHRTransformerModel.from_pretrained(
+                model_args.model_name_or_path, attn_implementation=model_args.attn_implementation, use_safetensors=True
+            )
+        else:
+            base = EHRTransformerConfig.from_pretrained(model_args.model_name_or_path)
+            model = EHRTransformerForSequenceClassification.from_pretrained(
+                model_args.model_name_or_path,
+                config=with_tasks(base, classifier_pooling=finetuning_args.classifier_pooling, **head),
+                attn_implementation=model_args.attn_implementation,
+                ignore_mismatched_sizes=True,  # another checkpoint's classifier rows need not fit these tasks
+                use_safetensors=True,
+            )
+    else:
+        tokenizer = fit_tokenizer(data_args)
+        config = config_for(tokenizer, model_args, classifier_pooling=finetuning_args.classifier_pooling, **head)
+        model = EHRTransformerForSequenceClassification._from_config(
+            config, attn_implementation=model_args.attn_implementation
+        )
+    train_dataset = build_labeled_dataset(
+        data_args.data_dir, labels, tokenizer, data_args.train_split, cache_dir=data_args.cache_dir
+    )
+    train_dataset = subsample_labels(train_dataset, finetuning_args.label_fraction, training_args.seed)
+    eval_dataset = build_labeled_dataset(
+        data_args.data_dir, labels, tokenizer, data_args.eval_split, cache_dir=data_args.cache_dir
+    )
+    logger.info("fine-tuning (%s) on %d labelled samples, evaluating on %d", described, len(train_dataset),
+                len(eval_dataset))  # fmt: skip
+    if finetuning_args.linear_probe_init:
+        model, probe = linear_probe_classifier(
+            model, tokenizer, train_dataset, training_args.seed, finetuning_args.classifier_pooling,
+            training_args.per_device_eval_batch_size, attn_implementation=model_args.attn_implementation,
+        )  # fmt: skip
+        objective += f" from a linear probe (LP-FT; probe C {probe.best_params_['logisticregression__C']:g})"
+    else:
+        init_bias_to_prevalence(model, train_dataset["labels"])
+    trainer = ResumableTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=DataCollatorForEventClassification(tokenizer),
+        compute_metrics=compute_metrics,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if trainer.is_world_process_zero():
+        card = card_for_training(
+            data_args, tokenizer, train_dataset, training_args, objective=objective,
+            labels=f"{described}, {finetuning_args.label_fraction:.0%} of training labels",
+            started_from=Path(model_args.model_name_or_path).name if model_args.model_name_or_path else "random init",
+        )  # fmt: skip
+        card = {"kind": "fine-tuned", "task": "+".join(names), **card}
+        save_checkpoint(trainer.model, tokenizer, training_args.output_dir, card)
+        write_json(Path(training_args.output_dir) / "model_card_fields.json", card)
+    return trainer.model
+
+
+@torch.no_grad()
+def init_bias_to_prevalence(model: EHRTransformerForSequenceClassification, labels) -> list[float]:
+    """Set each binary output's bias to the log-odds of its prevalence in `labels` ((N,) or (N, T), NaN = no
+    label), so that fine-tuning starts at the base rate instead of spending its first epochs learning it (with 5%
+    positives the loss otherwise sits at the prevalence entropy for several epochs). Regression and multi-class
+    outputs are left alone. Returns the prevalence of each output set."""
+    binary = model.binary_task_mask().tolist()
+    y = np.asarray(labels, dtype=np.float64).reshape(len(labels), -1)  # (N, T), None -> NaN
+    if y.shape[1] != len(binary):
+        raise ValueError(f"labels have {y.shape[1]} columns but the classifier has {len(binary)} outputs")
+    prevalences = []
+    for column, is_binary in enumerate(binary):
+        known = y[:, column][~np.isnan(y[:, column])]
+        if not is_binary or known.size == 0:
+            continue
+        p = float(np.clip(known.mean(), 1e-4, 1 - 1e-4))
+        model.classifier.bias[column] = math.log(p / (1 - p))
+        prevalences.append(p)
+    return prevalences
+
+
+__all__ = ["finetune", "init_bias_to_prevalence", "multitask_metrics"]
