@@ -22,7 +22,7 @@ from .modeling_ehr import (
     MaskedEventModelingOutput,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 AutoConfig.register(EHRTransformerConfig.model_type, EHRTransformerConfig, exist_ok=True)
 AutoModel.register(EHRTransformerConfig, EHRTransformerModel, exist_ok=True)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .configuration_ehr import EHRTransformerConfig
+from .tokenization_ehr import TOKENIZER_FILE, EHREventTokenizer
 
 CONFIG_FILE = "config.json"
 
@@ -318,8 +319,6 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _check_tokenizer(folder: Path, config: dict[str, Any]) -> None:
-    from .tokenization_ehr import TOKENIZER_FILE, EHREventTokenizer
-
     if not (folder / TOKENIZER_FILE).is_file():
         return
     try:

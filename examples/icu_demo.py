@@ -11,9 +11,11 @@ from pathlib import Path
 
 from transformers import TrainingArguments
 
-from ehr_transformer.cli import format_report
+from ehr_transformer.evaluation.report import format_report
 from ehr_transformer.data.wide import convert_wide
-from ehr_transformer.training import DataArguments, ModelArguments, evaluate_checkpoint, finetune
+from ehr_transformer.training.arguments import DataArguments, ModelArguments
+from ehr_transformer.evaluation.report import evaluate_checkpoint
+from ehr_transformer.training.finetune import finetune
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--yaib", default="../shared/data/yaib_demo")

@@ -13,17 +13,14 @@ from pathlib import Path
 from transformers import AutoModelForSequenceClassification, TrainingArguments
 
 from ehr_transformer import EHREventTokenizer
-from ehr_transformer.cli import format_report
+from ehr_transformer.evaluation.report import format_report
 from ehr_transformer.data.dataset import build_labeled_dataset
 from ehr_transformer.data.synthetic import write_synthetic_meds
-from ehr_transformer.training import (
-    DataArguments,
-    ModelArguments,
-    evaluate_checkpoint,
-    finetune,
-    predict_dataset,
-    pretrain,
-)
+from ehr_transformer.training.arguments import DataArguments, ModelArguments
+from ehr_transformer.evaluation.report import evaluate_checkpoint
+from ehr_transformer.training.finetune import finetune
+from ehr_transformer.inference import predict_dataset
+from ehr_transformer.training.pretrain import pretrain
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--output", default="quickstart_output")

@@ -25,11 +25,15 @@ import polars as pl
 import torch
 from transformers import TrainingArguments
 
-from ehr_transformer.data.meds import read_events, read_labels, read_subject_splits, write_meds
+from ehr_transformer.data.meds import read_events
+from ehr_transformer.data.labels import read_labels
+from ehr_transformer.data.splits import read_subject_splits
+from ehr_transformer.data.writer import write_meds
 from ehr_transformer.data.synthetic import HospitalProfile, write_synthetic_meds
 from ehr_transformer.data.wide import convert_wide
-from ehr_transformer.selection import format_ranking, select_checkpoints, write_ranking
-from ehr_transformer.training import DataArguments, ModelArguments, pretrain
+from ehr_transformer.selection.selector import format_ranking, select_checkpoints, write_ranking
+from ehr_transformer.training.arguments import DataArguments, ModelArguments
+from ehr_transformer.training.pretrain import pretrain
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--output", default="select_model_output")

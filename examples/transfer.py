@@ -17,9 +17,10 @@ import polars as pl
 import torch
 from transformers import TrainingArguments
 
-from ehr_transformer.calibration import adapt_checkpoint, format_adaptation
+from ehr_transformer.adaptation import adapt_checkpoint, format_adaptation
 from ehr_transformer.data.synthetic import HospitalProfile, write_synthetic_meds
-from ehr_transformer.training import DataArguments, ModelArguments, finetune
+from ehr_transformer.training.arguments import DataArguments, ModelArguments
+from ehr_transformer.training.finetune import finetune
 from ehr_transformer.utils import write_json
 
 parser = argparse.ArgumentParser()

@@ -3,19 +3,16 @@ adapter and the tokenizer ends in a correct result or an error of the package's 
 subject; never another exception, never a partial output folder. `benchmarks/faults.py` runs the same generators
 (`bad_input_cases`) at >= 10,000 cases and counts the outcomes."""
 
-import sys
 from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import REPO_ROOT
 from hypothesis import HealthCheck, given, settings
 
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-import faults  # noqa: E402
-
-from ehr_transformer.data.meds import MEDSValidationError, iter_shards, validate_events, write_meds  # noqa: E402
-from ehr_transformer.tokenization_ehr import EHREventTokenizer  # noqa: E402
+from benchmarks import faults
+from ehr_transformer.data.meds import MEDSValidationError, iter_shards, validate_events
+from ehr_transformer.data.writer import write_meds
+from ehr_transformer.tokenization_ehr import EHREventTokenizer
 
 FAST = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))  # fmt: skip

@@ -6,13 +6,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ehr_transformer.baselines import (
-    TabularBaseline,
-    aggregate_features,
-    fit_count_logistic_baseline,
-    fit_gbm_baseline,
-)
-from ehr_transformer.evaluation import auroc
+from ehr_transformer.evaluation.baselines import TabularBaseline, aggregate_features, fit_count_logistic_baseline, fit_gbm_baseline
+from ehr_transformer.evaluation.metrics import auroc
 
 T0 = datetime(2020, 1, 1)
 

@@ -11,15 +11,14 @@ import torch
 from transformers import AutoModelForSequenceClassification, TrainingArguments
 
 from ehr_transformer import EHREventTokenizer
-from ehr_transformer.calibration import (
-    adapt_checkpoint,
-    binary_nll,
-    calibration_metrics,
-    fit_temperature,
-)
+from ehr_transformer.adaptation import adapt_checkpoint, binary_nll, calibration_metrics, fit_temperature
 from ehr_transformer.cli import main
-from ehr_transformer.safety import check_checkpoint_folder, scan_folder_for_leaks
-from ehr_transformer.training import DataArguments, ModelArguments, finetune, iter_split_events, predict
+from ehr_transformer.checkpoint_safety import check_checkpoint_folder
+from ehr_transformer.privacy import scan_folder_for_leaks
+from ehr_transformer.training.arguments import DataArguments, ModelArguments
+from ehr_transformer.training.finetune import finetune
+from ehr_transformer.data.splits import iter_split_events
+from ehr_transformer.inference import predict
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_length=64)
 TASK = "in_hospital_mortality"
@@ -181,7 +180,7 @@ def test_adapt_writes_a_loadable_folder_whose_predictions_use_the_temperature(
     model = AutoModelForSequenceClassification.from_pretrained(output).eval()
     model.config.temperature = 1.0
     from ehr_transformer.data.dataset import build_labeled_dataset
-    from ehr_transformer.training import predict_logits
+    from ehr_transformer.inference import predict_logits
 
     raw = predict_logits(model, build_labeled_dataset(target_meds, labels, tokenizer, "tuning"), tokenizer)[
         :, 0

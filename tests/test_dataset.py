@@ -6,7 +6,7 @@ import polars as pl
 import pytest
 
 from ehr_transformer.data.dataset import build_labeled_dataset, build_pretraining_dataset, build_stats
-from ehr_transformer.data.meds import write_meds
+from ehr_transformer.data.writer import write_meds
 from ehr_transformer.tokenization_ehr import EHREventTokenizer
 
 SCHEMA = {"subject_id": pl.Int64, "time": pl.Datetime("us"), "code": pl.String, "numeric_value": pl.Float32}

@@ -4,18 +4,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, mean_absolute_error, r2_score, roc_auc_score
 
-from ehr_transformer.evaluation import (
-    age_band,
-    auroc,
-    average_precision,
-    binary_classification_report,
-    bootstrap_ci,
-    brier_score,
-    expected_calibration_error,
-    plot_calibration,
-    plot_roc,
-    regression_report,
-)
+from ehr_transformer.evaluation.report import age_band, binary_classification_report, regression_report
+from ehr_transformer.evaluation.metrics import auroc, average_precision, bootstrap_ci, brier_score, expected_calibration_error
+from ehr_transformer.evaluation.plots import plot_calibration, plot_roc
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -9,7 +9,7 @@ import torch
 
 from ehr_transformer import EHRTransformerConfig, EHRTransformerForSequenceClassification
 from ehr_transformer.data.collators import DataCollatorForEventClassification
-from ehr_transformer.explain import explain, format_events, integrated_gradients
+from ehr_transformer.evaluation.explain import explain, format_events, integrated_gradients
 from ehr_transformer.tokenization_ehr import EHREventTokenizer
 
 CODES = ["LAB//lactate", *[f"VITAL//{i}" for i in range(12)]]
@@ -143,8 +143,8 @@ def test_planted_driver_event_ranks_first():
 def test_predict_cli_explain_column(tmp_path):
     """`ehr-transformer predict --explain N` adds a `top_events` column (list of structs)."""
     from ehr_transformer.cli import main
-    from ehr_transformer.data.meds import write_meds
-    from ehr_transformer.training import save_checkpoint
+    from ehr_transformer.data.writer import write_meds
+    from ehr_transformer.training.checkpoint import save_checkpoint
 
     tokenizer = make_tokenizer()
     model = make_model(tokenizer)

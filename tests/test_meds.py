@@ -12,20 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ehr_transformer.data import labels as meds_labels
 from ehr_transformer.data import meds
-from ehr_transformer.data.meds import (
-    DATA_SCHEMA,
-    MEDSValidationError,
-    check_split_coverage,
-    iter_shards,
-    read_events,
-    read_labels,
-    read_subject_splits,
-    summarize,
-    validate_events,
-    validate_labels,
-    write_meds,
-)
+from ehr_transformer.data import writer as meds_writer
+from ehr_transformer.data.meds import DATA_SCHEMA, MEDSValidationError, iter_shards, read_events, validate_events
+from ehr_transformer.data.splits import check_split_coverage, read_subject_splits, summarize
+from ehr_transformer.data.labels import read_labels, validate_labels
+from ehr_transformer.data.writer import write_meds
 
 T0 = dt.datetime(2020, 1, 1, 8, 0)
 
@@ -232,7 +225,7 @@ def test_labels_need_exactly_one_value_per_row():
     with pytest.raises(MEDSValidationError, match="column 'prediction_time' is null for subject_id 1"):
         validate_labels(no_time)
     ok = validate_labels(_labels().drop("boolean_value").with_columns(pl.Series("integer_value", [0, 2], dtype=pl.Int32)))
-    assert ok.columns == list(meds.LABEL_SCHEMA) and ok["integer_value"].dtype == pl.Int64
+    assert ok.columns == list(meds_labels.LABEL_SCHEMA) and ok["integer_value"].dtype == pl.Int64
 
 
 def test_splits_are_validated(tmp_path):
@@ -258,7 +251,7 @@ def test_failed_write_leaves_no_partial_folder(tmp_path, monkeypatch):
         path.parent.mkdir(parents=True, exist_ok=True)
         df.write_parquet(path)
 
-    monkeypatch.setattr(meds, "_write_parquet", failing)
+    monkeypatch.setattr(meds_writer, "_write_parquet", failing)
     with pytest.raises(OSError, match="disk full"):
         write_meds(tmp_path / "meds", _events(), _splits(), {"mortality": _labels()})
     assert list(tmp_path.iterdir()) == []
@@ -270,18 +263,18 @@ def test_existing_folder_is_kept_unless_overwrite(tmp_path, monkeypatch):
         write_meds(out, _events().filter(pl.col("subject_id") == 1), _splits())
     assert read_events(out).equals(_events())
 
-    real = meds._write_parquet
+    real = meds_writer._write_parquet
 
     def fail_on_metadata(df, path):
         if path.name == "codes.parquet":
             raise OSError("boom")
         real(df, path)
 
-    monkeypatch.setattr(meds, "_write_parquet", fail_on_metadata)
+    monkeypatch.setattr(meds_writer, "_write_parquet", fail_on_metadata)
     with pytest.raises(OSError, match="boom"):
         write_meds(out, _events().filter(pl.col("subject_id") == 1), _splits(), overwrite=True)
     assert read_events(out).equals(_events())  # the old folder survives a failed overwrite
-    monkeypatch.setattr(meds, "_write_parquet", real)
+    monkeypatch.setattr(meds_writer, "_write_parquet", real)
 
     write_meds(out, _events().filter(pl.col("subject_id") == 1), _splits(), overwrite=True)
     assert read_events(out)["subject_id"].unique().to_list() == [1]
@@ -290,7 +283,7 @@ def test_existing_folder_is_kept_unless_overwrite(tmp_path, monkeypatch):
 
 def test_writer_rejects_subject_spanning_shards(tmp_path):
     with pytest.raises(MEDSValidationError, match="subject_id 1 spans several shards"):
-        with meds.MEDSWriter(tmp_path / "meds") as writer:
+        with meds_writer.MEDSWriter(tmp_path / "meds") as writer:
             writer.write_shard(_events().filter(pl.col("subject_id") == 1).head(2), "train")
             writer.write_shard(_events().filter(pl.col("subject_id") == 1).tail(2), "train")
             writer.commit(_splits())
@@ -307,7 +300,7 @@ def test_iter_shards_with_subject_ids_skips_other_shards_and_filters(tmp_path):
     from ehr_transformer.data.synthetic import generate_synthetic_cohort
 
     cohort = generate_synthetic_cohort(n_subjects=60, seed=1)
-    root = meds.write_meds(tmp_path / "meds", cohort.events, cohort.splits, n_shards=1)
+    root = meds_writer.write_meds(tmp_path / "meds", cohort.events, cohort.splits, n_shards=1)
     held_out = cohort.splits.filter(pl.col("split") == "held_out")["subject_id"].to_list()
     shards = list(meds.iter_shards(root, subject_ids=held_out))
     assert len(shards) == 1 and "held_out" in str(shards[0][0])

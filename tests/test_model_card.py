@@ -17,7 +17,8 @@ from transformers import TrainingArguments
 
 from ehr_transformer import EHREventTokenizer, EHRTransformerConfig
 from ehr_transformer.model_card import data_summary, read_card_metadata, render_model_card
-from ehr_transformer.training import DataArguments, ModelArguments, pretrain
+from ehr_transformer.training.arguments import DataArguments, ModelArguments
+from ehr_transformer.training.pretrain import pretrain
 
 SECTIONS = (
     "## Intended use",
@@ -86,7 +87,7 @@ def test_saved_pretrained_card_is_hub_valid_and_complete(pretrained, synthetic_m
 
 
 def test_evaluated_card_carries_a_model_index_with_intervals_and_subgroups(pretrained):
-    from ehr_transformer.evaluation import binary_classification_report
+    from ehr_transformer.evaluation.report import binary_classification_report
 
     rng = np.random.default_rng(0)
     y = (rng.random(400) < 0.2).astype(int)

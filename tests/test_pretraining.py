@@ -13,18 +13,9 @@ from transformers import TrainerCallback, TrainerState, TrainingArguments, set_s
 from ehr_transformer import EHREventTokenizer, EHRTransformerConfig, EHRTransformerForMaskedEventModeling
 from ehr_transformer.data.collators import DataCollatorForMaskedEventModeling
 from ehr_transformer.data.synthetic import generate_synthetic_cohort
-from ehr_transformer.pretraining import (
-    BALANCER_FILE,
-    LOSS_BALANCING_STRATEGIES,
-    TEACHER_FILE,
-    EMATeacherCallback,
-    GradNorm,
-    PCGrad,
-    PretrainingTrainer,
-    UncertaintyWeighting,
-    project_conflicting,
-)
-from ehr_transformer.safety import ReproducibleMasking
+from ehr_transformer.training.pretrain import BALANCER_FILE, PretrainingTrainer
+from ehr_transformer.training.objectives import LOSS_BALANCING_STRATEGIES, TEACHER_FILE, EMATeacherCallback, GradNorm, PCGrad, UncertaintyWeighting, project_conflicting
+from ehr_transformer.training.trainer import ReproducibleMasking
 
 ALL = ["code", "value", "time", "feature"]
 
@@ -330,7 +321,8 @@ def test_killed_run_resumes_bit_identically_with_teacher_and_learned_weights(coh
 
 
 def test_pretrain_continues_from_a_checkpoint_with_its_tokenizer(synthetic_meds, tmp_path):
-    from ehr_transformer.training import DataArguments, ModelArguments, pretrain
+    from ehr_transformer.training.arguments import DataArguments, ModelArguments
+    from ehr_transformer.training.pretrain import pretrain
 
     tiny = dict(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_length=64
@@ -374,8 +366,8 @@ from transformers import TrainingArguments, set_seed
 from ehr_transformer import EHREventTokenizer, EHRTransformerConfig, EHRTransformerForMaskedEventModeling
 from ehr_transformer.data.collators import DataCollatorForMaskedEventModeling
 from ehr_transformer.data.synthetic import generate_synthetic_cohort
-from ehr_transformer.pretraining import PretrainingTrainer
-from ehr_transformer.training import finish_distributed
+from ehr_transformer.training.pretrain import PretrainingTrainer
+from ehr_transformer.training.trainer import finish_distributed
 
 torch.set_num_threads(1)
 events = generate_synthetic_cohort(32, seed=0).events

@@ -17,13 +17,13 @@ import torch
 from transformers import TrainingArguments
 
 from ehr_transformer import EHREventTokenizer, EHRTransformerConfig, EHRTransformerForSequenceClassification
-from ehr_transformer.safety import (
-    UnsafeCheckpointError,
-    check_checkpoint_folder,
-    read_safetensors_header,
-    scan_folder_for_leaks,
-)
-from ehr_transformer.training import DataArguments, ModelArguments, finetune, fit_tokenizer, predict, pretrain
+from ehr_transformer.checkpoint_safety import UnsafeCheckpointError, check_checkpoint_folder, read_safetensors_header
+from ehr_transformer.privacy import scan_folder_for_leaks
+from ehr_transformer.training.arguments import DataArguments, ModelArguments
+from ehr_transformer.training.finetune import finetune
+from ehr_transformer.training.checkpoint import fit_tokenizer
+from ehr_transformer.inference import predict
+from ehr_transformer.training.pretrain import pretrain
 
 TINY = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
 SENTINEL = Path(os.environ.get("TMPDIR", "/tmp")) / "ehr_transformer_pickle_was_executed"
@@ -228,7 +228,7 @@ def test_scanner_finds_what_it_is_meant_to_find(tmp_path):
 def large_id_cohort(tmp_path: Path, n_subjects: int = 120) -> tuple[Path, pl.DataFrame]:
     """The synthetic cohort with 10-digit subject ids (so any occurrence is a leak) and one rare code per
     training subject (seen in one subject only, below min_code_count)."""
-    from ehr_transformer.data.meds import write_meds
+    from ehr_transformer.data.writer import write_meds
     from ehr_transformer.data.synthetic import generate_synthetic_cohort
 
     cohort = generate_synthetic_cohort(n_subjects=n_subjects, seed=1)
@@ -281,7 +281,9 @@ def test_saved_folders_hold_no_identifier_timestamp_or_rare_code(tmp_path):
 
 
 def test_held_out_subjects_do_not_influence_the_tokenizer(synthetic_meds, tmp_path):
-    from ehr_transformer.data.meds import read_events, read_subject_splits, write_meds
+    from ehr_transformer.data.meds import read_events
+    from ehr_transformer.data.splits import read_subject_splits
+    from ehr_transformer.data.writer import write_meds
 
     splits = read_subject_splits(synthetic_meds)
     events = read_events(synthetic_meds)

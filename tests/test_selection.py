@@ -19,19 +19,15 @@ from transformers import TrainingArguments
 
 from ehr_transformer import EHREventTokenizer
 from ehr_transformer.data.synthetic import HospitalProfile, write_synthetic_meds
-from ehr_transformer.safety import check_checkpoint_folder, scan_folder_for_leaks
-from ehr_transformer.selection import (
-    CODE_FREQUENCIES_FILE,
-    PROTOTYPES_FILE,
-    Prototypes,
-    fit_prototypes,
-    format_ranking,
-    logme,
-    push_checkpoint_to_hub,
-    resolve_candidate,
-    select_checkpoints,
-)
-from ehr_transformer.training import DataArguments, ModelArguments, pretrain
+from ehr_transformer.checkpoint_safety import check_checkpoint_folder
+from ehr_transformer.privacy import scan_folder_for_leaks
+from ehr_transformer.checkpoint_safety import CODE_FREQUENCIES_FILE, PROTOTYPES_FILE
+from ehr_transformer.selection.prototypes import Prototypes, fit_prototypes
+from ehr_transformer.selection.selector import format_ranking, select_checkpoints
+from ehr_transformer.selection.logme import logme
+from ehr_transformer.hub import push_checkpoint_to_hub, resolve_candidate
+from ehr_transformer.training.arguments import DataArguments, ModelArguments
+from ehr_transformer.training.pretrain import pretrain
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_length=96)
 # Three hospitals: A (default coding), B (local lab codes: LOINC written LAB) and C (A's codes, an older, much
@@ -142,7 +138,7 @@ def test_pretrained_folder_is_complete_and_holds_only_aggregates(zoo):
 def test_no_subject_identifier_timestamp_or_rare_code_in_a_pretrained_folder(tmp_path):
     """A cohort with 10-digit subject ids (any occurrence is a leak) and a code per subject seen once: neither
     they nor an event time appears in any file of the folder, prototypes and code frequencies included."""
-    from ehr_transformer.data.meds import write_meds
+    from ehr_transformer.data.writer import write_meds
     from ehr_transformer.data.synthetic import generate_synthetic_cohort
 
     cohort = generate_synthetic_cohort(150, seed=5)

@@ -10,14 +10,9 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from ehr_transformer.data.meds import (
-    check_split_coverage,
-    read_events,
-    read_labels,
-    read_subject_splits,
-    validate_events,
-    validate_labels,
-)
+from ehr_transformer.data.splits import check_split_coverage, read_subject_splits
+from ehr_transformer.data.meds import read_events, validate_events
+from ehr_transformer.data.labels import read_labels, validate_labels
 from ehr_transformer.data.synthetic import generate_synthetic_cohort, main, write_synthetic_meds
 
 MORTALITY = "in_hospital_mortality"

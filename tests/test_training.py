@@ -16,16 +16,12 @@ from sklearn.metrics import roc_auc_score
 from transformers import AutoModelForSequenceClassification, TrainingArguments
 
 from ehr_transformer import EHREventTokenizer, EHRTransformerConfig, EHRTransformerForSequenceClassification
-from ehr_transformer.training import (
-    PROBE_PENALTIES,
-    DataArguments,
-    ModelArguments,
-    evaluate_checkpoint,
-    finetune,
-    fit_linear_probe,
-    predict,
-    pretrain,
-)
+from ehr_transformer.training.linear_probe import PROBE_PENALTIES, fit_linear_probe
+from ehr_transformer.training.arguments import DataArguments, ModelArguments
+from ehr_transformer.evaluation.report import evaluate_checkpoint
+from ehr_transformer.training.finetune import finetune
+from ehr_transformer.inference import predict
+from ehr_transformer.training.pretrain import pretrain
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_length=64)
 
@@ -73,7 +69,7 @@ def test_pretrain_writes_a_complete_checkpoint(pretrained, synthetic_meds):
 
 
 def test_tokenizer_is_fitted_on_training_subjects_only(pretrained, synthetic_meds):
-    from ehr_transformer.training import iter_split_events
+    from ehr_transformer.data.splits import iter_split_events
 
     output, _ = pretrained
     tokenizer = EHREventTokenizer.from_pretrained(output)
@@ -230,7 +226,7 @@ def test_multitask_finetune_and_predict_one_column_per_task(synthetic_meds, tmp_
 def test_multitask_metrics_score_each_task_on_its_labelled_rows():
     from transformers import EvalPrediction
 
-    from ehr_transformer.training import multitask_metrics
+    from ehr_transformer.training.finetune import multitask_metrics
 
     logits = np.array([[2.0, 1.0], [-2.0, 3.0], [1.0, 5.0], [-1.0, 0.0]])
     labels = np.array([[1.0, np.nan], [0.0, 2.0], [np.nan, 4.0], [0.0, np.nan]])
@@ -246,7 +242,7 @@ def test_init_bias_to_prevalence_starts_binary_outputs_at_the_base_rate():
     import torch
 
     from ehr_transformer import EHRTransformerConfig, EHRTransformerForSequenceClassification
-    from ehr_transformer.training import init_bias_to_prevalence
+    from ehr_transformer.training.finetune import init_bias_to_prevalence
 
     config = EHRTransformerConfig(
         vocab_size=20, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
@@ -291,8 +287,10 @@ def test_linear_probe_checkpoint_predicts_as_the_sklearn_probe(pretrained, synth
     and after save/load, through `predict`, on rows it was not fitted on."""
     from ehr_transformer import EHRTransformerModel
     from ehr_transformer.data.dataset import build_labeled_dataset
-    from ehr_transformer.selection import embed_sequences
-    from ehr_transformer.training import linear_probe_classifier, predict_dataset, save_checkpoint
+    from ehr_transformer.inference import embed_sequences
+    from ehr_transformer.training.linear_probe import linear_probe_classifier
+    from ehr_transformer.inference import predict_dataset
+    from ehr_transformer.training.checkpoint import save_checkpoint
 
     pretrained_dir, _ = pretrained
     labels = synthetic_meds / "labels" / "in_hospital_mortality.parquet"
@@ -328,7 +326,8 @@ def test_finetune_linear_probe_saves_a_checkpoint_with_its_card(pretrained, synt
     from ehr_transformer.cli import main
     from ehr_transformer.data.dataset import build_labeled_dataset
     from ehr_transformer.model_card import read_card_metadata
-    from ehr_transformer.training import _subsample_labels, linear_probe_classifier
+    from ehr_transformer.data.dataset import subsample_labels as _subsample_labels
+    from ehr_transformer.training.linear_probe import linear_probe_classifier
 
     pretrained_dir, _ = pretrained
     labels = synthetic_meds / "labels" / "in_hospital_mortality.parquet"
@@ -356,7 +355,7 @@ def test_finetune_linear_probe_saves_a_checkpoint_with_its_card(pretrained, synt
 def test_linear_probe_refuses_what_is_not_one_binary_label(pretrained, synthetic_meds, tmp_path):
     from datasets import Dataset
 
-    from ehr_transformer.training import linear_probe_classifier
+    from ehr_transformer.training.linear_probe import linear_probe_classifier
 
     pretrained_dir, _ = pretrained
     with pytest.raises(ValueError, match="binary 0/1 label.*regression"):
@@ -387,7 +386,9 @@ def test_finetune_from_a_linear_probe_starts_at_the_probe_then_trains_every_weig
     what it cannot start from is refused."""
     from ehr_transformer import EHRTransformerModel
     from ehr_transformer.data.dataset import build_labeled_dataset
-    from ehr_transformer.training import _subsample_labels, linear_probe_classifier, predict_dataset
+    from ehr_transformer.data.dataset import subsample_labels as _subsample_labels
+    from ehr_transformer.training.linear_probe import linear_probe_classifier
+    from ehr_transformer.inference import predict_dataset
 
     pretrained_dir, _ = pretrained
     labels = synthetic_meds / "labels" / "in_hospital_mortality.parquet"
@@ -423,7 +424,8 @@ def test_a_one_label_head_on_a_two_label_config_reports_no_mismatch(caplog):
     with clean logs: the stale names are dropped, not reported as "incompatible"."""
     from transformers.utils import logging as hf_logging
 
-    from ehr_transformer.training import BINARY_HEAD, _with_tasks
+    from ehr_transformer.training.checkpoint import BINARY_HEAD
+    from ehr_transformer.training.checkpoint import with_tasks as _with_tasks
 
     hf_logging.enable_propagation()
     try:

@@ -7,7 +7,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ehr_transformer.data.meds import read_events, read_labels, read_subject_splits
+from ehr_transformer.data.meds import read_events
+from ehr_transformer.data.labels import read_labels
+from ehr_transformer.data.splits import read_subject_splits
 from ehr_transformer.data.wide import WideTableError, convert_wide, make_subject_splits, wide_to_meds
 
 ANCHOR = datetime(2000, 1, 1)

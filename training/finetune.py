@@ -13,13 +13,9 @@ few-label choice, one binary label file) and saves it as a checkpoint that `ehr-
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from ehr_transformer.training import (
-    TRAINING_DEFAULTS,
-    DataArguments,
-    ModelArguments,
-    finetune,
-    finish_distributed,
-)
+from ehr_transformer.training.arguments import TRAINING_DEFAULTS, DataArguments, ModelArguments
+from ehr_transformer.training.finetune import finetune
+from ehr_transformer.training.trainer import finish_distributed
 
 if __name__ == "__main__":
     parser = HfArgumentParser((DataArguments, ModelArguments, TrainingArguments))

@@ -13,13 +13,9 @@ Every `transformers.TrainingArguments` flag applies. Model size: --hidden_size -
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from ehr_transformer.training import (
-    TRAINING_DEFAULTS,
-    DataArguments,
-    ModelArguments,
-    finish_distributed,
-    pretrain,
-)
+from ehr_transformer.training.arguments import TRAINING_DEFAULTS, DataArguments, ModelArguments
+from ehr_transformer.training.trainer import finish_distributed
+from ehr_transformer.training.pretrain import pretrain
 
 if __name__ == "__main__":
     parser = HfArgumentParser((DataArguments, ModelArguments, TrainingArguments))

@@ -99,8 +99,6 @@ def _resolve_label_column(labels: pl.DataFrame, label_column: str | None) -> str
 
 
 def _read_label_source(labels: pl.DataFrame | str | os.PathLike, source: str) -> tuple[pl.DataFrame, str]:
-    from ehr_transformer.data.meds import read_labels, validate_labels
-
     if isinstance(labels, (str, os.PathLike)):
         return read_labels(labels), str(labels)
     if isinstance(labels, pl.DataFrame):
