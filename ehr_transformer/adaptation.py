@@ -1,25 +1,19 @@
-"""Distribution calibration of a fine-tuned checkpoint for a new population (another hospital, country, era).
+"""Adapt a fine-tuned checkpoint to a new population (another hospital, country, era) in up to three steps.
 
-Three steps, each optional but the last:
-
-1. refit the tokenizer's value statistics (median, scale, bins per code) on the target's unlabeled training-split
+1. refit the tokenizer's value statistics (median and scale per code) on the target's unlabeled training-split
    events, keeping every vocabulary id, so that a "high" lactate means high *for the target's lab*;
-2. continued (domain-adaptive) pretraining: masked event modeling on the target's unlabeled training-split
-   timelines, starting from the checkpoint's backbone, which then goes back under the classifier head;
+2. continued (domain-adaptive) pretraining on the target's unlabeled training-split timelines, starting from the
+   checkpoint's backbone, which then goes back under the classifier head;
 3. post-hoc temperature scaling: one temperature `T` minimising the negative log-likelihood of the target's
    tuning-split labels given `logits / T`, stored as `config.temperature` (the model divides its binary logits
-   by it in eval mode, so `predict` and every `from_pretrained` user get calibrated probabilities). Temperature
-   scaling never changes the ranking of risks: AUROC stays the same; calibration (ECE, Brier) improves.
+   by it in eval mode). It never changes the ranking of risks (AUROC); calibration (ECE, Brier) improves.
 
-    >>> from ehr_transformer.calibration import adapt_checkpoint
     >>> result = adapt_checkpoint("finetuned/", "target_meds/", "target_meds/labels/mortality.parquet", "adapted/")
     >>> print(format_adaptation(result))
 
-or `ehr-transformer adapt --checkpoint finetuned/ --data_dir target_meds/ --labels ... --output_dir adapted/`.
-The adapted folder is complete (weights, config with the temperature, refitted tokenizer, model card) and is
-written to a temporary folder then renamed, so it appears whole or not at all.
+The adapted folder (weights, config with the temperature, refitted tokenizer, model card) is written to a
+temporary folder then renamed, so it appears whole or not at all.
 """
-
 from __future__ import annotations
 
 import logging
@@ -108,8 +102,9 @@ def fit_temperature(logits, labels, bounds: tuple[float, float] = TEMPERATURE_BO
         logger.warning(
             "the fitted temperature %.3g sits at the bound %s: the logits barely rank this population's outcomes "
             "(a unit or population shift?); refit the value statistics or fine-tune on local labels",
-            temperature, bounds,
-        )  # fmt: skip
+            temperature,
+            bounds,
+        )
     return temperature
 
 
@@ -181,7 +176,9 @@ def continue_pretraining(
         loading_logger.setLevel(logging.ERROR)
         try:
             pretrained = pretrain(
-                DataArguments(data_dir=str(data_dir), train_split=split, eval_split=split, cache_dir=cache_dir),
+                DataArguments(
+                    data_dir=str(data_dir), train_split=split, eval_split=split, cache_dir=cache_dir
+                ),
                 ModelArguments(
                     model_name_or_path=str(source), attn_implementation=model.config._attn_implementation
                 ),
@@ -350,8 +347,10 @@ def adapt_checkpoint(
         splits = splits[:1]
 
     def measure_all() -> dict[str, Any]:
-        return {s: _measure(model, tokenizer, data_dir, labels, s, names, binary, batch_size, cache_dir)[0]
-                for s in splits}  # fmt: skip
+        return {
+            s: _measure(model, tokenizer, data_dir, labels, s, names, binary, batch_size, cache_dir)[0]
+            for s in splits
+        }
 
     before = measure_all()
     counts: dict[str, int] = {}
@@ -365,13 +364,16 @@ def adapt_checkpoint(
     continued = None
     if continued_pretraining_epochs > 0 or continued_pretraining_max_steps > 0:
         continued = continue_pretraining(
-            model, tokenizer, data_dir, unlabeled_split,
+            model,
+            tokenizer,
+            data_dir,
+            unlabeled_split,
             num_train_epochs=continued_pretraining_epochs or 1.0,
             max_steps=continued_pretraining_max_steps,
             learning_rate=continued_pretraining_learning_rate,
             seed=seed,
             cache_dir=cache_dir,
-        )  # fmt: skip
+        )
         counts["continued_pretraining_subject_count"] = continued["subject_count"]
         continued = {
             "epochs": continued_pretraining_epochs if continued_pretraining_max_steps <= 0 else None,

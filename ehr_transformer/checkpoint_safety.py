@@ -82,18 +82,40 @@ MAX_LABELS = 100_000
 # Fields a saved config may hold besides the config dataclass's own fields (transformers or the Trainer set
 # some of them, e.g. `use_cache`), with the JSON kinds they may take.
 EXTRA_CONFIG_FIELDS: dict[str, str] = {
-    "model_type": "str", "auto_map": "dict", "transformers_version": "str null", "_name_or_path": "str",
-    "torch_dtype": "str null", "num_labels": "int", "use_cache": "bool", "output_attentions": "bool",
-    "bos_token_id": "int null", "eos_token_id": "int null list", "sep_token_id": "int null",
+    "model_type": "str",
+    "auto_map": "dict",
+    "transformers_version": "str null",
+    "_name_or_path": "str",
+    "torch_dtype": "str null",
+    "num_labels": "int",
+    "use_cache": "bool",
+    "output_attentions": "bool",
+    "bos_token_id": "int null",
+    "eos_token_id": "int null list",
+    "sep_token_id": "int null",
     # Written by versions before 0.2.0; the config drops them on load (or refuses value bins in use).
-    "num_value_bins": "int", "value_loss_weight": "int float",
-}  # fmt: skip
+    "num_value_bins": "int",
+    "value_loss_weight": "int float",
+}
 
 
 SAFETENSORS_DTYPES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 
 
 class UnsafeCheckpointError(ValueError):
@@ -113,7 +135,9 @@ class CheckedCheckpoint:
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
-def check_checkpoint_folder(path: str | os.PathLike, max_parameters: int = MAX_PARAMETERS) -> CheckedCheckpoint:
+def check_checkpoint_folder(
+    path: str | os.PathLike, max_parameters: int = MAX_PARAMETERS
+) -> CheckedCheckpoint:
     """Check a checkpoint folder before anything is loaded from it; raise :class:`UnsafeCheckpointError`."""
     folder = Path(path)
     if not folder.is_dir():
@@ -129,7 +153,9 @@ def check_checkpoint_folder(path: str | os.PathLike, max_parameters: int = MAX_P
 
 def _weight_files(folder: Path) -> tuple[list[Path], list[Path]]:
     files = [p for p in folder.iterdir() if p.is_file()]
-    pickles = sorted(p for p in files if p.suffix.lower() in PICKLE_SUFFIXES and p.name not in TRAINER_STATE_PICKLES)
+    pickles = sorted(
+        p for p in files if p.suffix.lower() in PICKLE_SUFFIXES and p.name not in TRAINER_STATE_PICKLES
+    )
     index = folder / SAFETENSORS_INDEX
     if index.is_file():
         data = _read_json(index, MAX_CONFIG_BYTES)
@@ -238,22 +264,30 @@ def _check_config(path: Path, max_parameters: int) -> dict[str, Any]:
         if isinstance(value, float) and not math.isfinite(value):
             raise UnsafeCheckpointError(f"{path}: field {name!r} is not a finite number ({value!r})")
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
-            raise UnsafeCheckpointError(f"{path}: field {name!r} = {value} is outside the sane range [-{MAX_INT}, {MAX_INT}]")
+            raise UnsafeCheckpointError(
+                f"{path}: field {name!r} = {value} is outside the sane range [-{MAX_INT}, {MAX_INT}]"
+            )
     for name, (low, high) in SIZE_LIMITS.items():
         value = config.get(name)
         if value is None:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise UnsafeCheckpointError(f"{path}: field {name!r} = {value!r} is outside the sane range [{low}, {high}]")
+            raise UnsafeCheckpointError(
+                f"{path}: field {name!r} = {value!r} is outside the sane range [{low}, {high}]"
+            )
     for name in ("id2label", "label2id"):
         value = config.get(name)
         if isinstance(value, dict) and len(value) > MAX_LABELS:
-            raise UnsafeCheckpointError(f"{path}: field {name!r} has {len(value)} labels (limit {MAX_LABELS})")
+            raise UnsafeCheckpointError(
+                f"{path}: field {name!r} has {len(value)} labels (limit {MAX_LABELS})"
+            )
     vocab_size = config.get("vocab_size", 1024)
     for name in ("pad_token_id", "unk_token_id", "mask_token_id", "cls_token_id"):
         value = config.get(name)
         if isinstance(value, int) and not 0 <= value < vocab_size:
-            raise UnsafeCheckpointError(f"{path}: field {name!r} = {value} is not an id below vocab_size {vocab_size}")
+            raise UnsafeCheckpointError(
+                f"{path}: field {name!r} = {value} is not an id below vocab_size {vocab_size}"
+            )
     n_parameters = estimate_parameters(config)
     if n_parameters > max_parameters:
         raise UnsafeCheckpointError(
@@ -282,7 +316,9 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
             raise UnsafeCheckpointError(f"{path}: too short for a safetensors file ({size} bytes)")
         (length,) = struct.unpack("<Q", head)
         if length > MAX_SAFETENSORS_HEADER_BYTES or 8 + length > size:
-            raise UnsafeCheckpointError(f"{path}: safetensors header length {length} is invalid for a {size}-byte file")
+            raise UnsafeCheckpointError(
+                f"{path}: safetensors header length {length} is invalid for a {size}-byte file"
+            )
         raw = handle.read(length)
     try:
         header = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
@@ -297,12 +333,16 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
                 raise UnsafeCheckpointError(f"{path}: field '__metadata__' must map strings to strings")
             continue
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise UnsafeCheckpointError(f"{path}: tensor {name!r}: expected fields dtype, shape, data_offsets")
+            raise UnsafeCheckpointError(
+                f"{path}: tensor {name!r}: expected fields dtype, shape, data_offsets"
+            )
         itemsize = SAFETENSORS_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
         shape, offsets = entry["shape"], entry["data_offsets"]
         if itemsize is None:
             raise UnsafeCheckpointError(f"{path}: tensor {name!r}: unknown dtype {entry['dtype']!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
             raise UnsafeCheckpointError(f"{path}: tensor {name!r}: invalid shape {shape!r}")
         if (
             not isinstance(offsets, list)
@@ -341,13 +381,18 @@ def _check_prototypes(folder: Path, config: dict[str, Any]) -> None:
     header = read_safetensors_header(path)
     tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
     if set(tensors) != {"centroids", "counts"}:
-        raise UnsafeCheckpointError(f"{path}: expected tensors 'centroids' and 'counts', found {sorted(tensors)}")
+        raise UnsafeCheckpointError(
+            f"{path}: expected tensors 'centroids' and 'counts', found {sorted(tensors)}"
+        )
     centroids, counts = tensors["centroids"], tensors["counts"]
     k = centroids["shape"][0] if len(centroids["shape"]) == 2 else -1
     if (
-        centroids["dtype"] != "F32" or counts["dtype"] != "I64" or not 1 <= k <= 4096
-        or centroids["shape"][1] != config.get("hidden_size", centroids["shape"][1]) or counts["shape"] != [k]
-    ):  # fmt: skip
+        centroids["dtype"] != "F32"
+        or counts["dtype"] != "I64"
+        or not 1 <= k <= 4096
+        or centroids["shape"][1] != config.get("hidden_size", centroids["shape"][1])
+        or counts["shape"] != [k]
+    ):
         raise UnsafeCheckpointError(
             f"{path}: 'centroids' {centroids['dtype']} {centroids['shape']} and 'counts' {counts['dtype']} "
             f"{counts['shape']} are not (K <= 4096, hidden_size) F32 and (K,) I64"

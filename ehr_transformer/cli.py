@@ -83,7 +83,6 @@ def _predict(args: argparse.Namespace) -> int:
 
     predictions = predict(args.checkpoint, args.data_dir, args.labels, split=args.split or None)
     if args.explain:  # the N events that moved each risk most (integrated gradients), same row order
-
         top_events, subject_ids = explain_checkpoint(
             args.checkpoint, args.data_dir, args.labels, split=args.split or None, top_k=args.explain
         )
@@ -101,9 +100,14 @@ def _select(args: argparse.Namespace) -> int:
     from .selection.selector import format_ranking, select_checkpoints, write_ranking
 
     result = select_checkpoints(
-        args.data_dir, args.candidates, labels=args.labels, split=args.split or None,
-        max_subjects=args.max_subjects, max_labels=args.max_labels, seed=args.seed,
-    )  # fmt: skip
+        args.data_dir,
+        args.candidates,
+        labels=args.labels,
+        split=args.split or None,
+        max_subjects=args.max_subjects,
+        max_labels=args.max_labels,
+        seed=args.seed,
+    )
     print(format_ranking(result))
     if args.output_file:
         print(f"ranking written to {write_ranking(result, args.output_file)}")
@@ -114,14 +118,22 @@ def _adapt(args: argparse.Namespace) -> int:
     from .adaptation import adapt_checkpoint, format_adaptation
 
     result = adapt_checkpoint(
-        args.checkpoint, args.data_dir, args.labels, args.output_dir,
+        args.checkpoint,
+        args.data_dir,
+        args.labels,
+        args.output_dir,
         refit_values=not args.no_refit_values,
         continued_pretraining_epochs=args.continued_pretraining_epochs,
         continued_pretraining_max_steps=args.continued_pretraining_max_steps,
         continued_pretraining_learning_rate=args.continued_pretraining_learning_rate,
-        unlabeled_split=args.unlabeled_split, tuning_split=args.tuning_split, eval_split=args.eval_split or None,
-        batch_size=args.batch_size, seed=args.seed, cache_dir=args.cache_dir, overwrite=args.overwrite,
-    )  # fmt: skip
+        unlabeled_split=args.unlabeled_split,
+        tuning_split=args.tuning_split,
+        eval_split=args.eval_split or None,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        cache_dir=args.cache_dir,
+        overwrite=args.overwrite,
+    )
     print(format_adaptation(result))
     return 0
 
@@ -138,7 +150,13 @@ def _convert_wide(args: argparse.Namespace) -> int:
     from .data.wide import convert_wide
 
     summary = convert_wide(
-        args.dyn, args.sta, args.outc, args.output_dir, task=args.task, seed=args.seed, overwrite=args.overwrite
+        args.dyn,
+        args.sta,
+        args.outc,
+        args.output_dir,
+        task=args.task,
+        seed=args.seed,
+        overwrite=args.overwrite,
     )
     for key, value in summary.items():
         print(f"{key}: {value}")
@@ -161,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ehr-transformer", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("pretrain", help="masked event pretraining (takes TrainingArguments flags)")
-    sub.add_parser("finetune", help="fine-tune on a label file (takes TrainingArguments flags; --linear_probe)")
+    sub.add_parser(
+        "finetune", help="fine-tune on a label file (takes TrainingArguments flags; --linear_probe)"
+    )
 
     p = sub.add_parser("quickstart", help="synthetic cohort -> pretrain -> fine-tune -> evaluate -> reload")
     p.add_argument("--output_dir", default="quickstart_output")
@@ -180,19 +200,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_select)
 
-    p = sub.add_parser("adapt", help="calibrate a fine-tuned checkpoint for a new population (refit, DAPT, T)")
+    p = sub.add_parser(
+        "adapt", help="calibrate a fine-tuned checkpoint for a new population (refit, DAPT, T)"
+    )
     p.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint folder")
     p.add_argument("--data_dir", required=True, help="the target population's MEDS folder")
-    p.add_argument("--labels", required=True, help="the target's label file (comma-separated files: multitask)")
+    p.add_argument(
+        "--labels", required=True, help="the target's label file (comma-separated files: multitask)"
+    )
     p.add_argument("--output_dir", required=True, help="adapted checkpoint folder (written atomically)")
     p.add_argument("--no_refit_values", action="store_true", help="keep the source's value statistics")
-    p.add_argument("--continued_pretraining_epochs", type=float, default=0.0,
-                   help="epochs of masked event pretraining on the target's unlabeled train split (0 = none)")
-    p.add_argument("--continued_pretraining_max_steps", type=int, default=-1, help="> 0: steps instead of epochs")
+    p.add_argument(
+        "--continued_pretraining_epochs",
+        type=float,
+        default=0.0,
+        help="epochs of masked event pretraining on the target's unlabeled train split (0 = none)",
+    )
+    p.add_argument(
+        "--continued_pretraining_max_steps", type=int, default=-1, help="> 0: steps instead of epochs"
+    )
     p.add_argument("--continued_pretraining_learning_rate", type=float, default=1e-4)
     p.add_argument("--unlabeled_split", default="train", help="split whose events refit values / pretrain")
     p.add_argument("--tuning_split", default="tuning", help="labelled split the temperature is fitted on")
-    p.add_argument("--eval_split", default="held_out", help="split also reported, never fitted on ('' = none)")
+    p.add_argument(
+        "--eval_split", default="held_out", help="split also reported, never fitted on ('' = none)"
+    )
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache_dir", default=None, help="cache folder of the tokenized datasets")
@@ -226,8 +258,13 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--split", default="held_out", help="split to score ('' for all subjects)")
         if name == "predict":
             p.add_argument("--output_file", required=True, help="predictions parquet (written atomically)")
-            p.add_argument("--explain", type=int, default=0, metavar="N",
-                           help="add `top_events`: the N events with the largest integrated-gradient attribution")
+            p.add_argument(
+                "--explain",
+                type=int,
+                default=0,
+                metavar="N",
+                help="add `top_events`: the N events with the largest integrated-gradient attribution",
+            )
         if name == "evaluate":
             p.add_argument("--output_dir", default=None, help="folder for metrics.json and the plots")
             p.add_argument("--n_bootstrap", type=int, default=1000)

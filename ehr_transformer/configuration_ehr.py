@@ -83,7 +83,7 @@ class EHRTransformerConfig(PreTrainedConfig):
             (all of them if the model has fewer).
         temperature (`float`, defaults to 1.0):
             Post-hoc calibration temperature; classification logits are divided by it at inference
-            (`model.eval()`). Fitted on a validation split by `ehr_transformer.calibration`; 1.0 = none.
+            (`model.eval()`). Fitted on a validation split by `ehr_transformer.adaptation`; 1.0 = none.
             With `task_types`, only the logits of the "binary" tasks are divided.
         task_names (`list[str]`, *optional*):
             Multitask fine-tuning: one name per task (e.g. `["in_hospital_mortality", "length_of_stay"]`).

@@ -98,9 +98,15 @@ class CheckpointFolder(PushToHubMixin):
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp)
             return self._upload_modified_files(
-                tmp, repo_id, files_timestamps={}, commit_message=commit_message, token=token,
-                create_pr=create_pr, revision=revision, commit_description=commit_description,
-            )  # fmt: skip
+                tmp,
+                repo_id,
+                files_timestamps={},
+                commit_message=commit_message,
+                token=token,
+                create_pr=create_pr,
+                revision=revision,
+                commit_description=commit_description,
+            )
 
 
 def push_checkpoint_to_hub(folder: str | os.PathLike, repo_id: str, **kwargs) -> Any:
@@ -108,4 +114,10 @@ def push_checkpoint_to_hub(folder: str | os.PathLike, repo_id: str, **kwargs) ->
     return CheckpointFolder(folder).push_to_hub(repo_id, **kwargs)
 
 
-__all__ = ["SHAREABLE_FILES", "resolve_candidate", "shareable_files", "CheckpointFolder", "push_checkpoint_to_hub"]
+__all__ = [
+    "SHAREABLE_FILES",
+    "resolve_candidate",
+    "shareable_files",
+    "CheckpointFolder",
+    "push_checkpoint_to_hub",
+]

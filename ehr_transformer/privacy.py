@@ -32,7 +32,9 @@ from typing import Any
 from .checkpoint_safety import SAFE_WEIGHT_SUFFIX, UnsafeCheckpointError, read_safetensors_header
 
 # ------------------------------------------------------------------------------------------------ privacy
-IDENTIFIER_NAME = r"(?:subject|patient|person|stay|hadm|encounter|visit|admission|mrn|member)s?[_ -]?(?:ids?|no|number)?"
+IDENTIFIER_NAME = (
+    r"(?:subject|patient|person|stay|hadm|encounter|visit|admission|mrn|member)s?[_ -]?(?:ids?|no|number)?"
+)
 
 
 _IDENTIFIER_KEY = re.compile(rf"(?:^|_){IDENTIFIER_NAME}$", re.IGNORECASE)
@@ -77,7 +79,9 @@ def _minute_keys(timestamps: Iterable[Any]) -> tuple[set[str], set[int]]:
             value = _dt.datetime(value.year, value.month, value.day)
         minutes.add(value.strftime("%Y-%m-%d %H:%M"))
         seconds = (value.replace(tzinfo=None) - _dt.datetime(1970, 1, 1)) // _dt.timedelta(microseconds=1)
-        if abs(seconds) >= 10**14:  # epoch microseconds, milliseconds and seconds, where they have >= 9 digits
+        if (
+            abs(seconds) >= 10**14
+        ):  # epoch microseconds, milliseconds and seconds, where they have >= 9 digits
             for divisor in (1, 1_000, 1_000_000):
                 if abs(seconds // divisor) >= 10**8:
                     epochs.add(seconds // divisor)
@@ -90,7 +94,9 @@ def _find_code(data: bytes, code: bytes) -> Iterable[int]:
         start = index + 1
         before = data[index - 1 : index]
         after = data[index + len(code) : index + len(code) + 1]
-        if (not before or not _CODE_CHARS.fullmatch(before)) and (not after or not _CODE_CHARS.fullmatch(after)):
+        if (not before or not _CODE_CHARS.fullmatch(before)) and (
+            not after or not _CODE_CHARS.fullmatch(after)
+        ):
             yield index
 
 
@@ -138,12 +144,16 @@ def scan_folder_for_leaks(
     for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
         name = str(path)
         if path.stat().st_size > max_file_bytes:
-            findings.append(LeakFinding(name, "unscanned", str(path.stat().st_size), "file too large to scan"))
+            findings.append(
+                LeakFinding(name, "unscanned", str(path.stat().st_size), "file too large to scan")
+            )
             continue
         data = path.read_bytes()
         for code in codes:
             for index in _find_code(data, code):
-                findings.append(LeakFinding(name, "rare_code", code.decode("utf-8", "replace"), f"byte {index}"))
+                findings.append(
+                    LeakFinding(name, "rare_code", code.decode("utf-8", "replace"), f"byte {index}")
+                )
         for match in _DATETIME.finditer(data):
             text = f"{match.group(1).decode()} {match.group(2).decode()}"
             if text in minutes:

@@ -56,7 +56,9 @@ def quickstart_training_arguments(output_dir: Path, seed: int, **overrides) -> T
     return TrainingArguments(**kwargs)
 
 
-def run_quickstart(output_dir: str | Path = "quickstart_output", n_subjects: int = 3000, seed: int = 0) -> dict:
+def run_quickstart(
+    output_dir: str | Path = "quickstart_output", n_subjects: int = 3000, seed: int = 0
+) -> dict:
     """Run the five steps above into `output_dir` and return the held-out report."""
     started = time.perf_counter()
     output_dir = Path(output_dir)
@@ -74,7 +76,9 @@ def run_quickstart(output_dir: str | Path = "quickstart_output", n_subjects: int
         DataArguments(data_dir=str(data_dir), max_length=256, min_code_count=5),
         ModelArguments(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
         PretrainingArguments(),
-        quickstart_training_arguments(output_dir / "pretrained", seed, num_train_epochs=4, eval_strategy="epoch"),
+        quickstart_training_arguments(
+            output_dir / "pretrained", seed, num_train_epochs=4, eval_strategy="epoch"
+        ),
     )
 
     _step(f"3/5 fine-tuning for {TASK} from {output_dir / 'pretrained'}", started)
@@ -89,7 +93,11 @@ def run_quickstart(output_dir: str | Path = "quickstart_output", n_subjects: int
 
     _step("4/5 evaluating on held-out subjects beside a logistic regression on code counts", started)
     report = evaluate_checkpoint(
-        output_dir / "finetuned", data_dir, labels, split="held_out", output_dir=output_dir / "evaluation",
+        output_dir / "finetuned",
+        data_dir,
+        labels,
+        split="held_out",
+        output_dir=output_dir / "evaluation",
         baseline="logistic",
     )
     print(format_report(report))

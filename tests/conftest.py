@@ -26,5 +26,5 @@ def synthetic_meds(tmp_path_factory) -> Path:
 def yaib_demo() -> Path:
     path = SHARED_DATA / "yaib_demo"
     if not path.is_dir():
-        pytest.skip(f"real ICU demo data not found at {path} (see DESIGN.md: ../shared/data/yaib_demo)")
+        pytest.skip(f"real ICU demo data not found at {path} (the YAIB demo cohorts are read from ../shared/data/yaib_demo)")
     return path

@@ -1,4 +1,4 @@
-"""Model cards: hub-valid YAML metadata (parsed offline with huggingface_hub), every section the issue asks for,
+"""Model cards: hub-valid YAML metadata (parsed offline with huggingface_hub), every section a user needs,
 evaluation results that round-trip through the model-index, and no private data."""
 
 from __future__ import annotations

@@ -56,7 +56,13 @@ def _pad_batch(
         values[row, :n] = torch.as_tensor(_nan_for_none(feature["values"]), dtype=torch.float32)
         times[row, :n] = torch.as_tensor(feature["times"], dtype=torch.float32)
         ages[row, :n] = torch.as_tensor(feature["ages"], dtype=torch.float32)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "values": values, "times": times, "ages": ages}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "values": values,
+        "times": times,
+        "ages": ages,
+    }
 
 
 def _nan_for_none(values: Any) -> Any:
@@ -150,14 +156,19 @@ class DataCollatorForMaskedEventModeling:
         to_random = selected & ~to_mask & (action < self.mask_replace_prob + self.random_replace_prob)
         n_special = len(self.tokenizer.all_special_ids)
         random_ids = torch.randint(
-            n_special, max(self.tokenizer.vocab_size, n_special + 1), input_ids.shape, generator=self.generator
+            n_special,
+            max(self.tokenizer.vocab_size, n_special + 1),
+            input_ids.shape,
+            generator=self.generator,
         )  # (B, L)
         input_ids = torch.where(to_mask, torch.full_like(input_ids, self.tokenizer.mask_token_id), input_ids)
         input_ids = torch.where(to_random, random_ids, input_ids)
         values = batch["values"].masked_fill(to_mask | to_random, float("nan"))  # (B, L)
         batch.update(input_ids=input_ids, values=values, labels=labels)
         if self.value_mask_probability > 0:
-            if self.value_mask_strategy == "future":  # every value from the cut on, so none of the future shows
+            if (
+                self.value_mask_strategy == "future"
+            ):  # every value from the cut on, so none of the future shows
                 has_value = maskable & ~torch.isnan(values)  # (B, L)
                 hide_value = has_value & (original["times"] >= self._cut_times(original["times"], has_value))
             else:
@@ -185,7 +196,9 @@ class DataCollatorForMaskedEventModeling:
         share of the sample's valued events at or after it (+inf where a sample has no valued event)."""
         share = torch.rand(times.shape[0], generator=self.generator) * 2 * self.value_mask_probability  # (B,)
         n_valued = has_value.sum(dim=1)  # (B,)
-        first_hidden = ((1.0 - share.clamp(max=1.0)) * n_valued).floor().long().clamp(max=n_valued - 1)  # (B,)
+        first_hidden = (
+            ((1.0 - share.clamp(max=1.0)) * n_valued).floor().long().clamp(max=n_valued - 1)
+        )  # (B,)
         valued_times = times.masked_fill(~has_value, float("inf")).sort(dim=1).values  # (B, L)
         cut = valued_times.gather(1, first_hidden.clamp(min=0).unsqueeze(1))  # (B, 1)
         return cut.masked_fill((n_valued == 0).unsqueeze(1), float("inf"))

@@ -111,7 +111,9 @@ def _write_cached(folder: Path, schema: pa.Schema, tables, stats_fn) -> datasets
             writer.finalize()
         finally:
             writer.close()
-        (tmp / "stats.json").write_text(json.dumps({"ehr_transformer_build_stats": stats_fn()}), encoding="utf-8")
+        (tmp / "stats.json").write_text(
+            json.dumps({"ehr_transformer_build_stats": stats_fn()}), encoding="utf-8"
+        )
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -164,7 +166,9 @@ def build_pretraining_dataset(
     meds_dir = Path(meds_dir)
     subjects, _ = _split_subjects(meds_dir, split)
     schema = _schema(labelled=False)
-    key = _fingerprint(meds_dir, {"kind": "pretraining", "split": split, "tokenizer": tokenizer.content_hash()})
+    key = _fingerprint(
+        meds_dir, {"kind": "pretraining", "split": split, "tokenizer": tokenizer.content_hash()}
+    )
     folder = Path(cache_dir or _default_cache_dir()) / f"pretraining-{split}-{key}"
     cached = _load_cached(folder)
     if cached is not None:
@@ -196,17 +200,13 @@ def build_pretraining_dataset(
         if result["n_dropped_no_events"]:
             logger.warning(
                 "split %r: %d of %d subjects have no event to encode and were left out",
-                split, result["n_dropped_no_events"], subjects.len(),
+                split,
+                result["n_dropped_no_events"],
+                subjects.len(),
             )
         return result
 
     return _write_cached(folder, schema, tables(), stats)
-
-
-
-
-
-
 
 
 def build_labeled_dataset(
@@ -259,7 +259,9 @@ def build_labeled_dataset(
         "label_source": source,
         "label_column": column,
         "n_labels_total": labels.height,
-        "n_labels_other_split": with_split.filter(pl.col("split").is_not_null() & (pl.col("split") != split)).height,
+        "n_labels_other_split": with_split.filter(
+            pl.col("split").is_not_null() & (pl.col("split") != split)
+        ).height,
         "n_labels_subject_without_split": with_split.filter(pl.col("split").is_null()).height,
         "n_labels_in_split": in_split.height,
         "n_dropped_missing_label": in_split.height - valid.height,
@@ -269,8 +271,13 @@ def build_labeled_dataset(
     label_hash = int(valid.hash_rows(seed=0).sum()) if valid.height else 0
     key = _fingerprint(
         meds_dir,
-        {"kind": "labeled", "split": split, "tokenizer": tokenizer.content_hash(), "column": column,
-         "labels": [label_hash, valid.height]},
+        {
+            "kind": "labeled",
+            "split": split,
+            "tokenizer": tokenizer.content_hash(),
+            "column": column,
+            "labels": [label_hash, valid.height],
+        },
     )
     folder = Path(cache_dir or _default_cache_dir()) / f"labeled-{split}-{key}"
     cached = _load_cached(folder)
@@ -321,8 +328,11 @@ def _warn_drops(stats: dict[str, Any]) -> None:
     for name, why in reasons.items():
         if stats.get(name):
             logger.warning(
-                "split %r: dropped %d of %d label rows that %s", stats.get("split"), stats[name],
-                stats.get("n_labels_in_split"), why,
+                "split %r: dropped %d of %d label rows that %s",
+                stats.get("split"),
+                stats[name],
+                stats.get("n_labels_in_split"),
+                why,
             )
     if stats.get("n_labels_subject_without_split"):
         logger.warning(

@@ -89,7 +89,9 @@ def _resolve_label_column(labels: pl.DataFrame, label_column: str | None) -> str
                 f"(columns: {labels.columns})"
             )
         return label_column
-    present = [c for c in LABEL_VALUE_COLUMNS if c in labels.columns and labels[c].null_count() < labels.height]
+    present = [
+        c for c in LABEL_VALUE_COLUMNS if c in labels.columns and labels[c].null_count() < labels.height
+    ]
     if len(present) != 1:
         raise ValueError(
             f"cannot auto-detect the label column: columns with values {present} (expected exactly one of "

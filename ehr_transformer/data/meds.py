@@ -280,15 +280,14 @@ def read_events(meds_dir: str | Path, subject_ids: Collection[int] | None = None
 # labels and splits
 
 
-
-
-
-
 def validate_subject_splits(df: pl.DataFrame, source: str = "<frame>") -> pl.DataFrame:
     """Return ``(subject_id Int64, split String)`` sorted by subject; one split per subject, split names
     in ``train`` / ``tuning`` / ``held_out``."""
     exprs = _schema_exprs(
-        df.collect_schema(), SPLIT_SCHEMA, ("subject_id", "split"), source,
+        df.collect_schema(),
+        SPLIT_SCHEMA,
+        ("subject_id", "split"),
+        source,
         "MEDS subject_splits: subject_id int64, split string",
     )
     out = _collect(df.lazy().select(exprs), source)
@@ -310,8 +309,6 @@ def validate_subject_splits(df: pl.DataFrame, source: str = "<frame>") -> pl.Dat
     return out.sort("subject_id")
 
 
-
-
 def validate_codes(df: pl.DataFrame, source: str = "<frame>") -> pl.DataFrame:
     """Return codes metadata as ``(code, description, parent_codes)``; only ``code`` is required."""
     schema = df.collect_schema()
@@ -319,11 +316,13 @@ def validate_codes(df: pl.DataFrame, source: str = "<frame>") -> pl.DataFrame:
         raise MEDSValidationError(f"{source}: required column 'code' is missing (found {list(schema)})")
     exprs = [pl.col("code").cast(pl.String)]
     exprs.append(
-        pl.col("description").cast(pl.String) if "description" in schema
+        pl.col("description").cast(pl.String)
+        if "description" in schema
         else pl.lit(None, dtype=pl.String).alias("description")
     )
     exprs.append(
-        pl.col("parent_codes").cast(pl.List(pl.String)) if "parent_codes" in schema
+        pl.col("parent_codes").cast(pl.List(pl.String))
+        if "parent_codes" in schema
         else pl.lit([], dtype=pl.List(pl.String)).alias("parent_codes")
     )
     out = _collect(df.lazy().select(exprs), source)
@@ -332,26 +331,8 @@ def validate_codes(df: pl.DataFrame, source: str = "<frame>") -> pl.DataFrame:
     return out.unique("code", keep="first", maintain_order=True).sort("code")
 
 
-
-
-
-
-
-
 # --------------------------------------------------------------------------------------------------
 # writing
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 __all__ = [

@@ -97,55 +97,114 @@ SECONDARY_DX = {
     "anemia": ("D64.9", "Anemia, unspecified"),
 }
 FILLER_DX = [
-    ("N39.0", "Urinary tract infection, site not specified"), ("K21.9", "Gastro-esophageal reflux disease"),
-    ("F32.9", "Major depressive disorder, single episode"), ("F41.9", "Anxiety disorder, unspecified"),
-    ("E03.9", "Hypothyroidism, unspecified"), ("G47.33", "Obstructive sleep apnea"),
-    ("M19.90", "Unspecified osteoarthritis"), ("R07.9", "Chest pain, unspecified"), ("R55", "Syncope and collapse"),
-    ("Z79.4", "Long term (current) use of insulin"), ("Z87.891", "Personal history of nicotine dependence"),
-    ("F17.210", "Nicotine dependence, cigarettes"), ("E66.9", "Obesity, unspecified"),
-    ("K59.00", "Constipation, unspecified"), ("R50.9", "Fever, unspecified"), ("R06.02", "Shortness of breath"),
-    ("I95.9", "Hypotension, unspecified"), ("E86.0", "Dehydration"), ("E83.42", "Hypomagnesemia"),
-    ("E87.6", "Hypokalemia"), ("D69.6", "Thrombocytopenia, unspecified"), ("R41.82", "Altered mental status"),
-    ("G93.41", "Metabolic encephalopathy"), ("I21.4", "Non-ST elevation myocardial infarction"),
-    ("I63.9", "Cerebral infarction, unspecified"), ("I26.99", "Other pulmonary embolism"),
+    ("N39.0", "Urinary tract infection, site not specified"),
+    ("K21.9", "Gastro-esophageal reflux disease"),
+    ("F32.9", "Major depressive disorder, single episode"),
+    ("F41.9", "Anxiety disorder, unspecified"),
+    ("E03.9", "Hypothyroidism, unspecified"),
+    ("G47.33", "Obstructive sleep apnea"),
+    ("M19.90", "Unspecified osteoarthritis"),
+    ("R07.9", "Chest pain, unspecified"),
+    ("R55", "Syncope and collapse"),
+    ("Z79.4", "Long term (current) use of insulin"),
+    ("Z87.891", "Personal history of nicotine dependence"),
+    ("F17.210", "Nicotine dependence, cigarettes"),
+    ("E66.9", "Obesity, unspecified"),
+    ("K59.00", "Constipation, unspecified"),
+    ("R50.9", "Fever, unspecified"),
+    ("R06.02", "Shortness of breath"),
+    ("I95.9", "Hypotension, unspecified"),
+    ("E86.0", "Dehydration"),
+    ("E83.42", "Hypomagnesemia"),
+    ("E87.6", "Hypokalemia"),
+    ("D69.6", "Thrombocytopenia, unspecified"),
+    ("R41.82", "Altered mental status"),
+    ("G93.41", "Metabolic encephalopathy"),
+    ("I21.4", "Non-ST elevation myocardial infarction"),
+    ("I63.9", "Cerebral infarction, unspecified"),
+    ("I26.99", "Other pulmonary embolism"),
     ("I82.409", "Acute embolism and thrombosis of deep veins of lower extremity"),
-    ("K92.2", "Gastrointestinal hemorrhage, unspecified"), ("K85.90", "Acute pancreatitis"),
-    ("K80.20", "Calculus of gallbladder"), ("K57.30", "Diverticulosis of large intestine"),
-    ("K70.30", "Alcoholic cirrhosis of liver"), ("F10.20", "Alcohol dependence, uncomplicated"),
-    ("F10.239", "Alcohol dependence with withdrawal"), ("F05", "Delirium due to known physiological condition"),
-    ("F03.90", "Unspecified dementia"), ("G40.909", "Epilepsy, unspecified"), ("G20", "Parkinson's disease"),
-    ("M81.0", "Age-related osteoporosis"), ("S72.001A", "Fracture of unspecified part of neck of femur"),
-    ("W19.XXXA", "Unspecified fall"), ("L89.159", "Pressure ulcer of sacral region"),
-    ("L03.115", "Cellulitis of right lower limb"), ("A04.72", "Enterocolitis due to Clostridium difficile"),
-    ("B96.20", "Escherichia coli as the cause of diseases"), ("J90", "Pleural effusion"),
-    ("J81.0", "Acute pulmonary edema"), ("J45.909", "Unspecified asthma"), ("J69.0", "Aspiration pneumonitis"),
-    ("I27.20", "Pulmonary hypertension, unspecified"), ("I35.0", "Nonrheumatic aortic valve stenosis"),
-    ("I47.1", "Supraventricular tachycardia"), ("I49.9", "Cardiac arrhythmia, unspecified"),
-    ("I73.9", "Peripheral vascular disease"), ("I70.209", "Atherosclerosis of native arteries of extremities"),
+    ("K92.2", "Gastrointestinal hemorrhage, unspecified"),
+    ("K85.90", "Acute pancreatitis"),
+    ("K80.20", "Calculus of gallbladder"),
+    ("K57.30", "Diverticulosis of large intestine"),
+    ("K70.30", "Alcoholic cirrhosis of liver"),
+    ("F10.20", "Alcohol dependence, uncomplicated"),
+    ("F10.239", "Alcohol dependence with withdrawal"),
+    ("F05", "Delirium due to known physiological condition"),
+    ("F03.90", "Unspecified dementia"),
+    ("G40.909", "Epilepsy, unspecified"),
+    ("G20", "Parkinson's disease"),
+    ("M81.0", "Age-related osteoporosis"),
+    ("S72.001A", "Fracture of unspecified part of neck of femur"),
+    ("W19.XXXA", "Unspecified fall"),
+    ("L89.159", "Pressure ulcer of sacral region"),
+    ("L03.115", "Cellulitis of right lower limb"),
+    ("A04.72", "Enterocolitis due to Clostridium difficile"),
+    ("B96.20", "Escherichia coli as the cause of diseases"),
+    ("J90", "Pleural effusion"),
+    ("J81.0", "Acute pulmonary edema"),
+    ("J45.909", "Unspecified asthma"),
+    ("J69.0", "Aspiration pneumonitis"),
+    ("I27.20", "Pulmonary hypertension, unspecified"),
+    ("I35.0", "Nonrheumatic aortic valve stenosis"),
+    ("I47.1", "Supraventricular tachycardia"),
+    ("I49.9", "Cardiac arrhythmia, unspecified"),
+    ("I73.9", "Peripheral vascular disease"),
+    ("I70.209", "Atherosclerosis of native arteries of extremities"),
     ("E11.22", "Type 2 diabetes mellitus with diabetic chronic kidney disease"),
-    ("E11.65", "Type 2 diabetes mellitus with hyperglycemia"), ("E11.40", "Type 2 diabetes with neuropathy"),
-    ("E10.9", "Type 1 diabetes mellitus without complications"), ("E05.90", "Thyrotoxicosis"),
-    ("E55.9", "Vitamin D deficiency"), ("D50.9", "Iron deficiency anemia"), ("D62", "Acute posthemorrhagic anemia"),
-    ("D68.9", "Coagulation defect, unspecified"), ("N40.0", "Benign prostatic hyperplasia"),
-    ("N20.0", "Calculus of kidney"), ("N28.9", "Disorder of kidney and ureter"),
-    ("R33.9", "Retention of urine"), ("R11.2", "Nausea with vomiting"), ("R10.9", "Unspecified abdominal pain"),
-    ("R51.9", "Headache"), ("R53.1", "Weakness"), ("R63.4", "Abnormal weight loss"),
-    ("R73.9", "Hyperglycemia, unspecified"), ("R79.89", "Abnormal findings of blood chemistry"),
-    ("Z66", "Do not resuscitate"), ("Z79.01", "Long term (current) use of anticoagulants"),
-    ("Z79.02", "Long term (current) use of antithrombotics"), ("Z95.1", "Presence of aortocoronary bypass graft"),
-    ("Z95.0", "Presence of cardiac pacemaker"), ("Z99.2", "Dependence on renal dialysis"),
-    ("Z86.73", "Personal history of TIA and cerebral infarction"), ("Z85.3", "Personal history of breast cancer"),
-    ("Z88.0", "Allergy status to penicillin"), ("Z91.81", "History of falling"), ("Z68.41", "BMI 40.0-44.9, adult"),
-    ("Z72.0", "Tobacco use"), ("Z59.0", "Homelessness"), ("Z74.09", "Other reduced mobility"),
-    ("Z93.0", "Tracheostomy status"), ("Z96.641", "Presence of right artificial hip joint"),
-    ("C18.9", "Malignant neoplasm of colon"), ("C50.919", "Malignant neoplasm of breast"),
-    ("C61", "Malignant neoplasm of prostate"), ("C78.7", "Secondary malignant neoplasm of liver"),
-    ("C79.51", "Secondary malignant neoplasm of bone"), ("C90.00", "Multiple myeloma"),
-    ("B20", "Human immunodeficiency virus disease"), ("B18.2", "Chronic viral hepatitis C"),
-    ("U07.1", "COVID-19"), ("T81.4XXA", "Infection following a procedure"),
-    ("T82.7XXA", "Infection due to cardiac and vascular devices"), ("Y92.239", "Hospital as place of occurrence"),
-    ("M54.5", "Low back pain"), ("M62.81", "Muscle weakness (generalized)"), ("M10.9", "Gout, unspecified"),
-    ("H91.90", "Unspecified hearing loss"), ("H54.7", "Unspecified visual loss"),
+    ("E11.65", "Type 2 diabetes mellitus with hyperglycemia"),
+    ("E11.40", "Type 2 diabetes with neuropathy"),
+    ("E10.9", "Type 1 diabetes mellitus without complications"),
+    ("E05.90", "Thyrotoxicosis"),
+    ("E55.9", "Vitamin D deficiency"),
+    ("D50.9", "Iron deficiency anemia"),
+    ("D62", "Acute posthemorrhagic anemia"),
+    ("D68.9", "Coagulation defect, unspecified"),
+    ("N40.0", "Benign prostatic hyperplasia"),
+    ("N20.0", "Calculus of kidney"),
+    ("N28.9", "Disorder of kidney and ureter"),
+    ("R33.9", "Retention of urine"),
+    ("R11.2", "Nausea with vomiting"),
+    ("R10.9", "Unspecified abdominal pain"),
+    ("R51.9", "Headache"),
+    ("R53.1", "Weakness"),
+    ("R63.4", "Abnormal weight loss"),
+    ("R73.9", "Hyperglycemia, unspecified"),
+    ("R79.89", "Abnormal findings of blood chemistry"),
+    ("Z66", "Do not resuscitate"),
+    ("Z79.01", "Long term (current) use of anticoagulants"),
+    ("Z79.02", "Long term (current) use of antithrombotics"),
+    ("Z95.1", "Presence of aortocoronary bypass graft"),
+    ("Z95.0", "Presence of cardiac pacemaker"),
+    ("Z99.2", "Dependence on renal dialysis"),
+    ("Z86.73", "Personal history of TIA and cerebral infarction"),
+    ("Z85.3", "Personal history of breast cancer"),
+    ("Z88.0", "Allergy status to penicillin"),
+    ("Z91.81", "History of falling"),
+    ("Z68.41", "BMI 40.0-44.9, adult"),
+    ("Z72.0", "Tobacco use"),
+    ("Z59.0", "Homelessness"),
+    ("Z74.09", "Other reduced mobility"),
+    ("Z93.0", "Tracheostomy status"),
+    ("Z96.641", "Presence of right artificial hip joint"),
+    ("C18.9", "Malignant neoplasm of colon"),
+    ("C50.919", "Malignant neoplasm of breast"),
+    ("C61", "Malignant neoplasm of prostate"),
+    ("C78.7", "Secondary malignant neoplasm of liver"),
+    ("C79.51", "Secondary malignant neoplasm of bone"),
+    ("C90.00", "Multiple myeloma"),
+    ("B20", "Human immunodeficiency virus disease"),
+    ("B18.2", "Chronic viral hepatitis C"),
+    ("U07.1", "COVID-19"),
+    ("T81.4XXA", "Infection following a procedure"),
+    ("T82.7XXA", "Infection due to cardiac and vascular devices"),
+    ("Y92.239", "Hospital as place of occurrence"),
+    ("M54.5", "Low back pain"),
+    ("M62.81", "Muscle weakness (generalized)"),
+    ("M10.9", "Gout, unspecified"),
+    ("H91.90", "Unspecified hearing loss"),
+    ("H54.7", "Unspecified visual loss"),
 ]
 PROCEDURES = [
     ("5A1955Z", "Respiratory ventilation, greater than 96 consecutive hours"),
@@ -153,29 +212,72 @@ PROCEDURES = [
     ("02HV33Z", "Insertion of infusion device into superior vena cava, percutaneous"),
     ("30233N1", "Transfusion of nonautologous red blood cells into peripheral vein"),
     ("0BH17EZ", "Insertion of endotracheal airway into trachea"),
-    ("3E0G76Z", "Introduction of nutritional substance into upper GI"), ("0DJ08ZZ", "Inspection of upper intestinal tract"),
-    ("B246ZZZ", "Ultrasonography of right and left heart"), ("BW28ZZZ", "CT scan of abdomen and pelvis"),
-    ("B020ZZZ", "CT scan of head"), ("4A023N7", "Measurement of cardiac sampling, left heart"),
-    ("027034Z", "Dilation of coronary artery with drug-eluting stent"), ("0W9930Z", "Drainage of right pleural cavity"),
-    ("0T9B70Z", "Drainage of bladder with drainage device"), ("0FT44ZZ", "Resection of gallbladder, laparoscopic"),
-    ("0SR9019", "Replacement of right hip joint"), ("0DTJ4ZZ", "Resection of appendix, laparoscopic"),
-    ("5A2204Z", "Restoration of cardiac rhythm, single"), ("0JH63DZ", "Insertion of vascular access device into chest"),
+    ("3E0G76Z", "Introduction of nutritional substance into upper GI"),
+    ("0DJ08ZZ", "Inspection of upper intestinal tract"),
+    ("B246ZZZ", "Ultrasonography of right and left heart"),
+    ("BW28ZZZ", "CT scan of abdomen and pelvis"),
+    ("B020ZZZ", "CT scan of head"),
+    ("4A023N7", "Measurement of cardiac sampling, left heart"),
+    ("027034Z", "Dilation of coronary artery with drug-eluting stent"),
+    ("0W9930Z", "Drainage of right pleural cavity"),
+    ("0T9B70Z", "Drainage of bladder with drainage device"),
+    ("0FT44ZZ", "Resection of gallbladder, laparoscopic"),
+    ("0SR9019", "Replacement of right hip joint"),
+    ("0DTJ4ZZ", "Resection of appendix, laparoscopic"),
+    ("5A2204Z", "Restoration of cardiac rhythm, single"),
+    ("0JH63DZ", "Insertion of vascular access device into chest"),
     ("BB24ZZZ", "CT scan of bilateral lungs"),
 ]
 MEDICATIONS = [  # (RxNorm ingredient id, name)
-    ("161", "acetaminophen"), ("5224", "heparin"), ("7213", "ipratropium"), ("40790", "pantoprazole"),
-    ("9863", "sodium chloride"), ("8591", "potassium chloride"), ("26225", "ondansetron"), ("83367", "atorvastatin"),
-    ("6918", "metoprolol"), ("1191", "aspirin"), ("67108", "enoxaparin"), ("7052", "morphine"), ("7804", "oxycodone"),
-    ("29046", "lisinopril"), ("17767", "amlodipine"), ("11289", "warfarin"), ("10582", "levothyroxine"),
-    ("25480", "gabapentin"), ("6809", "metformin"), ("2193", "ceftriaxone"), ("18631", "azithromycin"),
-    ("82122", "levofloxacin"), ("8640", "prednisone"), ("435", "albuterol"), ("3443", "diltiazem"),
-    ("4850", "glucose"), ("6585", "magnesium sulfate"), ("2670", "codeine"), ("32968", "clopidogrel"),
-    ("36437", "sertraline"), ("596", "alprazolam"), ("6470", "lorazepam"), ("5640", "ibuprofen"),
-    ("4603", "furosemide"), ("5856", "insulin"), ("11124", "vancomycin"), ("152834", "piperacillin/tazobactam"),
+    ("161", "acetaminophen"),
+    ("5224", "heparin"),
+    ("7213", "ipratropium"),
+    ("40790", "pantoprazole"),
+    ("9863", "sodium chloride"),
+    ("8591", "potassium chloride"),
+    ("26225", "ondansetron"),
+    ("83367", "atorvastatin"),
+    ("6918", "metoprolol"),
+    ("1191", "aspirin"),
+    ("67108", "enoxaparin"),
+    ("7052", "morphine"),
+    ("7804", "oxycodone"),
+    ("29046", "lisinopril"),
+    ("17767", "amlodipine"),
+    ("11289", "warfarin"),
+    ("10582", "levothyroxine"),
+    ("25480", "gabapentin"),
+    ("6809", "metformin"),
+    ("2193", "ceftriaxone"),
+    ("18631", "azithromycin"),
+    ("82122", "levofloxacin"),
+    ("8640", "prednisone"),
+    ("435", "albuterol"),
+    ("3443", "diltiazem"),
+    ("4850", "glucose"),
+    ("6585", "magnesium sulfate"),
+    ("2670", "codeine"),
+    ("32968", "clopidogrel"),
+    ("36437", "sertraline"),
+    ("596", "alprazolam"),
+    ("6470", "lorazepam"),
+    ("5640", "ibuprofen"),
+    ("4603", "furosemide"),
+    ("5856", "insulin"),
+    ("11124", "vancomycin"),
+    ("152834", "piperacillin/tazobactam"),
     ("7512", "norepinephrine"),
 ]
-LINKED_MEDS = {"furosemide": "4603", "insulin": "5856", "vancomycin": "11124", "piptazo": "152834",
-               "norepinephrine": "7512", "albuterol": "435", "ipratropium": "7213", "prednisone": "8640"}
+LINKED_MEDS = {
+    "furosemide": "4603",
+    "insulin": "5856",
+    "vancomycin": "11124",
+    "piptazo": "152834",
+    "norepinephrine": "7512",
+    "albuterol": "435",
+    "ipratropium": "7213",
+    "prednisone": "8640",
+}
 # labs: (key, LOINC, description with unit, decimals)
 LABS = [
     ("lactate", "2524-7", "Lactate [Moles/volume] in Serum or Plasma (mmol/L)", 1),
@@ -249,7 +351,10 @@ def synthetic_codes_metadata(profile: HospitalProfile | None = None) -> pl.DataF
     """``metadata/codes.parquet`` content for the synthetic vocabulary (code, description, parent_codes), with
     the code systems of `profile` renamed."""
     profile = profile or DEFAULT_PROFILE
-    frame = pl.DataFrame({"code": CODES, "description": CODE_DESCRIPTIONS}, schema={"code": pl.String, "description": pl.String})
+    frame = pl.DataFrame(
+        {"code": CODES, "description": CODE_DESCRIPTIONS},
+        schema={"code": pl.String, "description": pl.String},
+    )
     frame = frame.with_columns(profile.rename(pl.col("code")).alias("code"))
     parents = [[c.split("//")[0]] if "//" in c else [] for c in frame["code"]]
     return frame.with_columns(pl.Series("parent_codes", parents, dtype=pl.List(pl.String)))
@@ -266,17 +371,29 @@ class HospitalProfile:
 
     name: str = "default"  # written into the MEDS dataset name
     code_systems: dict[str, str] = field(default_factory=dict)  # {"LOINC": "LAB"}: LOINC//x is written LAB//x
-    age_shift: float = 0.0  # years added to every subject's age at the first admission (result clipped to 18-95)
+    age_shift: float = (
+        0.0  # years added to every subject's age at the first admission (result clipped to 18-95)
+    )
     frailty_shift: float = 0.0  # added to the latent frailty (more admissions, comorbidities, longer stays)
     severity_scale: float = 1.0  # multiplies the severity of every acute illness (labs, vitals, procedures)
-    emergency_share: float | None = None  # share of emergency admissions (default 0.62; urgent/elective keep 14:24)
-    mortality_mechanism: str = "physiology"  # "physiology" (module docstring) or "history" (see _history_logit)
-    local_code_share: float = 0.0  # share of the coded vocabulary written as local codes (LOCAL//LOINC:2524-7)
-    local_code_seed: int = 0  # which codes are local: a share s takes the first s of one seeded order (nested)
+    emergency_share: float | None = (
+        None  # share of emergency admissions (default 0.62; urgent/elective keep 14:24)
+    )
+    mortality_mechanism: str = (
+        "physiology"  # "physiology" (module docstring) or "history" (see _history_logit)
+    )
+    local_code_share: float = (
+        0.0  # share of the coded vocabulary written as local codes (LOCAL//LOINC:2524-7)
+    )
+    local_code_seed: int = (
+        0  # which codes are local: a share s takes the first s of one seeded order (nested)
+    )
 
     def __post_init__(self) -> None:
         if self.mortality_mechanism not in MORTALITY_MECHANISMS:
-            raise ValueError(f"mortality_mechanism must be one of {MORTALITY_MECHANISMS}, got {self.mortality_mechanism!r}")
+            raise ValueError(
+                f"mortality_mechanism must be one of {MORTALITY_MECHANISMS}, got {self.mortality_mechanism!r}"
+            )
         if self.emergency_share is not None and not 0.0 <= self.emergency_share <= 1.0:
             raise ValueError(f"emergency_share must be in [0, 1], got {self.emergency_share}")
         if self.severity_scale <= 0:
@@ -357,32 +474,46 @@ class _EventBuffer:
             x = np.asarray(x, dtype=dtype)
             return np.broadcast_to(x, (n,)).copy() if x.ndim == 0 else x
 
-        self.parts.append((
-            subj, full(hours, np.float64, np.nan), full(code, np.int32, -1), full(value, np.float32, np.nan),
-            full(text, np.int8, -1), full(prio, np.int8, 3),
-        ))
+        self.parts.append(
+            (
+                subj,
+                full(hours, np.float64, np.nan),
+                full(code, np.int32, -1),
+                full(value, np.float32, np.nan),
+                full(text, np.int8, -1),
+                full(prio, np.int8, 3),
+            )
+        )
 
     def to_frame(self, subject_ids: np.ndarray) -> pl.DataFrame:
         subj, hours, code, value, text, prio = (np.concatenate(c) for c in zip(*self.parts, strict=True))
         static = np.isnan(hours)
-        minutes = np.where(static, np.iinfo(np.int64).min, np.round(np.nan_to_num(hours) * 60.0).astype(np.int64))
+        minutes = np.where(
+            static, np.iinfo(np.int64).min, np.round(np.nan_to_num(hours) * 60.0).astype(np.int64)
+        )
         order = np.lexsort((prio, minutes, subj))
-        subj, static, minutes, code, value, text = (a[order] for a in (subj, static, minutes, code, value, text))
+        subj, static, minutes, code, value, text = (
+            a[order] for a in (subj, static, minutes, code, value, text)
+        )
         time_us = STUDY_START + minutes * 60_000_000
         code_vocab = pl.Series("code", CODES, dtype=pl.String)
         text_vocab = pl.Series("text_value", [*TEXT_VALUES, None], dtype=pl.String)
         text = np.where(text < 0, len(TEXT_VALUES), text)
-        df = pl.DataFrame({
-            "subject_id": pl.Series(subject_ids[subj], dtype=pl.Int64),
-            "time": pl.Series(time_us, dtype=pl.Int64).cast(pl.Datetime("us")),
-            "_static": pl.Series(static),
-            "code": code_vocab.gather(code),
-            "numeric_value": pl.Series(value, dtype=pl.Float32, nan_to_null=True),
-            "text_value": text_vocab.gather(text),
-        })
-        return df.with_columns(
-            pl.when(pl.col("_static")).then(None).otherwise(pl.col("time")).alias("time")
-        ).drop("_static").select(list(DATA_SCHEMA))
+        df = pl.DataFrame(
+            {
+                "subject_id": pl.Series(subject_ids[subj], dtype=pl.Int64),
+                "time": pl.Series(time_us, dtype=pl.Int64).cast(pl.Datetime("us")),
+                "_static": pl.Series(static),
+                "code": code_vocab.gather(code),
+                "numeric_value": pl.Series(value, dtype=pl.Float32, nan_to_null=True),
+                "text_value": text_vocab.gather(text),
+            }
+        )
+        return (
+            df.with_columns(pl.when(pl.col("_static")).then(None).otherwise(pl.col("time")).alias("time"))
+            .drop("_static")
+            .select(list(DATA_SCHEMA))
+        )
 
 
 # ---------------------------------------------------------------------------------------------- generator
@@ -405,8 +536,8 @@ def _subject_splits(n_subjects: int, seed: int) -> np.ndarray:
     n_tuning = int(round(0.15 * n_subjects))
     split = np.empty(n_subjects, dtype=np.int8)
     split[order[:n_train]] = 0
-    split[order[n_train:n_train + n_tuning]] = 1
-    split[order[n_train + n_tuning:]] = 2
+    split[order[n_train : n_train + n_tuning]] = 1
+    split[order[n_train + n_tuning :]] = 2
     return split
 
 
@@ -434,7 +565,9 @@ def _mortality_logit(age, prior, emergency, lac, cr, hr_trend, sbp_trend, sbp_la
 def _history_logit(age, prior, emergency, lac, cr, hr_trend, sbp_trend, sbp_last) -> np.ndarray:
     """Risk of in-hospital death at a "history" hospital: chronic diagnoses coded in earlier admissions and age
     weigh about twice as much as in :func:`_mortality_logit`, first-day physiology about a third as much."""
-    physiology = _mortality_logit(age, np.zeros_like(prior), np.zeros_like(emergency), lac, cr, hr_trend, sbp_trend, sbp_last)
+    physiology = _mortality_logit(
+        age, np.zeros_like(prior), np.zeros_like(emergency), lac, cr, hr_trend, sbp_trend, sbp_last
+    )
     physiology = physiology + 3.0 - 0.035 * (age - 65.0)  # its physiological part only
     return (
         -2.9
@@ -497,19 +630,29 @@ def _generate_chunk(
     # acute reason and severity (latent; drive labs, vitals, codes)
     ch = chronic[a_subj].astype(np.float64)
     f_a = frailty[a_subj]
-    logits = np.stack([
-        1.3 + 2.0 * (adm_type == 2),
-        -0.6 + 0.3 * f_a + 0.01 * (age - 60),
-        -2.2 + 2.6 * ch[:, CHRONIC_INDEX["chf"]],
-        -1.6 + 1.2 * ch[:, CHRONIC_INDEX["ckd"]] + 0.4 * ch[:, CHRONIC_INDEX["dm"]],
-        -1.0 + 0.9 * ch[:, CHRONIC_INDEX["copd"]],
-        -3.5 + 3.2 * ch[:, CHRONIC_INDEX["copd"]],
-    ], axis=1)
+    logits = np.stack(
+        [
+            1.3 + 2.0 * (adm_type == 2),
+            -0.6 + 0.3 * f_a + 0.01 * (age - 60),
+            -2.2 + 2.6 * ch[:, CHRONIC_INDEX["chf"]],
+            -1.6 + 1.2 * ch[:, CHRONIC_INDEX["ckd"]] + 0.4 * ch[:, CHRONIC_INDEX["dm"]],
+            -1.0 + 0.9 * ch[:, CHRONIC_INDEX["copd"]],
+            -3.5 + 3.2 * ch[:, CHRONIC_INDEX["copd"]],
+        ],
+        axis=1,
+    )
     acute = np.argmax(logits + rng.gumbel(size=logits.shape), axis=1)
     is_ = {name: (acute == i).astype(np.float64) for i, (name, _c, _d) in enumerate(ACUTE)}
-    sev = rng.gamma(2.0, 0.5, size=A) * np.exp(0.2 * f_a) * np.where(acute == 0, 0.25, 1.0) * profile.severity_scale
+    sev = (
+        rng.gamma(2.0, 0.5, size=A)
+        * np.exp(0.2 * f_a)
+        * np.where(acute == 0, 0.25, 1.0)
+        * profile.severity_scale
+    )
     infection = is_["sepsis"] + is_["pneumonia"]
-    deterioration = 0.6 * rng.normal(size=A) + sev * (is_["sepsis"] + 0.6 * is_["pneumonia"] + 0.6 * is_["hf"])
+    deterioration = 0.6 * rng.normal(size=A) + sev * (
+        is_["sepsis"] + 0.6 * is_["pneumonia"] + 0.6 * is_["hf"]
+    )
 
     # chronic diagnoses coded at each admission (85 %) and "seen in an earlier admission"
     coded = chronic[a_subj] & (rng.random((A, len(CHRONIC))) < 0.85)
@@ -527,7 +670,11 @@ def _generate_chunk(
     sbp0 = rng.normal(128.0, 15.0, A) - 8.0 * is_["sepsis"] * sev + 8.0 * ch[:, CHRONIC_INDEX["htn"]]
     sbp_slope = rng.normal(0.0, 6.0, A) - 16.0 * deterioration
     rr0 = rng.normal(16.5, 2.0, A) + 3.0 * (is_["pneumonia"] + is_["copd_exac"] + is_["sepsis"]) * sev
-    spo20 = rng.normal(97.0, 1.2, A) - 3.0 * (is_["pneumonia"] + is_["copd_exac"]) * sev - 1.5 * ch[:, CHRONIC_INDEX["copd"]]
+    spo20 = (
+        rng.normal(97.0, 1.2, A)
+        - 3.0 * (is_["pneumonia"] + is_["copd_exac"]) * sev
+        - 1.5 * ch[:, CHRONIC_INDEX["copd"]]
+    )
     temp0 = rng.normal(36.9, 0.3, A) + 1.0 * infection * np.minimum(sev, 2.0)
 
     def vitals_at(adm: np.ndarray, t: np.ndarray, extra: np.ndarray) -> dict[str, np.ndarray]:
@@ -537,7 +684,11 @@ def _generate_chunk(
         sbp = sbp0[adm] + sbp_slope[adm] * frac + rng.normal(0, 7.0, m) - 35.0 * extra
         return {
             "hr": np.clip(hr, 30, 200),
-            "rr": np.clip(rr0[adm] + 2.5 * frac * np.maximum(deterioration[adm], 0) + rng.normal(0, 1.5, m) + 8 * extra, 6, 50),
+            "rr": np.clip(
+                rr0[adm] + 2.5 * frac * np.maximum(deterioration[adm], 0) + rng.normal(0, 1.5, m) + 8 * extra,
+                6,
+                50,
+            ),
             "spo2": np.clip(spo20[adm] + rng.normal(0, 1.0, m) - 6.0 * extra, 60, 100),
             "sbp": np.clip(sbp, 50, 230),
             "dbp": np.clip(0.6 * sbp + rng.normal(0, 6.0, m), 25, 140),
@@ -565,8 +716,16 @@ def _generate_chunk(
         s = sev[adm]
         lac = np.exp(rng.normal(np.log(1.1), 0.25, m)) + is_["sepsis"][adm] * s * 2.2 * (0.6 + 0.5 * frac)
         lac = lac + 0.6 * np.maximum(deterioration[adm], 0) * frac + 3.0 * extra
-        cr = base_cr[a_subj[adm]] * (1.0 + is_["aki"][adm] * s * 1.1 * (0.6 + 0.6 * frac)
-                                     + 0.15 * is_["hf"][adm] + 0.004 * np.maximum(age[adm] - 50, 0)) + 1.0 * extra
+        cr = (
+            base_cr[a_subj[adm]]
+            * (
+                1.0
+                + is_["aki"][adm] * s * 1.1 * (0.6 + 0.6 * frac)
+                + 0.15 * is_["hf"][adm]
+                + 0.004 * np.maximum(age[adm] - 50, 0)
+            )
+            + 1.0 * extra
+        )
         cr = cr * np.exp(rng.normal(0, 0.06, m))
         lac = np.where(rng.random(m) < lact_measured_p[adm], lac, np.nan)
         return {
@@ -575,12 +734,22 @@ def _generate_chunk(
             "sodium": np.clip(rng.normal(139.0, 2.5, m) - 4.0 * is_["hf"][adm] * s, 115, 160),
             "potassium": np.clip(rng.normal(4.2, 0.35, m) + 0.7 * is_["aki"][adm] * s, 2.5, 7.5),
             "wbc": np.clip(np.exp(rng.normal(np.log(8.0), 0.25, m)) + 5.0 * infection[adm] * s, 0.5, 60),
-            "hemoglobin": np.clip(rng.normal(13.5, 1.2, m) - 1.2 * female[a_subj[adm]] - 1.5 * ch[adm, CHRONIC_INDEX["ckd"]]
-                                  - 1.5 * ch[adm, CHRONIC_INDEX["cancer"]], 5, 19),
-            "glucose": np.clip(np.exp(rng.normal(np.log(105.0), 0.18, m)) * (1 + 0.6 * ch[adm, CHRONIC_INDEX["dm"]]), 40, 600),
+            "hemoglobin": np.clip(
+                rng.normal(13.5, 1.2, m)
+                - 1.2 * female[a_subj[adm]]
+                - 1.5 * ch[adm, CHRONIC_INDEX["ckd"]]
+                - 1.5 * ch[adm, CHRONIC_INDEX["cancer"]],
+                5,
+                19,
+            ),
+            "glucose": np.clip(
+                np.exp(rng.normal(np.log(105.0), 0.18, m)) * (1 + 0.6 * ch[adm, CHRONIC_INDEX["dm"]]), 40, 600
+            ),
             "bun": np.clip(6.0 + 12.0 * cr + rng.normal(0, 3.0, m), 3, 150),
             "platelets": np.clip(rng.normal(250.0, 60.0, m) - 50.0 * is_["sepsis"][adm] * s, 5, 700),
-            "bicarbonate": np.clip(rng.normal(25.0, 2.0, m) - 1.5 * np.nan_to_num(np.maximum(lac - 1.5, 0)), 8, 40),
+            "bicarbonate": np.clip(
+                rng.normal(25.0, 2.0, m) - 1.5 * np.nan_to_num(np.maximum(lac - 1.5, 0)), 8, 40
+            ),
         }
 
     l24 = labs_at(d_adm, d_t, np.zeros(d_adm.size))
@@ -606,16 +775,28 @@ def _generate_chunk(
     # emit first-24 h vitals and labs of kept admissions (times before the planned end of stay)
     for key, code, _desc, decimals in VITALS:
         ok = keep[v_adm] & (v_t < los[v_adm])
-        buf.add(a_subj[v_adm[ok]], adm_h[v_adm[ok]] + v_t[ok], _ix(f"LOINC//{code}"), np.round(v24[key][ok], decimals))
+        buf.add(
+            a_subj[v_adm[ok]],
+            adm_h[v_adm[ok]] + v_t[ok],
+            _ix(f"LOINC//{code}"),
+            np.round(v24[key][ok], decimals),
+        )
     for key, code, _desc, decimals in LABS:
         vals = l24[key]
         ok = keep[d_adm] & (d_t < los[d_adm]) & ~np.isnan(vals)
-        buf.add(a_subj[d_adm[ok]], adm_h[d_adm[ok]] + d_t[ok], _ix(f"LOINC//{code}"), np.round(vals[ok], decimals))
+        buf.add(
+            a_subj[d_adm[ok]], adm_h[d_adm[ok]] + d_t[ok], _ix(f"LOINC//{code}"), np.round(vals[ok], decimals)
+        )
     # blood culture at the first draw of infected admissions and some others (text value)
     cult = keep & (rng.random(A) < np.clip(0.15 + 0.8 * infection, 0, 0.95))
     positive = rng.random(A) < np.clip(0.05 + 0.35 * is_["sepsis"], 0, 1)
     first_draw_t = d_t[d_starts]
-    buf.add(a_subj[cult], adm_h[cult] + first_draw_t[cult], _ix(f"LOINC//{CULTURE[0]}"), text=positive[cult].astype(np.int8))
+    buf.add(
+        a_subj[cult],
+        adm_h[cult] + first_draw_t[cult],
+        _ix(f"LOINC//{CULTURE[0]}"),
+        text=positive[cult].astype(np.int8),
+    )
 
     # --- after 24 h: vitals every ~8 h and daily labs (a dying subject deteriorates)
     def dying_extra(adm: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -639,7 +820,9 @@ def _generate_chunk(
     for key, code, _desc, decimals in LABS:
         vals = ll[key]
         m = ~np.isnan(vals)
-        buf.add(a_subj[e_adm[m]], adm_h[e_adm[m]] + e_t[m], _ix(f"LOINC//{code}"), np.round(vals[m], decimals))
+        buf.add(
+            a_subj[e_adm[m]], adm_h[e_adm[m]] + e_t[m], _ix(f"LOINC//{code}"), np.round(vals[m], decimals)
+        )
 
     # --- medications (times drawn over the planned stay, cut at death: counts do not leak the outcome)
     rx_vocab = np.array([_ix(f"RXNORM//{c}") for c, _n in MEDICATIONS[:33]])
@@ -660,7 +843,9 @@ def _generate_chunk(
     ):
         doses = np.where(cond, 1 + np.floor(los / 24.0), 0).astype(np.int64)
         l_adm, l_k = _ragged(doses)
-        linked.append((l_adm, 24.0 * l_k + rng.uniform(0.5, 12.0, l_adm.size), _ix(f"RXNORM//{LINKED_MEDS[name]}")))
+        linked.append(
+            (l_adm, 24.0 * l_k + rng.uniform(0.5, 12.0, l_adm.size), _ix(f"RXNORM//{LINKED_MEDS[name]}"))
+        )
     r_adm = np.concatenate([r_adm] + [x[0] for x in linked])
     r_t = np.concatenate([r_t] + [x[1] for x in linked])
     r_code = np.concatenate([r_code] + [np.full(x[0].size, x[2]) for x in linked])
@@ -674,14 +859,18 @@ def _generate_chunk(
     p_code = px_vocab[rng.choice(px_vocab.size, size=p_adm.size, p=_zipf_probs(px_vocab.size))]
     p_t = rng.uniform(0.05, 1.0, p_adm.size) * los[p_adm]
     extra_px = []
-    for i, cond in enumerate((
-        ((is_["pneumonia"] + is_["copd_exac"] + is_["sepsis"]) > 0) & (sev > 1.3),  # ventilation
-        (is_["aki"] > 0) & (sev > 1.5),  # hemodialysis
-        (is_["sepsis"] > 0) & (sev > 1.0),  # central line
-        rng.random(A) < 0.04 + 0.1 * ch[:, CHRONIC_INDEX["cancer"]],  # transfusion
-    )):
+    for i, cond in enumerate(
+        (
+            ((is_["pneumonia"] + is_["copd_exac"] + is_["sepsis"]) > 0) & (sev > 1.3),  # ventilation
+            (is_["aki"] > 0) & (sev > 1.5),  # hemodialysis
+            (is_["sepsis"] > 0) & (sev > 1.0),  # central line
+            rng.random(A) < 0.04 + 0.1 * ch[:, CHRONIC_INDEX["cancer"]],  # transfusion
+        )
+    ):
         idx = np.flatnonzero(cond)
-        extra_px.append((idx, rng.uniform(0.05, 0.9, idx.size) * los[idx], _ix(f"ICD10PCS//{PROCEDURES[i][0]}")))
+        extra_px.append(
+            (idx, rng.uniform(0.05, 0.9, idx.size) * los[idx], _ix(f"ICD10PCS//{PROCEDURES[i][0]}"))
+        )
     p_adm = np.concatenate([p_adm] + [x[0] for x in extra_px])
     p_t = np.concatenate([p_t] + [x[1] for x in extra_px])
     p_code = np.concatenate([p_code] + [np.full(x[0].size, x[2]) for x in extra_px])
@@ -703,7 +892,10 @@ def _generate_chunk(
         ("resp_failure", ((is_["pneumonia"] + is_["copd_exac"]) > 0) & (sev > 1.2)),
         ("hyponatremia", (is_["hf"] > 0) & (sev > 1.2)),
         ("hyperkalemia", (is_["aki"] > 0) & (sev > 1.2)),
-        ("anemia", rng.random(A) < 0.05 + 0.2 * (ch[:, CHRONIC_INDEX["ckd"]] + ch[:, CHRONIC_INDEX["cancer"]])),
+        (
+            "anemia",
+            rng.random(A) < 0.05 + 0.2 * (ch[:, CHRONIC_INDEX["ckd"]] + ch[:, CHRONIC_INDEX["cancer"]]),
+        ),
     ):
         idx = np.flatnonzero(keep & cond)
         buf.add(a_subj[idx], dis_h[idx], _ix(f"ICD10CM//{SECONDARY_DX[key][0]}"), prio=4)
@@ -713,7 +905,9 @@ def _generate_chunk(
     f_code = filler[rng.choice(filler.size, size=f_adm.size, p=_zipf_probs(filler.size))]
     buf.add(a_subj[f_adm], dis_h[f_adm], f_code, prio=4)
     disp = np.where(
-        age > 75, rng.choice(4, size=A, p=[0.35, 0.2, 0.3, 0.15]), rng.choice(4, size=A, p=[0.7, 0.15, 0.08, 0.07])
+        age > 75,
+        rng.choice(4, size=A, p=[0.35, 0.2, 0.3, 0.15]),
+        rng.choice(4, size=A, p=[0.7, 0.15, 0.08, 0.07]),
     )
     disp = np.where(dies, 4, disp)
     dis_codes = np.array([_ix(f"DISCHARGE//{d}") for d in DISCHARGES])
@@ -723,7 +917,9 @@ def _generate_chunk(
     # deaths after the last discharge (out of hospital)
     last = np.cumsum(n_adm) - 1
     alive = ~np.isin(np.arange(n), a_subj[death_adm])
-    p_out = _sigmoid(-3.2 + 0.05 * (age[last] - 65.0) + 0.5 * frailty + 0.8 * chronic[:, CHRONIC_INDEX["cancer"]])
+    p_out = _sigmoid(
+        -3.2 + 0.05 * (age[last] - 65.0) + 0.5 * frailty + 0.8 * chronic[:, CHRONIC_INDEX["cancer"]]
+    )
     out_death = alive & (rng.random(n) < p_out)
     od = np.flatnonzero(out_death)
     buf.add(od, dis_h[last[od]] + 24.0 + rng.exponential(300.0 * 24.0, od.size), _ix("MEDS_DEATH"), prio=6)
@@ -735,12 +931,14 @@ def _generate_chunk(
     # --- labels
     lab = np.flatnonzero(keep & long_enough)
     pred_us = STUDY_START + np.round((adm_h[lab] + 24.0) * 60.0).astype(np.int64) * 60_000_000
-    labels = pl.DataFrame({
-        "subject_id": pl.Series(subject_ids[a_subj[lab]], dtype=pl.Int64),
-        "prediction_time": pl.Series(pred_us, dtype=pl.Int64).cast(pl.Datetime("us")),
-        "in_hospital_mortality": pl.Series(dies[lab]),
-        "long_length_of_stay": pl.Series(end[lab] > 7 * 24.0),
-    })
+    labels = pl.DataFrame(
+        {
+            "subject_id": pl.Series(subject_ids[a_subj[lab]], dtype=pl.Int64),
+            "prediction_time": pl.Series(pred_us, dtype=pl.Int64).cast(pl.Datetime("us")),
+            "in_hospital_mortality": pl.Series(dies[lab]),
+            "long_length_of_stay": pl.Series(end[lab] > 7 * 24.0),
+        }
+    )
     return events, labels
 
 
@@ -757,19 +955,28 @@ def _iter_chunks(
 def _labels_by_task(labels: pl.DataFrame) -> dict[str, pl.DataFrame]:
     out = {}
     for task in TASKS:
-        out[task] = labels.select(
-            "subject_id", "prediction_time", pl.col(task).alias("boolean_value"),
-            pl.lit(None, dtype=pl.Int64).alias("integer_value"), pl.lit(None, dtype=pl.Float64).alias("float_value"),
-        ).select(list(LABEL_SCHEMA)).sort("subject_id", "prediction_time")
+        out[task] = (
+            labels.select(
+                "subject_id",
+                "prediction_time",
+                pl.col(task).alias("boolean_value"),
+                pl.lit(None, dtype=pl.Int64).alias("integer_value"),
+                pl.lit(None, dtype=pl.Float64).alias("float_value"),
+            )
+            .select(list(LABEL_SCHEMA))
+            .sort("subject_id", "prediction_time")
+        )
     return out
 
 
 def _splits_frame(n_subjects: int, seed: int) -> pl.DataFrame:
     split = _subject_splits(n_subjects, seed)
-    return pl.DataFrame({
-        "subject_id": pl.Series(np.arange(1, n_subjects + 1), dtype=pl.Int64),
-        "split": pl.Series(np.array(SPLITS)[split], dtype=pl.String),
-    })
+    return pl.DataFrame(
+        {
+            "subject_id": pl.Series(np.arange(1, n_subjects + 1), dtype=pl.Int64),
+            "split": pl.Series(np.array(SPLITS)[split], dtype=pl.String),
+        }
+    )
 
 
 def generate_synthetic_cohort(
@@ -787,7 +994,9 @@ def generate_synthetic_cohort(
         events.append(ev)
         labels.append(lab)
     return SyntheticCohort(
-        events=pl.concat(events), labels=_labels_by_task(pl.concat(labels)), splits=_splits_frame(n_subjects, seed)
+        events=pl.concat(events),
+        labels=_labels_by_task(pl.concat(labels)),
+        splits=_splits_frame(n_subjects, seed),
     )
 
 
@@ -824,11 +1033,16 @@ def write_synthetic_meds(
             while shard < n_shards and (ids[-1] >= bounds[shard + 1] or ids[-1] == n_subjects):
                 buffer = pl.concat(pending)
                 hi = bounds[shard + 1]  # subject ids <= hi belong to this shard (ids are 1-based)
-                part, rest = buffer.filter(pl.col("subject_id") <= hi), buffer.filter(pl.col("subject_id") > hi)
+                part, rest = (
+                    buffer.filter(pl.col("subject_id") <= hi),
+                    buffer.filter(pl.col("subject_id") > hi),
+                )
                 part = part.with_columns(pl.Series("_split", split_of[part["subject_id"].to_numpy() - 1]))
                 for split in SPLITS:
                     sub = part.filter(pl.col("_split") == split).drop("_split")
-                    writer.write_shard(validate_events(sub, source=f"<synthetic shard {shard}>"), split, validated=True)
+                    writer.write_shard(
+                        validate_events(sub, source=f"<synthetic shard {shard}>"), split, validated=True
+                    )
                 pending = [rest]
                 shard += 1
         for task, df in _labels_by_task(pl.concat(labels)).items():
@@ -841,7 +1055,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--subjects", type=int, default=3000, help="number of subjects (default 3000)")
     parser.add_argument("--output", type=Path, required=True, help="output MEDS folder")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--shards", type=int, default=None, help="shards per split (default: 1 per 10k subjects)")
+    parser.add_argument(
+        "--shards", type=int, default=None, help="shards per split (default: 1 per 10k subjects)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args(argv)
     start = _time.perf_counter()

@@ -171,7 +171,9 @@ def wide_to_meds(
     orphan = labels.join(known, left_on="subject_id", right_on="stay_id", how="anti")
     if orphan.height:
         raise _error(
-            names["outc"], "stay_id", f"has a label but no row in dyn or sta ({orphan.height} label rows)",
+            names["outc"],
+            "stay_id",
+            f"has a label but no row in dyn or sta ({orphan.height} label rows)",
             stay=orphan["subject_id"][0],
         )
     return events, labels
@@ -190,11 +192,15 @@ def _static_events(sta: pl.DataFrame, source: str, anchor: datetime, code_prefix
             bad = sta.filter((pl.col("age") < 0) | (pl.col("age") > 130))
             if bad.height:
                 raise _error(source, "age", f"implausible age {bad['age'][0]}", stay=bad["stay_id"][0])
-            birth_offset = (pl.col("age").cast(pl.Float64) * DAYS_PER_YEAR * 86_400 * 1e6).round().cast(pl.Int64)
+            birth_offset = (
+                (pl.col("age").cast(pl.Float64) * DAYS_PER_YEAR * 86_400 * 1e6).round().cast(pl.Int64)
+            )
             parts.append(
                 sta.filter(pl.col("age").is_not_null()).select(
                     pl.col("stay_id").alias("subject_id"),
-                    (pl.lit(anchor, dtype=pl.Datetime("us")) - pl.duration(microseconds=birth_offset)).alias("time"),
+                    (pl.lit(anchor, dtype=pl.Datetime("us")) - pl.duration(microseconds=birth_offset)).alias(
+                        "time"
+                    ),
                     pl.lit("MEDS_BIRTH").alias("code"),
                     pl.lit(None, dtype=pl.Float32).alias("numeric_value"),
                 )
@@ -202,8 +208,9 @@ def _static_events(sta: pl.DataFrame, source: str, anchor: datetime, code_prefix
         elif dtype in (pl.String, pl.Categorical) or isinstance(dtype, pl.Enum):
             prefix = "SEX//" if column == "sex" else f"{code_prefix}{column}//"
             parts.append(
-                sta.filter(pl.col(column).is_not_null() & (pl.col(column).cast(pl.String).str.strip_chars() != ""))
-                .select(
+                sta.filter(
+                    pl.col(column).is_not_null() & (pl.col(column).cast(pl.String).str.strip_chars() != "")
+                ).select(
                     pl.col("stay_id").alias("subject_id"),
                     null_time,
                     (pl.lit(prefix) + pl.col(column).cast(pl.String).str.strip_chars()).alias("code"),
@@ -212,7 +219,9 @@ def _static_events(sta: pl.DataFrame, source: str, anchor: datetime, code_prefix
             )
         elif dtype.is_numeric() or dtype == pl.Boolean:
             parts.append(
-                sta.filter(pl.col(column).is_not_null() & pl.col(column).cast(pl.Float64).is_not_nan()).select(
+                sta.filter(
+                    pl.col(column).is_not_null() & pl.col(column).cast(pl.Float64).is_not_nan()
+                ).select(
                     pl.col("stay_id").alias("subject_id"),
                     null_time,
                     pl.lit(f"{code_prefix}{column}").alias("code"),
@@ -220,10 +229,17 @@ def _static_events(sta: pl.DataFrame, source: str, anchor: datetime, code_prefix
                 )
             )
         else:
-            raise _error(source, column, f"unsupported static column dtype {dtype} (numeric or string expected)")
+            raise _error(
+                source, column, f"unsupported static column dtype {dtype} (numeric or string expected)"
+            )
     if not parts:
         return pl.DataFrame(
-            schema={"subject_id": pl.Int64, "time": pl.Datetime("us"), "code": pl.String, "numeric_value": pl.Float32}
+            schema={
+                "subject_id": pl.Int64,
+                "time": pl.Datetime("us"),
+                "code": pl.String,
+                "numeric_value": pl.Float32,
+            }
         )
     return pl.concat(parts, how="vertical_relaxed")
 
@@ -236,13 +252,21 @@ def _labels(outc: pl.DataFrame, task: str, label_column: str, source: str, ancho
     anchor_lit = pl.lit(anchor, dtype=pl.Datetime("us"))
     if task == "mortality24":
         if "time" in outc.columns:
-            raise _error(source, "time", "mortality24 expects one label per stay, but the outcome table has a "
-                         "time column (is this a los cohort?)")
+            raise _error(
+                source,
+                "time",
+                "mortality24 expects one label per stay, but the outcome table has a "
+                "time column (is this a los cohort?)",
+            )
         _check_unique(outc, ["stay_id"], source)
         bad = outc.filter(~label.cast(pl.Float64).is_in([0.0, 1.0]))
         if bad.height:
-            raise _error(source, label_column, f"binary label expected, got {bad[label_column][0]}",
-                         stay=bad["stay_id"][0])
+            raise _error(
+                source,
+                label_column,
+                f"binary label expected, got {bad[label_column][0]}",
+                stay=bad["stay_id"][0],
+            )
         labels = outc.select(
             pl.col("stay_id").alias("subject_id"),
             (anchor_lit + pl.duration(hours=MORTALITY_PREDICTION_HOURS)).alias("prediction_time"),
@@ -273,7 +297,11 @@ def make_subject_splits(
     strata = np.zeros(ids.size, dtype=np.int64)
     if labels is not None:
         value = next(
-            (c for c in ("boolean_value", "integer_value") if c in labels.columns and labels[c].null_count() == 0),
+            (
+                c
+                for c in ("boolean_value", "integer_value")
+                if c in labels.columns and labels[c].null_count() == 0
+            ),
             None,
         )
         if value is not None and labels.height and labels[value].cast(pl.Int64).is_in([0, 1]).all():
@@ -291,7 +319,9 @@ def make_subject_splits(
         bounds = np.round(cum * members.size).astype(int)
         for start, stop, name in zip(np.r_[0, bounds[:-1]], bounds, names, strict=True):
             split[members[start:stop]] = name
-    return pl.DataFrame({"subject_id": ids, "split": split.astype(str)}, schema={"subject_id": pl.Int64, "split": pl.String})
+    return pl.DataFrame(
+        {"subject_id": ids, "split": split.astype(str)}, schema={"subject_id": pl.Int64, "split": pl.String}
+    )
 
 
 def read_wide_tables(dyn_path, sta_path, outc_path) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
@@ -330,15 +360,25 @@ def convert_wide(
     start = _time.perf_counter()
     dyn, sta, outc = read_wide_tables(dyn_path, sta_path, outc_path)
     events, labels = wide_to_meds(
-        dyn, sta, outc, task=task, anchor=anchor, code_prefix=code_prefix,
+        dyn,
+        sta,
+        outc,
+        task=task,
+        anchor=anchor,
+        code_prefix=code_prefix,
         sources={"dyn": str(dyn_path), "sta": str(sta_path), "outc": str(outc_path)},
     )
     subject_ids = events["subject_id"].unique()
     if splits is None:
         splits = make_subject_splits(subject_ids, labels, seed=seed)
     path = write_meds(
-        output_dir, events, splits, labels={task: labels}, n_shards=n_shards,
-        dataset_name=dataset_name or f"yaib_{Path(dyn_path).resolve().parent.name}_{task}", overwrite=overwrite,
+        output_dir,
+        events,
+        splits,
+        labels={task: labels},
+        n_shards=n_shards,
+        dataset_name=dataset_name or f"yaib_{Path(dyn_path).resolve().parent.name}_{task}",
+        overwrite=overwrite,
     )
     summary = {
         "output_dir": str(path),

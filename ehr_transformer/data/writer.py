@@ -81,7 +81,9 @@ class MEDSWriter:
         if not self._done:
             self.abort()
             if exc_type is None:
-                raise RuntimeError(f"MEDSWriter for {self.output_dir} closed without commit(); nothing written")
+                raise RuntimeError(
+                    f"MEDSWriter for {self.output_dir} closed without commit(); nothing written"
+                )
 
     def abort(self) -> None:
         """Remove the temporary folder; ``output_dir`` is left as it was."""
@@ -105,7 +107,9 @@ class MEDSWriter:
         _write_parquet(events, path)
         self._shard_counts[split] = k + 1
         self._subject_split.append(
-            events.select(pl.col("subject_id").unique(), pl.lit(split).alias("split"), pl.lit(str(path)).alias("shard"))
+            events.select(
+                pl.col("subject_id").unique(), pl.lit(split).alias("split"), pl.lit(str(path)).alias("shard")
+            )
         )
         self._codes.update(events["code"].unique().to_list())
         return path
@@ -155,7 +159,9 @@ class MEDSWriter:
             codes = validate_codes(codes, source="<codes>")
             extra = sorted(self._codes - set(codes["code"].to_list()))
             if extra:  # every code in the data gets a metadata row
-                codes = validate_codes(pl.concat([codes, pl.DataFrame({"code": extra})], how="diagonal_relaxed"))
+                codes = validate_codes(
+                    pl.concat([codes, pl.DataFrame({"code": extra})], how="diagonal_relaxed")
+                )
             meta = self.tmp_dir / "metadata"
             _write_parquet(codes, meta / "codes.parquet")
             _write_parquet(splits, meta / "subject_splits.parquet")
@@ -227,7 +233,9 @@ def write_meds(
             f"<events>: column 'subject_id': subject_id {missing['subject_id'][0]} has events but is not in "
             f"subject_splits ({missing['subject_id'].n_unique()} such subject(s))"
         )
-    with MEDSWriter(output_dir, overwrite=overwrite, dataset_name=dataset_name, dataset_version=dataset_version) as w:
+    with MEDSWriter(
+        output_dir, overwrite=overwrite, dataset_name=dataset_name, dataset_version=dataset_version
+    ) as w:
         for split in SPLITS:
             part = events.filter(pl.col("split") == split).drop("split")
             if part.height == 0:

@@ -59,7 +59,9 @@ def _event_frame(events: pl.DataFrame) -> pl.DataFrame:
 def infer_codes(events: pl.DataFrame) -> dict[str, bool]:
     """Codes of `events` (sorted, MEDS_BIRTH excluded) -> whether the code carries numeric values."""
     ev = _event_frame(events).filter(~pl.col("code").is_in(EXCLUDED_CODES))
-    per_code = ev.group_by("code").agg(pl.col("numeric_value").is_not_null().any().alias("numeric")).sort("code")
+    per_code = (
+        ev.group_by("code").agg(pl.col("numeric_value").is_not_null().any().alias("numeric")).sort("code")
+    )
     return dict(zip(per_code["code"].to_list(), per_code["numeric"].to_list(), strict=True))
 
 
@@ -138,7 +140,9 @@ def _visible_aggregates(
 ) -> pl.DataFrame:
     """One row per (label row, code seen by then): `_row`, `code`, `count` and the running value aggregates."""
     keys = ["subject_id", "code"]
-    ev = ev.filter(pl.col("code").is_in(list(codes)) & pl.col("subject_id").is_in(lab["subject_id"].implode()))
+    ev = ev.filter(
+        pl.col("code").is_in(list(codes)) & pl.col("subject_id").is_in(lab["subject_id"].implode())
+    )
     value = pl.col("numeric_value")
     # running aggregates per (subject, code) in time order; static events first
     ev = (
@@ -161,7 +165,11 @@ def _visible_aggregates(
     pairs = lab.join(ev.select(keys).unique(), on="subject_id", how="inner").sort("prediction_time")
     return pairs.join_asof(
         ev.select([*keys, "time", "count", *value_aggs]),
-        left_on="prediction_time", right_on="time", by=keys, strategy="backward", check_sortedness=False,
+        left_on="prediction_time",
+        right_on="time",
+        by=keys,
+        strategy="backward",
+        check_sortedness=False,
     ).filter(pl.col("count").is_not_null())
 
 
@@ -174,7 +182,11 @@ def _age_years(ev: pl.DataFrame, lab: pl.DataFrame) -> np.ndarray:
     age = (
         lab.join(birth, on="subject_id", how="left")
         .sort("_row")
-        .select(((pl.col("prediction_time") - pl.col("_birth")).dt.total_seconds() / (365.25 * 86_400)).alias("age"))
+        .select(
+            ((pl.col("prediction_time") - pl.col("_birth")).dt.total_seconds() / (365.25 * 86_400)).alias(
+                "age"
+            )
+        )
     )
     return age["age"].cast(pl.Float32).fill_null(float("nan")).to_numpy()
 
@@ -182,14 +194,21 @@ def _age_years(ev: pl.DataFrame, lab: pl.DataFrame) -> np.ndarray:
 def label_values(labels: pl.DataFrame, label_column: str | None = None) -> np.ndarray:
     """The label values as a numpy array: `label_column`, or the one of boolean/integer/float_value with values."""
     if label_column is None:
-        present = [c for c in ("boolean_value", "integer_value", "float_value")
-                   if c in labels.columns and labels[c].null_count() < labels.height]
+        present = [
+            c
+            for c in ("boolean_value", "integer_value", "float_value")
+            if c in labels.columns and labels[c].null_count() < labels.height
+        ]
         if len(present) != 1:
-            raise ValueError(f"labels: cannot tell the label column (non-empty value columns: {present}); "
-                             "pass label_column=")
+            raise ValueError(
+                f"labels: cannot tell the label column (non-empty value columns: {present}); "
+                "pass label_column="
+            )
         label_column = present[0]
     if labels[label_column].null_count():
-        raise ValueError(f"labels: column {label_column!r} has {labels[label_column].null_count()} null values")
+        raise ValueError(
+            f"labels: column {label_column!r} has {labels[label_column].null_count()} null values"
+        )
     return labels[label_column].to_numpy()
 
 
@@ -260,7 +279,9 @@ class TabularBaseline:
     `fit` from the events visible to the training labels (see `visible_events`).
     """
 
-    def __init__(self, kind: str = "gbm", task: str = "classification", seed: int = 0, label_column: str | None = None):
+    def __init__(
+        self, kind: str = "gbm", task: str = "classification", seed: int = 0, label_column: str | None = None
+    ):
         if kind not in ("gbm", "logistic"):
             raise ValueError(f"kind must be 'gbm' or 'logistic', got {kind!r}")
         if task not in ("classification", "regression"):

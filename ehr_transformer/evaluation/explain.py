@@ -55,7 +55,9 @@ def _target_logit(logits: torch.Tensor, target: int | None) -> torch.Tensor:
     return logits[:, target]
 
 
-def masked_baseline(batch: Mapping[str, torch.Tensor], mask_token_id: int, keep_ids) -> dict[str, torch.Tensor]:
+def masked_baseline(
+    batch: Mapping[str, torch.Tensor], mask_token_id: int, keep_ids
+) -> dict[str, torch.Tensor]:
     """The baseline inputs: every event's code -> `[MASK]` and value -> NaN; `keep_ids` (CLS, PAD), times,
     ages and the attention mask unchanged."""
     ids = batch["input_ids"]
@@ -85,7 +87,9 @@ def integrated_gradients(
     if "attention_mask" not in inputs:
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     config = model.config
-    baseline_inputs = masked_baseline(inputs, config.mask_token_id, (config.cls_token_id, config.pad_token_id))
+    baseline_inputs = masked_baseline(
+        inputs, config.mask_token_id, (config.cls_token_id, config.pad_token_id)
+    )
     was_training = model.training
     model.eval()
     state: dict[str, Any] = {"replace": None}
@@ -128,9 +132,13 @@ def _rows(samples, tokenizer: EHREventTokenizer) -> list[dict[str, Any]]:
     keys = ("input_ids", "values", "times", "ages")
     if hasattr(samples, "select_columns"):  # datasets.Dataset
         columns = samples.select_columns(list(keys))[:]
-        return [dict(zip(keys, values, strict=True)) for values in zip(*(columns[k] for k in keys), strict=True)]
+        return [
+            dict(zip(keys, values, strict=True)) for values in zip(*(columns[k] for k in keys), strict=True)
+        ]
     if isinstance(samples, Mapping):
-        return [dict(zip(keys, values, strict=True)) for values in zip(*(samples[k] for k in keys), strict=True)]
+        return [
+            dict(zip(keys, values, strict=True)) for values in zip(*(samples[k] for k in keys), strict=True)
+        ]
     return [{k: row[k] for k in keys} for row in samples]
 
 
@@ -179,8 +187,10 @@ def explain(
             batch["attention_mask"] = (batch["input_ids"] != tokenizer.pad_token_id).long()
         attributions, _, _ = integrated_gradients(model, batch, steps=steps, target=target)
         ids, values, times = (batch[k].cpu() for k in ("input_ids", "values", "times"))
-        shown = batch["attention_mask"].cpu().bool() & (ids != tokenizer.cls_token_id) & ~torch.isin(
-            ids, special[special != tokenizer.unk_token_id]
+        shown = (
+            batch["attention_mask"].cpu().bool()
+            & (ids != tokenizer.cls_token_id)
+            & ~torch.isin(ids, special[special != tokenizer.unk_token_id])
         )  # (B, L): real events; [UNK] events are shown (as "[UNK]"), padding and [CLS] never
         scores = attributions.detach().cpu()  # (B, L)
         ranking = scores.abs().masked_fill(~shown, -1.0)  # (B, L): hidden positions rank last
@@ -190,13 +200,15 @@ def explain(
             for i in order:
                 code = tokenizer.convert_ids_to_codes(int(ids[b, i]))
                 normalized = float(values[b, i])
-                events.append({
-                    "code": code,
-                    "time": float(times[b, i]),
-                    "value": _raw_value(tokenizer, code, normalized),
-                    "value_normalized": None if math.isnan(normalized) else normalized,
-                    "attribution": float(scores[b, i]),
-                })
+                events.append(
+                    {
+                        "code": code,
+                        "time": float(times[b, i]),
+                        "value": _raw_value(tokenizer, code, normalized),
+                        "value_normalized": None if math.isnan(normalized) else normalized,
+                        "attribution": float(scores[b, i]),
+                    }
+                )
             results.append(events)
     return results
 
@@ -218,8 +230,17 @@ def explain_checkpoint(
     model = AutoModelForSequenceClassification.from_pretrained(checkpoint, use_safetensors=True)
     dataset = build_labeled_dataset(data_dir, labels, tokenizer, split=split)
     top = explain(model, tokenizer, dataset, top_k=top_k, steps=steps, batch_size=batch_size)
-    dtype = pl.List(pl.Struct({"code": pl.String, "time": pl.Float64, "value": pl.Float64,
-                               "value_normalized": pl.Float64, "attribution": pl.Float64}))
+    dtype = pl.List(
+        pl.Struct(
+            {
+                "code": pl.String,
+                "time": pl.Float64,
+                "value": pl.Float64,
+                "value_normalized": pl.Float64,
+                "attribution": pl.Float64,
+            }
+        )
+    )
     return pl.Series("top_events", top, dtype=dtype), list(dataset["subject_id"])
 
 
@@ -232,4 +253,11 @@ def format_events(events: Sequence[Mapping[str, Any]]) -> str:
     return "; ".join(parts)
 
 
-__all__ = ["integrated_gradients", "masked_baseline", "explain", "explain_checkpoint", "format_events", "EVENT_FIELDS"]
+__all__ = [
+    "integrated_gradients",
+    "masked_baseline",
+    "explain",
+    "explain_checkpoint",
+    "format_events",
+    "EVENT_FIELDS",
+]

@@ -116,7 +116,9 @@ def _group_labels(group_values, n: int, group_name: str) -> np.ndarray:
 
 def age_band(ages) -> np.ndarray:
     """Age bands "18-44", "45-64", "65-79", "80+" (years, lower bound inclusive); "<18" below, "unknown" for NaN/None."""
-    a = np.asarray([np.nan if v is None else v for v in np.asarray(ages, dtype=object).reshape(-1)], dtype=np.float64)
+    a = np.asarray(
+        [np.nan if v is None else v for v in np.asarray(ages, dtype=object).reshape(-1)], dtype=np.float64
+    )
     out = np.full(a.shape, "unknown", dtype=object)
     out[a < 18] = "<18"
     out[(a >= 18) & (a < 45)] = "18-44"
@@ -180,8 +182,6 @@ def evaluate_checkpoint(
         )
     fields = Path(checkpoint) / "model_card_fields.json"
     if split == "held_out" and fields.exists():  # the card of the checkpoint gets its held-out evaluation
-
-
         card = json.loads(fields.read_text())
         write_model_card(
             checkpoint,

@@ -182,9 +182,13 @@ class Prototypes:
         if not math.isfinite(reference) or reference <= 0 or not np.isfinite(centroids).all():
             raise ValueError(f"{path}: field 'reference_distance' or 'centroids' is not finite and positive")
         return cls(
-            centroids, counts, reference, metadata.get("pooling", "mean"), min_members,
+            centroids,
+            counts,
+            reference,
+            metadata.get("pooling", "mean"),
+            min_members,
             metadata.get("reference_split", ""),
-        )  # fmt: skip
+        )
 
 
 def count_code_subjects(

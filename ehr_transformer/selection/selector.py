@@ -58,6 +58,7 @@ from .prototypes import BIRTH_CODE, Prototypes
 
 logger = logging.getLogger(__name__)
 
+
 # ------------------------------------------------------------------------------------------------ selection
 @dataclass
 class CandidateScore:
@@ -252,12 +253,17 @@ def format_ranking(result: dict[str, Any]) -> str:
     for s in result["ranking"]:
         rows.append(
             (
-                str(s["rank"]), s["candidate"], cell(s["coverage"]),
-                cell(s["code_coverage"]), cell(s["fit"]), cell(s["distance_ratio"], 2),
+                str(s["rank"]),
+                s["candidate"],
+                cell(s["coverage"]),
+                cell(s["code_coverage"]),
+                cell(s["fit"]),
+                cell(s["distance_ratio"], 2),
                 cell(s["occupancy_overlap"]),
-                cell(s["transferability"]), cell(s["combined"]),
+                cell(s["transferability"]),
+                cell(s["combined"]),
             )
-        )  # fmt: skip
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))

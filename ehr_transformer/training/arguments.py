@@ -105,7 +105,9 @@ class PretrainingArguments:
 class FinetuningArguments:
     """How a classifier is trained on the labels: pooling, label share, linear probe or LP-FT."""
 
-    classifier_pooling: str = field(default="mean", metadata={"help": "Sequence summary for fine-tuning: mean, max or cls."})
+    classifier_pooling: str = field(
+        default="mean", metadata={"help": "Sequence summary for fine-tuning: mean, max or cls."}
+    )
     label_fraction: float = field(
         default=1.0,
         metadata={"help": "Fraction of training labels used for fine-tuning (low-label experiments)."},
@@ -135,5 +137,10 @@ class FinetuningArguments:
 TRAINING_DEFAULTS = {"train_sampling_strategy": "group_by_length", "report_to": "none"}
 
 
-
-__all__ = ["DataArguments", "ModelArguments", "PretrainingArguments", "FinetuningArguments", "TRAINING_DEFAULTS"]
+__all__ = [
+    "DataArguments",
+    "ModelArguments",
+    "PretrainingArguments",
+    "FinetuningArguments",
+    "TRAINING_DEFAULTS",
+]

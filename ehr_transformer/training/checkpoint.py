@@ -80,7 +80,12 @@ def card_for_training(
 
 
 # The config fields of a one-binary-outcome classifier: one logit, BCE (as `finetune` builds for one label file).
-BINARY_HEAD = {"task_names": None, "task_types": None, "num_labels": 1, "problem_type": "multi_label_classification"}
+BINARY_HEAD = {
+    "task_names": None,
+    "task_types": None,
+    "num_labels": 1,
+    "problem_type": "multi_label_classification",
+}
 
 
 def with_tasks(config: EHRTransformerConfig, **changes) -> EHRTransformerConfig:

@@ -26,6 +26,7 @@ from .trainer import ResumableTrainer, seed_before_model_init
 
 logger = logging.getLogger(__name__)
 
+
 def multitask_metrics(task_names: list[str], task_types: list[str]):
     """A Trainer `compute_metrics` for (N, T) logits and labels with NaN: `<task>_auroc/_auprc/_brier/_ece` for
     binary tasks, `<task>_mse/_mae` for regression tasks, each over the rows labelled for that task."""
@@ -83,7 +84,9 @@ def finetune(
         if data_args.task_types:
             types = [t.strip() for t in data_args.task_types.split(",")]
             if len(types) != len(names):
-                raise ValueError(f"--task_types gives {len(types)} types for {len(names)} label files {names}")
+                raise ValueError(
+                    f"--task_types gives {len(types)} types for {len(names)} label files {names}"
+                )
         head = {"task_names": names, "task_types": types, "num_labels": len(names), "problem_type": None}
         labels, compute_metrics = sources, multitask_metrics(names, types)
         objective = "multitask: mean over tasks of BCE (binary) / MSE (regression), missing labels ignored"
@@ -95,11 +98,17 @@ def finetune(
         objective, described = "binary cross entropy on one logit", names[0]
     seed_before_model_init(training_args)
     if model_args.model_name_or_path:
-        check_checkpoint_folder(model_args.model_name_or_path)  # refuse pickle-only/absurd folders before loading
+        check_checkpoint_folder(
+            model_args.model_name_or_path
+        )  # refuse pickle-only/absurd folders before loading
         tokenizer = EHREventTokenizer.from_pretrained(model_args.model_name_or_path)
-        if finetuning_args.linear_probe_init:  # the backbone only: `linear_probe_classifier` builds the classifier
+        if (
+            finetuning_args.linear_probe_init
+        ):  # the backbone only: `linear_probe_classifier` builds the classifier
             model = EHRTransformerModel.from_pretrained(
-                model_args.model_name_or_path, attn_implementation=model_args.attn_implementation, use_safetensors=True
+                model_args.model_name_or_path,
+                attn_implementation=model_args.attn_implementation,
+                use_safetensors=True,
             )
         else:
             base = EHRTransformerConfig.from_pretrained(model_args.model_name_or_path)
@@ -112,7 +121,9 @@ def finetune(
             )
     else:
         tokenizer = fit_tokenizer(data_args)
-        config = config_for(tokenizer, model_args, classifier_pooling=finetuning_args.classifier_pooling, **head)
+        config = config_for(
+            tokenizer, model_args, classifier_pooling=finetuning_args.classifier_pooling, **head
+        )
         model = EHRTransformerForSequenceClassification._from_config(
             config, attn_implementation=model_args.attn_implementation
         )
@@ -123,13 +134,22 @@ def finetune(
     eval_dataset = build_labeled_dataset(
         data_args.data_dir, labels, tokenizer, data_args.eval_split, cache_dir=data_args.cache_dir
     )
-    logger.info("fine-tuning (%s) on %d labelled samples, evaluating on %d", described, len(train_dataset),
-                len(eval_dataset))  # fmt: skip
+    logger.info(
+        "fine-tuning (%s) on %d labelled samples, evaluating on %d",
+        described,
+        len(train_dataset),
+        len(eval_dataset),
+    )
     if finetuning_args.linear_probe_init:
         model, probe = linear_probe_classifier(
-            model, tokenizer, train_dataset, training_args.seed, finetuning_args.classifier_pooling,
-            training_args.per_device_eval_batch_size, attn_implementation=model_args.attn_implementation,
-        )  # fmt: skip
+            model,
+            tokenizer,
+            train_dataset,
+            training_args.seed,
+            finetuning_args.classifier_pooling,
+            training_args.per_device_eval_batch_size,
+            attn_implementation=model_args.attn_implementation,
+        )
         objective += f" from a linear probe (LP-FT; probe C {probe.best_params_['logisticregression__C']:g})"
     else:
         init_bias_to_prevalence(model, train_dataset["labels"])
@@ -144,10 +164,16 @@ def finetune(
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if trainer.is_world_process_zero():
         card = card_for_training(
-            data_args, tokenizer, train_dataset, training_args, objective=objective,
+            data_args,
+            tokenizer,
+            train_dataset,
+            training_args,
+            objective=objective,
             labels=f"{described}, {finetuning_args.label_fraction:.0%} of training labels",
-            started_from=Path(model_args.model_name_or_path).name if model_args.model_name_or_path else "random init",
-        )  # fmt: skip
+            started_from=Path(model_args.model_name_or_path).name
+            if model_args.model_name_or_path
+            else "random init",
+        )
         card = {"kind": "fine-tuned", "task": "+".join(names), **card}
         save_checkpoint(trainer.model, tokenizer, training_args.output_dir, card)
         write_json(Path(training_args.output_dir) / "model_card_fields.json", card)

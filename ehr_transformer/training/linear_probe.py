@@ -28,10 +28,14 @@ from .checkpoint import BINARY_HEAD, card_for_training, save_checkpoint, with_ta
 
 logger = logging.getLogger(__name__)
 
-PROBE_PENALTIES = tuple(np.logspace(-4, 1, 11).round(6))  # the probe's C grid, 1e-4 ... 10 (float64: exact with float32 inputs)
+PROBE_PENALTIES = tuple(
+    np.logspace(-4, 1, 11).round(6)
+)  # the probe's C grid, 1e-4 ... 10 (float64: exact with float32 inputs)
 
 
-def check_probe_inputs(flag: str, sources: dict, data_args: DataArguments, model_args: ModelArguments) -> None:
+def check_probe_inputs(
+    flag: str, sources: dict, data_args: DataArguments, model_args: ModelArguments
+) -> None:
     """The linear probe (`--linear_probe`, or as the start of `--linear_probe_init`) fits one binary label on a
     pretrained backbone: refuse several label files, task types and a start without a checkpoint, naming `flag`."""
     if len(sources) > 1 or data_args.task_types:
@@ -40,7 +44,9 @@ def check_probe_inputs(flag: str, sources: dict, data_args: DataArguments, model
             "multitask and regression heads need fine-tuning from a fresh head"
         )
     if not model_args.model_name_or_path:
-        raise ValueError(f"{flag} needs --model_name_or_path: a pretrained checkpoint whose backbone it probes")
+        raise ValueError(
+            f"{flag} needs --model_name_or_path: a pretrained checkpoint whose backbone it probes"
+        )
 
 
 def finetune_linear_probe(
@@ -68,17 +74,26 @@ def finetune_linear_probe(
     logger.info("fitting a linear probe (%s) on %d labelled samples", name, len(train_dataset))
     backbone = EHRTransformerModel.from_pretrained(model_args.model_name_or_path, use_safetensors=True)
     model, probe = linear_probe_classifier(
-        backbone.to(training_args.device), tokenizer, train_dataset, training_args.seed, finetuning_args.classifier_pooling,
-        training_args.per_device_eval_batch_size, attn_implementation=model_args.attn_implementation,
-    )  # fmt: skip
+        backbone.to(training_args.device),
+        tokenizer,
+        train_dataset,
+        training_args.seed,
+        finetuning_args.classifier_pooling,
+        training_args.per_device_eval_batch_size,
+        attn_implementation=model_args.attn_implementation,
+    )
     if training_args.eval_strategy != "no":
         eval_dataset = build_labeled_dataset(
             data_args.data_dir, labels, tokenizer, data_args.eval_split, cache_dir=data_args.cache_dir
         )
         logits = predict_logits(model, eval_dataset, tokenizer, training_args.per_device_eval_batch_size)
         metrics = compute_classification_metrics((logits, np.asarray(eval_dataset["labels"])))
-        logger.info("linear probe on %s (%d rows): %s", data_args.eval_split, len(eval_dataset),
-                    {f"eval_{key}": round(value, 4) for key, value in metrics.items()})  # fmt: skip
+        logger.info(
+            "linear probe on %s (%d rows): %s",
+            data_args.eval_split,
+            len(eval_dataset),
+            {f"eval_{key}": round(value, 4) for key, value in metrics.items()},
+        )
     if training_args.process_index == 0:
         card = card_for_training(data_args, tokenizer, train_dataset, training_args)
         y, grid = np.asarray(train_dataset["labels"]), probe.param_grid["logisticregression__C"]
@@ -100,7 +115,9 @@ def finetune_linear_probe(
     return model
 
 
-def fit_linear_probe(embeddings: np.ndarray, labels, seed: int = 0, penalties=PROBE_PENALTIES, folds: int = 5):
+def fit_linear_probe(
+    embeddings: np.ndarray, labels, seed: int = 0, penalties=PROBE_PENALTIES, folds: int = 5
+):
     """The few-label alternative to fine-tuning: an L2 logistic regression on standardised frozen embeddings
     `(N, H)` (e.g. `ehr_transformer.inference.embed_sequences(model, tokenizer, rows)`) for binary `labels` `(N,)`,
     its inverse penalty C chosen from `penalties` by stratified cross-validation (log loss) on these rows alone,
@@ -109,12 +126,16 @@ def fit_linear_probe(embeddings: np.ndarray, labels, seed: int = 0, penalties=PR
 
     y = np.asarray(labels)
     if set(np.unique(y).tolist()) != {0, 1}:  # exactly the two values: no 1.5 or NaN truncated away
-        raise ValueError(f"fit_linear_probe: labels must be binary 0/1 with both classes present, got {np.unique(y)}")
+        raise ValueError(
+            f"fit_linear_probe: labels must be binary 0/1 with both classes present, got {np.unique(y)}"
+        )
     y = y.astype(int)
     n_folds = min(folds, int(y.sum()), int((1 - y).sum()))
     if n_folds < 2:
-        raise ValueError(f"fit_linear_probe: needs at least 2 positive and 2 negative rows, got {int(y.sum())} "
-                         f"positive of {len(y)}")
+        raise ValueError(
+            f"fit_linear_probe: needs at least 2 positive and 2 negative rows, got {int(y.sum())} "
+            f"positive of {len(y)}"
+        )
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
     grid = {"logisticregression__C": list(penalties)}
     cv = StratifiedKFold(n_folds, shuffle=True, random_state=seed)
@@ -149,20 +170,27 @@ def linear_probe_classifier(
         model = EHRTransformerModel.from_pretrained(model, use_safetensors=True)
     backbone = model.base_model
     config = with_tasks(
-        backbone.config, classifier_head="linear", temperature=1.0,  # the logistic fit is its own calibration
-        classifier_pooling=classifier_pooling or backbone.config.classifier_pooling, **BINARY_HEAD,
-    )  # fmt: skip
+        backbone.config,
+        classifier_head="linear",
+        temperature=1.0,  # the logistic fit is its own calibration
+        classifier_pooling=classifier_pooling or backbone.config.classifier_pooling,
+        **BINARY_HEAD,
+    )
     classifier = EHRTransformerForSequenceClassification._from_config(
         config, attn_implementation=attn_implementation or backbone.config._attn_implementation
     )
     classifier.model.load_state_dict(backbone.state_dict())
     classifier = classifier.to(backbone.device).eval()
-    probe = fit_linear_probe(embed_sequences(classifier, tokenizer, train_dataset, batch_size), y.astype(int), seed)
+    probe = fit_linear_probe(
+        embed_sequences(classifier, tokenizer, train_dataset, batch_size), y.astype(int), seed
+    )
     scaler, logistic = probe.best_estimator_[0], probe.best_estimator_[-1]
     w = logistic.coef_.astype(np.float64).reshape(-1)  # (H,)
     with torch.no_grad():
         classifier.classifier.weight.copy_(torch.from_numpy(w / scaler.scale_).view(1, -1))  # (1, H)
-        classifier.classifier.bias.fill_(float(logistic.intercept_[0] - np.sum(w * scaler.mean_ / scaler.scale_)))
+        classifier.classifier.bias.fill_(
+            float(logistic.intercept_[0] - np.sum(w * scaler.mean_ / scaler.scale_))
+        )
     return classifier, probe
 
 

@@ -125,8 +125,10 @@ class PretrainingTrainer(ResumableTrainer):
                 if not getattr(self.data_collator, setting):
                     logger.warning(
                         "objective %r is configured but the collator has %s=%r: it gets no targets and is not trained",
-                        name, setting, getattr(self.data_collator, setting),
-                    )  # fmt: skip
+                        name,
+                        setting,
+                        getattr(self.data_collator, setting),
+                    )
         self._loss_sums = torch.zeros(len(self.objectives), device=self.args.device)
         self._loss_counts = torch.zeros(len(self.objectives), device=self.args.device)
         self._step_of_last_micro_batch, self._micro_batch = -1, 0
@@ -237,7 +239,9 @@ def parse_objectives(pretraining_args: PretrainingArguments) -> dict:
     weights = None
     if pretraining_args.objective_weights:
         try:
-            pairs = [item.split("=") for item in pretraining_args.objective_weights.split(",") if item.strip()]
+            pairs = [
+                item.split("=") for item in pretraining_args.objective_weights.split(",") if item.strip()
+            ]
             weights = {name.strip(): float(value) for name, value in pairs}
         except ValueError as error:
             raise ValueError(
@@ -341,11 +345,24 @@ def pretrain(
     if trainer.is_world_process_zero():
         started_from = Path(model_args.model_name_or_path or "random init").name
         card = card_for_training(
-            data_args, tokenizer, train_dataset, training_args,
-            objectives=describe_objectives(trainer.model, pretraining_args), started_from=started_from,
-        )  # fmt: skip
+            data_args,
+            tokenizer,
+            train_dataset,
+            training_args,
+            objectives=describe_objectives(trainer.model, pretraining_args),
+            started_from=started_from,
+        )
         # prototypes + code frequencies for model selection
-        card["population"] = write_population_summary(trainer.model, tokenizer, train_dataset, eval_dataset, data_args.data_dir, training_args.output_dir, data_args.train_split, training_args.seed)  # fmt: skip
+        card["population"] = write_population_summary(
+            trainer.model,
+            tokenizer,
+            train_dataset,
+            eval_dataset,
+            data_args.data_dir,
+            training_args.output_dir,
+            data_args.train_split,
+            training_args.seed,
+        )
         save_checkpoint(trainer.model, tokenizer, training_args.output_dir, {"kind": "pretrained", **card})
     return trainer.model
 

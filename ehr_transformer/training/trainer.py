@@ -40,7 +40,9 @@ class ReproducibleMasking:
         digest = hashlib.blake2b(f"{self.seed}:{self.epoch}".encode(), digest_size=8)
         for feature in features:
             digest.update(np.asarray(feature["input_ids"], dtype=np.int64).tobytes() + b"|")
-        self.collator.generator = torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
+        self.collator.generator = torch.Generator().manual_seed(
+            int.from_bytes(digest.digest(), "little") >> 1
+        )
         return self.collator(features)
 
     def __getattr__(self, name: str) -> Any:  # tokenizer, mlm_probability, ... of the wrapped collator
