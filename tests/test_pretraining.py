@@ -287,7 +287,7 @@ def test_killed_run_resumes_bit_identically_with_teacher_and_learned_weights(coh
         trainer = PretrainingTrainer(
             model=tiny_model(tokenizer), train_dataset=dataset, loss_balancing=strategy, ema_decay=0.9,
             args=args(output, max_steps=max_steps, save_strategy="steps", save_steps=3, logging_steps=1,
-                      train_sampling_strategy="group_by_length"),  # as pretrain() (see safety.py)
+                      train_sampling_strategy="group_by_length"),  # as pretrain() (see trainer.py)
             data_collator=ReproducibleMasking(collator(tokenizer), seed=0),
         )  # fmt: skip
         if stop_at:
@@ -321,23 +321,26 @@ def test_killed_run_resumes_bit_identically_with_teacher_and_learned_weights(coh
 
 
 def test_pretrain_continues_from_a_checkpoint_with_its_tokenizer(synthetic_meds, tmp_path):
-    from ehr_transformer.training.arguments import DataArguments, ModelArguments
+    import dataclasses
+
+    from ehr_transformer.training.arguments import DataArguments, ModelArguments, PretrainingArguments
     from ehr_transformer.training.pretrain import pretrain
 
-    tiny = dict(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_length=64
+    tiny = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    data = DataArguments(data_dir=str(synthetic_meds), cache_dir=str(tmp_path / "cache"), max_length=64)
+    first = pretrain(
+        dataclasses.replace(data, min_code_count=3),
+        ModelArguments(**tiny),
+        PretrainingArguments(),
+        args(tmp_path / "first", max_steps=2),
     )
-    data = DataArguments(data_dir=str(synthetic_meds), cache_dir=str(tmp_path / "cache"))
-    first = pretrain(data, ModelArguments(**tiny, min_code_count=3), args(tmp_path / "first", max_steps=2))
     # learning rate 0: the continued model must still hold the first model's weights
     continued = pretrain(
-        data,
-        ModelArguments(
-            model_name_or_path=str(tmp_path / "first"), objectives="code,value,time,feature",
-            loss_balancing="uncertainty", min_code_count=50,  # ignored: the checkpoint's tokenizer is kept
-        ),
+        dataclasses.replace(data, min_code_count=50),  # ignored: the checkpoint's tokenizer is kept
+        ModelArguments(model_name_or_path=str(tmp_path / "first")),
+        PretrainingArguments(objectives="code,value,time,feature", loss_balancing="uncertainty"),
         args(tmp_path / "second", max_steps=2, learning_rate=0.0),
-    )  # fmt: skip
+    )
     assert continued.config.pretraining_objectives == ["code", "value", "time", "feature"]
     for name, tensor in first.model.state_dict().items():
         assert torch.equal(continued.model.state_dict()[name], tensor), name
@@ -354,6 +357,7 @@ def test_pretrain_continues_from_a_checkpoint_with_its_tokenizer(synthetic_meds,
         pretrain(
             data,
             ModelArguments(model_name_or_path=str(tmp_path / "first")),
+            PretrainingArguments(),
             args(tmp_path / "third"),
             tokenizer=other,
         )

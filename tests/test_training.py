@@ -16,14 +16,14 @@ from sklearn.metrics import roc_auc_score
 from transformers import AutoModelForSequenceClassification, TrainingArguments
 
 from ehr_transformer import EHREventTokenizer, EHRTransformerConfig, EHRTransformerForSequenceClassification
-from ehr_transformer.training.linear_probe import PROBE_PENALTIES, fit_linear_probe
-from ehr_transformer.training.arguments import DataArguments, ModelArguments
 from ehr_transformer.evaluation.report import evaluate_checkpoint
-from ehr_transformer.training.finetune import finetune
 from ehr_transformer.inference import predict
+from ehr_transformer.training.arguments import DataArguments, FinetuningArguments, ModelArguments, PretrainingArguments
+from ehr_transformer.training.finetune import finetune
+from ehr_transformer.training.linear_probe import PROBE_PENALTIES, fit_linear_probe
 from ehr_transformer.training.pretrain import pretrain
 
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_length=64)
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 
 
 def training_args(output_dir, **kwargs):
@@ -49,8 +49,9 @@ def pretrained(synthetic_meds, tmp_path_factory):
     output = tmp_path_factory.mktemp("pretrained")
     cache = tmp_path_factory.mktemp("cache")
     model = pretrain(
-        DataArguments(data_dir=str(synthetic_meds), cache_dir=str(cache)),
-        ModelArguments(**TINY, min_code_count=3),
+        DataArguments(data_dir=str(synthetic_meds), cache_dir=str(cache), max_length=64, min_code_count=3),
+        ModelArguments(**TINY),
+        PretrainingArguments(),
         training_args(output, eval_strategy="steps", eval_steps=8),
     )
     return output, model
@@ -89,6 +90,7 @@ def test_finetune_from_pretrained_evaluate_and_predict(pretrained, synthetic_med
     model = finetune(
         DataArguments(data_dir=str(synthetic_meds), labels=str(labels), cache_dir=str(tmp_path / "cache")),
         ModelArguments(model_name_or_path=str(pretrained_dir)),
+        FinetuningArguments(),
         training_args(tmp_path / "finetuned", eval_strategy="steps", eval_steps=8),
     )
     assert isinstance(model, EHRTransformerForSequenceClassification)
@@ -119,8 +121,11 @@ def test_finetune_from_pretrained_evaluate_and_predict(pretrained, synthetic_med
 def test_finetune_from_scratch_with_label_fraction(synthetic_meds, tmp_path):
     labels = synthetic_meds / "labels" / "in_hospital_mortality.parquet"
     model = finetune(
-        DataArguments(data_dir=str(synthetic_meds), labels=str(labels), label_fraction=0.25, cache_dir=str(tmp_path)),
-        ModelArguments(**TINY, min_code_count=3),
+        DataArguments(
+            data_dir=str(synthetic_meds), labels=str(labels), cache_dir=str(tmp_path), max_length=64, min_code_count=3
+        ),
+        ModelArguments(**TINY),
+        FinetuningArguments(label_fraction=0.25),
         training_args(tmp_path / "scratch", max_steps=2),
     )
     assert torch.isfinite(next(model.parameters())).all()
@@ -128,24 +133,31 @@ def test_finetune_from_scratch_with_label_fraction(synthetic_meds, tmp_path):
 
 def test_finetune_without_labels_says_what_is_missing(synthetic_meds, tmp_path):
     with pytest.raises(ValueError, match="--labels"):
-        finetune(DataArguments(data_dir=str(synthetic_meds)), ModelArguments(**TINY), training_args(tmp_path))
+        finetune(
+            DataArguments(data_dir=str(synthetic_meds), max_length=64),
+            ModelArguments(**TINY),
+            FinetuningArguments(),
+            training_args(tmp_path),
+        )
 
 
 def test_pretrain_refuses_bad_masking_settings_before_tokenizing_the_data(pretrained, synthetic_meds, tmp_path, monkeypatch):
     """A misspelt masking setting fails in seconds, naming the field, not after the datasets are built; also when
     pretraining continues from a checkpoint (whose objectives decide which settings apply)."""
-    import ehr_transformer.training as training
+    import ehr_transformer.training.pretrain as training
 
     def fail(*args, **kwargs):
         raise AssertionError("the datasets were built before the collator settings were checked")
 
     monkeypatch.setattr(training, "build_pretraining_dataset", fail)
-    data = DataArguments(data_dir=str(synthetic_meds), cache_dir=str(tmp_path / "cache"))
+    data = DataArguments(data_dir=str(synthetic_meds), cache_dir=str(tmp_path / "cache"), max_length=64)
     with pytest.raises(ValueError, match="value_mask_strategy"):
-        pretrain(data, ModelArguments(**TINY, value_mask_strategy="past"), training_args(tmp_path / "a"))
-    continued = ModelArguments(model_name_or_path=str(pretrained[0]), mlm_probability=1.5)
+        pretrain(
+            data, ModelArguments(**TINY), PretrainingArguments(value_mask_strategy="past"), training_args(tmp_path / "a")
+        )
+    continued = ModelArguments(model_name_or_path=str(pretrained[0]))
     with pytest.raises(ValueError, match="mlm_probability"):
-        pretrain(data, continued, training_args(tmp_path / "b"))
+        pretrain(data, continued, PretrainingArguments(mlm_probability=1.5), training_args(tmp_path / "b"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -179,6 +191,7 @@ def test_checkpoints_carry_a_model_card_without_identifiers(pretrained, syntheti
     finetune(
         DataArguments(data_dir=str(synthetic_meds), labels=str(labels), cache_dir=str(tmp_path / "cache")),
         ModelArguments(model_name_or_path=str(pretrained_dir)),
+        FinetuningArguments(),
         training_args(tmp_path / "finetuned", max_steps=2),
     )
     report = evaluate_checkpoint(tmp_path / "finetuned", synthetic_meds, labels, n_bootstrap=20, baseline=None)
@@ -203,8 +216,15 @@ def test_multitask_finetune_and_predict_one_column_per_task(synthetic_meds, tmp_
         "subject_id", "prediction_time", (pl.col("boolean_value").cast(pl.Float64) * 7 + 2).alias("float_value")
     ).write_parquet(stay)
     model = finetune(
-        DataArguments(data_dir=str(synthetic_meds), labels=f"{mortality},{stay}", cache_dir=str(tmp_path / "cache")),
-        ModelArguments(**TINY, min_code_count=3),
+        DataArguments(
+            data_dir=str(synthetic_meds),
+            labels=f"{mortality},{stay}",
+            cache_dir=str(tmp_path / "cache"),
+            max_length=64,
+            min_code_count=3,
+        ),
+        ModelArguments(**TINY),
+        FinetuningArguments(),
         training_args(tmp_path / "multi", max_steps=4, eval_strategy="steps", eval_steps=4),
     )
     assert model.config.task_names == ["in_hospital_mortality", "stay_days"]
@@ -367,13 +387,15 @@ def test_linear_probe_refuses_what_is_not_one_binary_label(pretrained, synthetic
     with pytest.raises(ValueError, match="one binary label file"):
         finetune(
             DataArguments(data_dir=str(synthetic_meds), labels=two_files),
-            ModelArguments(model_name_or_path=str(pretrained_dir), linear_probe=True),
+            ModelArguments(model_name_or_path=str(pretrained_dir)),
+            FinetuningArguments(linear_probe=True),
             training_args(tmp_path),
         )
     with pytest.raises(ValueError, match="--model_name_or_path"):
         finetune(
             DataArguments(data_dir=str(synthetic_meds), labels=str(label_dir / "in_hospital_mortality.parquet")),
-            ModelArguments(linear_probe=True),
+            ModelArguments(),
+            FinetuningArguments(linear_probe=True),
             training_args(tmp_path),
         )
 
@@ -392,20 +414,21 @@ def test_finetune_from_a_linear_probe_starts_at_the_probe_then_trains_every_weig
 
     pretrained_dir, _ = pretrained
     labels = synthetic_meds / "labels" / "in_hospital_mortality.parquet"
-    data = DataArguments(data_dir=str(synthetic_meds), labels=str(labels), label_fraction=0.5, cache_dir=str(tmp_path / "c"))
-    model_args = ModelArguments(model_name_or_path=str(pretrained_dir), linear_probe_init=True)
+    data = DataArguments(data_dir=str(synthetic_meds), labels=str(labels), cache_dir=str(tmp_path / "c"))
+    model_args = ModelArguments(model_name_or_path=str(pretrained_dir))
+    lpft = FinetuningArguments(label_fraction=0.5, linear_probe_init=True)
     tokenizer = EHREventTokenizer.from_pretrained(pretrained_dir)
     train = build_labeled_dataset(synthetic_meds, labels, tokenizer, "train", cache_dir=tmp_path / "c")
     held_out = build_labeled_dataset(synthetic_meds, labels, tokenizer, "held_out", cache_dir=tmp_path / "c")
     probe, _ = linear_probe_classifier(pretrained_dir, tokenizer, _subsample_labels(train, 0.5, 3), seed=3)
 
-    unmoved = finetune(data, model_args, training_args(tmp_path / "lr0", learning_rate=0.0, seed=3))
+    unmoved = finetune(data, model_args, lpft, training_args(tmp_path / "lr0", learning_rate=0.0, seed=3))
     assert unmoved.config.classifier_head == "linear"
     np.testing.assert_allclose(
         predict_dataset(unmoved, held_out, tokenizer), predict_dataset(probe, held_out, tokenizer), atol=1e-5
     )
 
-    tuned = finetune(data, model_args, training_args(tmp_path / "lpft", learning_rate=1e-3, seed=3))
+    tuned = finetune(data, model_args, lpft, training_args(tmp_path / "lpft", learning_rate=1e-3, seed=3))
     assert not torch.allclose(tuned.classifier.weight, probe.classifier.weight)
     backbone = EHRTransformerModel.from_pretrained(pretrained_dir).state_dict()
     moved = [name for name, tensor in tuned.model.state_dict().items() if not torch.equal(tensor, backbone[name])]
@@ -414,9 +437,9 @@ def test_finetune_from_a_linear_probe_starts_at_the_probe_then_trains_every_weig
 
     two_files = f"{labels},{labels.parent / 'long_length_of_stay.parquet'}"
     with pytest.raises(ValueError, match="--linear_probe_init.*one binary label file"):
-        finetune(dataclasses.replace(data, labels=two_files), model_args, training_args(tmp_path / "x"))
+        finetune(dataclasses.replace(data, labels=two_files), model_args, lpft, training_args(tmp_path / "x"))
     with pytest.raises(ValueError, match="--linear_probe_init.*--model_name_or_path"):
-        finetune(data, ModelArguments(linear_probe_init=True), training_args(tmp_path / "y"))
+        finetune(data, ModelArguments(), lpft, training_args(tmp_path / "y"))
 
 
 def test_a_one_label_head_on_a_two_label_config_reports_no_mismatch(caplog):
