@@ -1,10 +1,11 @@
 """The quickstart from Python: synthetic MEDS cohort -> pretrain -> fine-tune -> evaluate -> reload.
 
-    python examples/quickstart.py [--output quickstart_output] [--subjects 3000]
+    python examples/quickstart.py [--output_dir quickstart_output] [--num_subjects 3000]
 
 The same steps as `ehr-transformer quickstart`, written out with the package's functions so that each one can be
-changed: swap `write_synthetic_meds` for your own MEDS folder, the model size in `ModelArguments`, the schedule in
-`TrainingArguments`.
+changed: swap `write_synthetic_meds` for your own MEDS folder, the sequence length in `DataArguments`, the model
+size in `ModelArguments`, the objectives in `PretrainingArguments`, the classifier in `FinetuningArguments`, the
+schedule in `TrainingArguments`.
 """
 
 import argparse
@@ -13,38 +14,48 @@ from pathlib import Path
 from transformers import AutoModelForSequenceClassification, TrainingArguments
 
 from ehr_transformer import EHREventTokenizer
-from ehr_transformer.evaluation.report import format_report
 from ehr_transformer.data.dataset import build_labeled_dataset
 from ehr_transformer.data.synthetic import write_synthetic_meds
-from ehr_transformer.training.arguments import DataArguments, ModelArguments
-from ehr_transformer.evaluation.report import evaluate_checkpoint
-from ehr_transformer.training.finetune import finetune
+from ehr_transformer.evaluation.report import evaluate_checkpoint, format_report
 from ehr_transformer.inference import predict_dataset
+from ehr_transformer.training.arguments import (
+    DataArguments,
+    FinetuningArguments,
+    ModelArguments,
+    PretrainingArguments,
+)
+from ehr_transformer.training.finetune import finetune
 from ehr_transformer.training.pretrain import pretrain
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--output", default="quickstart_output")
-parser.add_argument("--subjects", type=int, default=3000)
+parser.add_argument("--output_dir", default="quickstart_output")
+parser.add_argument("--num_subjects", type=int, default=3000)
 args = parser.parse_args()
-out = Path(args.output)
+out = Path(args.output_dir)
 
-data = write_synthetic_meds(out / "meds", n_subjects=args.subjects, seed=0, overwrite=True)
+data = write_synthetic_meds(out / "meds", n_subjects=args.num_subjects, seed=0, overwrite=True)
 labels = data / "labels" / "in_hospital_mortality.parquet"
 common = dict(per_device_train_batch_size=32, learning_rate=1e-3, save_strategy="no", report_to=[], seed=0)
 
 pretrain(
-    DataArguments(data_dir=str(data)),
-    ModelArguments(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, max_length=256),
+    DataArguments(data_dir=str(data), max_length=256),
+    ModelArguments(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
+    PretrainingArguments(),
     TrainingArguments(str(out / "pretrained"), num_train_epochs=4, **common),
 )
 finetune(
     DataArguments(data_dir=str(data), labels=str(labels)),
     ModelArguments(model_name_or_path=str(out / "pretrained")),
+    FinetuningArguments(),
     TrainingArguments(str(out / "finetuned"), num_train_epochs=4, eval_strategy="epoch", **common),
 )
-print(format_report(evaluate_checkpoint(out / "finetuned", data, labels, split="held_out", baseline="logistic")))
+print(
+    format_report(evaluate_checkpoint(out / "finetuned", data, labels, split="held_out", baseline="logistic"))
+)
 
 model = AutoModelForSequenceClassification.from_pretrained(out / "finetuned")
 tokenizer = EHREventTokenizer.from_pretrained(out / "finetuned")
 held_out = build_labeled_dataset(data, labels, tokenizer, split="held_out")
-print("risk of the first 5 held-out admissions:", predict_dataset(model, held_out.select(range(5)), tokenizer))
+print(
+    "risk of the first 5 held-out admissions:", predict_dataset(model, held_out.select(range(5)), tokenizer)
+)

@@ -1,7 +1,7 @@
 """Choose a pretrained checkpoint for your data: a small zoo of checkpoints from different "hospitals", and the
 selector picking the right one for held-out data of each.
 
-    python examples/select_model.py --output select_model_output [--yaib ../shared/data/yaib_demo]
+    python examples/select_model.py --output_dir select_model_output [--yaib ../shared/data/yaib_demo]
 
 The zoo: three synthetic hospitals that code differently and treat different populations (`HospitalProfile`):
 `general` (the default coding), `local_labs` (laboratory and vital-sign codes written `LAB//...` instead of
@@ -12,8 +12,9 @@ data are absent). Each checkpoint folder holds its model card, prototypes and co
 
 Then every source plays the user: new data of the same synthetic hospital (another seed), the eICU demo stays
 held out from the eICU checkpoint's pretraining, and the MIMIC-III demo cohort (another hospital with the same
-YAIB variables). The selector ranks the zoo for each with `ehr_transformer.selection.select_checkpoints`, using a
-few hundred of the user's training labels for LogME, and the script checks that the expected checkpoint comes first.
+YAIB variables). The selector ranks the zoo for each with `ehr_transformer.selection.selector.select_checkpoints`,
+using a few hundred of the user's training labels for LogME, and the script checks that the expected checkpoint
+comes first.
 The data of the real cohorts (PhysioNet demo databases, ODbL v1.0, processed by YAIB) are not shipped.
 """
 
@@ -25,32 +26,25 @@ import polars as pl
 import torch
 from transformers import TrainingArguments
 
-from ehr_transformer.data.meds import read_events
 from ehr_transformer.data.labels import read_labels
+from ehr_transformer.data.meds import read_events
 from ehr_transformer.data.splits import read_subject_splits
-from ehr_transformer.data.writer import write_meds
 from ehr_transformer.data.synthetic import HospitalProfile, write_synthetic_meds
 from ehr_transformer.data.wide import convert_wide
+from ehr_transformer.data.writer import write_meds
 from ehr_transformer.selection.selector import format_ranking, select_checkpoints, write_ranking
-from ehr_transformer.training.arguments import DataArguments, ModelArguments
+from ehr_transformer.training.arguments import DataArguments, ModelArguments, PretrainingArguments
 from ehr_transformer.training.pretrain import pretrain
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--output", default="select_model_output")
+parser.add_argument("--output_dir", default="select_model_output")
 parser.add_argument("--yaib", default="../shared/data/yaib_demo")
-parser.add_argument("--subjects", type=int, default=1500, help="subjects per synthetic hospital")
+parser.add_argument("--num_subjects", type=int, default=1500, help="subjects per synthetic hospital")
 parser.add_argument("--epochs", type=float, default=4, help="pretraining epochs")
 args = parser.parse_args()
 torch.set_num_threads(1)
-out = Path(args.output)
-MODEL = ModelArguments(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    max_length=128,
-    min_code_count=5,
-)
+out = Path(args.output_dir)
+MODEL = ModelArguments(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 HOSPITALS = {
     "general": (HospitalProfile(name="general"), 501, 601),
     "local_labs": (HospitalProfile(name="local_labs", code_systems={"LOINC": "LAB"}), 502, 602),
@@ -67,8 +61,9 @@ HOSPITALS = {
 def pretrain_checkpoint(data: Path, name: str) -> Path:
     target = out / "zoo" / name
     pretrain(
-        DataArguments(data_dir=str(data), cache_dir=str(out / "cache")),
+        DataArguments(data_dir=str(data), cache_dir=str(out / "cache"), max_length=128, min_code_count=5),
         MODEL,
+        PretrainingArguments(),
         TrainingArguments(
             str(target), num_train_epochs=args.epochs, per_device_train_batch_size=32, learning_rate=1e-3,
             weight_decay=0.01, save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True, seed=0,
@@ -95,7 +90,7 @@ def held_out_as_user(meds: Path, target: Path) -> Path:
 zoo, users = {}, {}
 for name, (profile, pretrain_seed, user_seed) in HOSPITALS.items():
     data = write_synthetic_meds(
-        out / "data" / name, args.subjects, seed=pretrain_seed, profile=profile, overwrite=True
+        out / "data" / name, args.num_subjects, seed=pretrain_seed, profile=profile, overwrite=True
     )
     zoo[name] = pretrain_checkpoint(data, name)
     user = write_synthetic_meds(out / "users" / name, 600, seed=user_seed, profile=profile, overwrite=True)

@@ -6,7 +6,12 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ehr_transformer.evaluation.baselines import TabularBaseline, aggregate_features, fit_count_logistic_baseline, fit_gbm_baseline
+from ehr_transformer.evaluation.baselines import (
+    TabularBaseline,
+    aggregate_features,
+    fit_count_logistic_baseline,
+    fit_gbm_baseline,
+)
 from ehr_transformer.evaluation.metrics import auroc
 
 T0 = datetime(2020, 1, 1)
@@ -29,7 +34,9 @@ def _events(rows):
 
 
 def _labels(rows):
-    return pl.DataFrame(rows, schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us")}, orient="row")
+    return pl.DataFrame(
+        rows, schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us")}, orient="row"
+    )
 
 
 BASE = [
@@ -50,11 +57,14 @@ def test_aggregates_and_cutoff():
     X, names, codes = aggregate_features(_events(BASE), labels)
     f = dict(zip(names, X[0], strict=True))
     assert codes == {"DX//a": False, "DX//b": False, "LAB//k": True, "SEX//F": False, "SEX//M": False}
-    assert f["LAB//k/count"] == 2 and f["LAB//k/mean"] == 4.5 and f["LAB//k/last"] == 5.0  # hour 2 not visible
+    # hour 2 not visible
+    assert f["LAB//k/count"] == 2 and f["LAB//k/mean"] == 4.5 and f["LAB//k/last"] == 5.0
     assert f["LAB//k/min"] == 4.0 and f["LAB//k/max"] == 5.0
     assert f["DX//a/count"] == 1  # at exactly the prediction time: visible
     assert f["SEX//F/count"] == 1  # static events always visible
-    assert f["age"] == pytest.approx((CUTOFF - datetime(1950, 1, 1)).total_seconds() / (365.25 * 86400), rel=1e-6)
+    assert f["age"] == pytest.approx(
+        (CUTOFF - datetime(1950, 1, 1)).total_seconds() / (365.25 * 86400), rel=1e-6
+    )
     assert "MEDS_BIRTH/count" not in names
     # subject 3 has no events at all: zero counts, NaN values and age; rows follow the label order
     assert X.dtype == np.float32 and X.shape == (3, len(names))
@@ -65,7 +75,10 @@ def test_aggregates_and_cutoff():
 def test_event_one_second_after_prediction_time_changes_nothing():
     labels = _labels([(1, CUTOFF), (2, CUTOFF)])
     X, names, codes = aggregate_features(_events(BASE), labels)
-    later = [(1, CUTOFF + timedelta(seconds=1), "LAB//k", 100.0), (2, CUTOFF + timedelta(seconds=1), "DX//a", None)]
+    later = [
+        (1, CUTOFF + timedelta(seconds=1), "LAB//k", 100.0),
+        (2, CUTOFF + timedelta(seconds=1), "DX//a", None),
+    ]
     X2, names2, _ = aggregate_features(_events(BASE + later), labels, codes=codes)
     assert names2 == names
     np.testing.assert_array_equal(X, X2)
@@ -105,7 +118,8 @@ def _synthetic(n_subjects, seed):
         labels.append((s, T0 + timedelta(days=1), bool(y[s])))
     events = pl.DataFrame(rows, schema=SCHEMA, orient="row")
     labels = pl.DataFrame(
-        labels, schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"), "boolean_value": pl.Boolean},
+        labels,
+        schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"), "boolean_value": pl.Boolean},
         orient="row",
     )
     return events, labels
@@ -133,7 +147,9 @@ def test_fit_functions_and_regression():
     logistic = fit_count_logistic_baseline(counts, y)
     assert auroc(y, logistic.predict_proba(counts)[:, 1]) > 0.9
     events, labels = _synthetic(150, seed=1)
-    reg_labels = labels.select("subject_id", "prediction_time", pl.col("boolean_value").cast(pl.Float64).alias("float_value"))
+    reg_labels = labels.select(
+        "subject_id", "prediction_time", pl.col("boolean_value").cast(pl.Float64).alias("float_value")
+    )
     reg = TabularBaseline(kind="gbm", task="regression").fit(events, reg_labels)
     assert reg.predict(events, reg_labels).shape == (150,)
     with pytest.raises(ValueError, match="kind"):

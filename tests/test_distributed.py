@@ -51,7 +51,8 @@ def test_two_process_pretraining_matches_one_process(synthetic_meds, tmp_path):
     )  # fmt: skip
     assert double.returncode == 0, double.stderr[-3000:]
     checkpoint = tmp_path / "double" / f"checkpoint-{STEPS}"
-    assert (checkpoint / "rng_state_0.pth").exists() and (checkpoint / "rng_state_1.pth").exists()  # two ranks
+    # two ranks
+    assert (checkpoint / "rng_state_0.pth").exists() and (checkpoint / "rng_state_1.pth").exists()
     one, two = logged_losses(tmp_path / "single"), logged_losses(tmp_path / "double")
     assert len(one) == len(two) == STEPS
     differences = [abs(a - b) for a, b in zip(one, two, strict=True)]

@@ -17,16 +17,24 @@ DRIVER = "LAB//lactate"
 
 
 def make_tokenizer() -> EHREventTokenizer:
-    stats = {code: {"median": 2.0, "scale": 0.5, "count": 100, "bin_edges": []} for code in CODES}
+    stats = {code: {"median": 2.0, "scale": 0.5, "count": 100} for code in CODES}
     return EHREventTokenizer(CODES, stats, max_length=32, min_code_count=1)
 
 
 def make_model(tokenizer, seed=0, layers=2, unpad=True) -> EHRTransformerForSequenceClassification:
     torch.manual_seed(seed)
     config = EHRTransformerConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
-        intermediate_size=32, num_labels=1, problem_type="multi_label_classification",
-        hidden_dropout_prob=0.0, embedding_dropout=0.0, classifier_dropout=0.0, initializer_range=0.2,
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=1,
+        problem_type="multi_label_classification",
+        hidden_dropout_prob=0.0,
+        embedding_dropout=0.0,
+        classifier_dropout=0.0,
+        initializer_range=0.2,
         unpad_inputs=unpad,
     )
     return EHRTransformerForSequenceClassification(config).eval()
@@ -44,12 +52,14 @@ def make_rows(tokenizer, n, seed=0, driver_every=2):
         if positive:
             ids[int(torch.randint(0, length, (1,), generator=g))] = driver
         values = torch.randn(length, generator=g).tolist()
-        rows.append({
-            "input_ids": [tokenizer.cls_token_id, *ids],
-            "values": [float("nan"), *values],
-            "times": [0.0, *sorted(torch.rand(length, generator=g).mul(24).tolist())],
-            "ages": [60.0] * (length + 1),
-        })
+        rows.append(
+            {
+                "input_ids": [tokenizer.cls_token_id, *ids],
+                "values": [float("nan"), *values],
+                "times": [0.0, *sorted(torch.rand(length, generator=g).mul(24).tolist())],
+                "ages": [60.0] * (length + 1),
+            }
+        )
         labels.append(float(positive))
     return rows, labels
 
@@ -82,9 +92,13 @@ def test_padding_gets_zero_attribution_and_is_never_reported(unpad):
     assert torch.all(attributions[pad] == 0)
     # the real events alone account for the whole logit difference: padding carried nothing
     gap = logits - baseline
-    torch.testing.assert_close(attributions.sum(dim=1), gap, atol=5e-3 + 0.02 * gap.abs().max().item(), rtol=0)
+    torch.testing.assert_close(
+        attributions.sum(dim=1), gap, atol=5e-3 + 0.02 * gap.abs().max().item(), rtol=0
+    )
     # and padding does not change any attribution of the short row
-    alone, _, _ = integrated_gradients(model, DataCollatorForEventClassification(tokenizer)(rows[:1]), steps=64)
+    alone, _, _ = integrated_gradients(
+        model, DataCollatorForEventClassification(tokenizer)(rows[:1]), steps=64
+    )
     torch.testing.assert_close(attributions[0, :3], alone[0], atol=1e-4, rtol=1e-3)
     top = explain(model, tokenizer, rows, top_k=50, steps=8)
     assert len(top[0]) == 2  # 3 positions: [CLS] + 2 events
@@ -125,8 +139,10 @@ def test_planted_driver_event_ranks_first():
     model.train()
     for _ in range(12):
         for start in range(0, len(rows), 32):
-            features = [{**r, "labels": y} for r, y in zip(rows[start:start + 32], labels[start:start + 32],
-                                                           strict=True)]
+            features = [
+                {**r, "labels": y}
+                for r, y in zip(rows[start : start + 32], labels[start : start + 32], strict=True)
+            ]
             loss = model(**collator(features)).loss
             loss.backward()
             optimizer.step()
@@ -151,22 +167,43 @@ def test_predict_cli_explain_column(tmp_path):
     checkpoint = save_checkpoint(model, tokenizer, tmp_path / "checkpoint")
     subjects = list(range(1, 7))
     start = datetime(2000, 1, 1)
-    events = pl.DataFrame({
-        "subject_id": [s for s in subjects for _ in range(4)],
-        "time": [None, start, start + timedelta(hours=1), start + timedelta(hours=2)] * len(subjects),
-        "code": ["VITAL//1", DRIVER, "VITAL//2", "VITAL//3"] * len(subjects),
-        "numeric_value": [None, 2.5, 80.0, None] * len(subjects),
-    }, schema_overrides={"numeric_value": pl.Float32})
-    labels = pl.DataFrame({
-        "subject_id": subjects,
-        "prediction_time": [start + timedelta(hours=3)] * 6,
-        "boolean_value": [True, False] * 3,
-    })
+    events = pl.DataFrame(
+        {
+            "subject_id": [s for s in subjects for _ in range(4)],
+            "time": [None, start, start + timedelta(hours=1), start + timedelta(hours=2)] * len(subjects),
+            "code": ["VITAL//1", DRIVER, "VITAL//2", "VITAL//3"] * len(subjects),
+            "numeric_value": [None, 2.5, 80.0, None] * len(subjects),
+        },
+        schema_overrides={"numeric_value": pl.Float32},
+    )
+    labels = pl.DataFrame(
+        {
+            "subject_id": subjects,
+            "prediction_time": [start + timedelta(hours=3)] * 6,
+            "boolean_value": [True, False] * 3,
+        }
+    )
     splits = pl.DataFrame({"subject_id": subjects, "split": ["held_out"] * 6})
     meds = write_meds(tmp_path / "meds", events, splits, labels={"task": labels})
     output = tmp_path / "predictions.parquet"
-    assert main(["predict", "--checkpoint", str(checkpoint), "--data_dir", str(meds), "--labels",
-                 str(meds / "labels" / "task.parquet"), "--output", str(output), "--explain", "2"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(checkpoint),
+                "--data_dir",
+                str(meds),
+                "--labels",
+                str(meds / "labels" / "task.parquet"),
+                "--output_file",
+                str(output),
+                "--explain",
+                "2",
+            ]
+        )
+        == 0
+    )
     predictions = pl.read_parquet(output)
     assert predictions.height == 6
     top = predictions["top_events"].to_list()

@@ -17,7 +17,7 @@ from transformers import TrainingArguments
 
 from ehr_transformer import EHREventTokenizer, EHRTransformerConfig
 from ehr_transformer.model_card import data_summary, read_card_metadata, render_model_card
-from ehr_transformer.training.arguments import DataArguments, ModelArguments
+from ehr_transformer.training.arguments import DataArguments, ModelArguments, PretrainingArguments
 from ehr_transformer.training.pretrain import pretrain
 
 SECTIONS = (
@@ -41,11 +41,12 @@ def pretrained(synthetic_meds, tmp_path_factory) -> Path:
         report_to=[], use_cpu=True, seed=0, disable_tqdm=True, logging_strategy="no",
     )  # fmt: skip
     model_args = ModelArguments(
-        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, max_length=64, min_code_count=3
-    )  # fmt: skip
-    pretrain(
-        DataArguments(data_dir=str(synthetic_meds), cache_dir=str(output.parent / "cache")), model_args, args
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
     )
+    data_args = DataArguments(
+        data_dir=str(synthetic_meds), cache_dir=str(output.parent / "cache"), max_length=64, min_code_count=3
+    )
+    pretrain(data_args, model_args, PretrainingArguments(), args)
     return output
 
 

@@ -13,8 +13,16 @@ from transformers import TrainerCallback, TrainerState, TrainingArguments, set_s
 from ehr_transformer import EHREventTokenizer, EHRTransformerConfig, EHRTransformerForMaskedEventModeling
 from ehr_transformer.data.collators import DataCollatorForMaskedEventModeling
 from ehr_transformer.data.synthetic import generate_synthetic_cohort
+from ehr_transformer.training.objectives import (
+    LOSS_BALANCING_STRATEGIES,
+    TEACHER_FILE,
+    EMATeacherCallback,
+    GradNorm,
+    PCGrad,
+    UncertaintyWeighting,
+    project_conflicting,
+)
 from ehr_transformer.training.pretrain import BALANCER_FILE, PretrainingTrainer
-from ehr_transformer.training.objectives import LOSS_BALANCING_STRATEGIES, TEACHER_FILE, EMATeacherCallback, GradNorm, PCGrad, UncertaintyWeighting, project_conflicting
 from ehr_transformer.training.trainer import ReproducibleMasking
 
 ALL = ["code", "value", "time", "feature"]

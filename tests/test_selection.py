@@ -18,18 +18,17 @@ import torch
 from transformers import TrainingArguments
 
 from ehr_transformer import EHREventTokenizer
+from ehr_transformer.checkpoint_safety import CODE_FREQUENCIES_FILE, PROTOTYPES_FILE, check_checkpoint_folder
 from ehr_transformer.data.synthetic import HospitalProfile, write_synthetic_meds
-from ehr_transformer.checkpoint_safety import check_checkpoint_folder
+from ehr_transformer.hub import push_checkpoint_to_hub, resolve_candidate
 from ehr_transformer.privacy import scan_folder_for_leaks
-from ehr_transformer.checkpoint_safety import CODE_FREQUENCIES_FILE, PROTOTYPES_FILE
+from ehr_transformer.selection.logme import logme
 from ehr_transformer.selection.prototypes import Prototypes, fit_prototypes
 from ehr_transformer.selection.selector import format_ranking, select_checkpoints
-from ehr_transformer.selection.logme import logme
-from ehr_transformer.hub import push_checkpoint_to_hub, resolve_candidate
-from ehr_transformer.training.arguments import DataArguments, ModelArguments
+from ehr_transformer.training.arguments import DataArguments, ModelArguments, PretrainingArguments
 from ehr_transformer.training.pretrain import pretrain
 
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_length=96)
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 # Three hospitals: A (default coding), B (local lab codes: LOINC written LAB) and C (A's codes, an older, much
 # sicker population admitted in emergencies): C's vocabulary overlaps A's, its population does not.
 HOSPITALS = {
@@ -51,8 +50,9 @@ def _pretrain(data: Path, output: Path, cache: Path) -> Path:
         eval_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True, logging_strategy="no",
     )  # fmt: skip
     pretrain(
-        DataArguments(data_dir=str(data), cache_dir=str(cache)),
-        ModelArguments(**TINY, min_code_count=5),
+        DataArguments(data_dir=str(data), cache_dir=str(cache), max_length=96, min_code_count=5),
+        ModelArguments(**TINY),
+        PretrainingArguments(),
         args,
     )
     return output
@@ -138,8 +138,8 @@ def test_pretrained_folder_is_complete_and_holds_only_aggregates(zoo):
 def test_no_subject_identifier_timestamp_or_rare_code_in_a_pretrained_folder(tmp_path):
     """A cohort with 10-digit subject ids (any occurrence is a leak) and a code per subject seen once: neither
     they nor an event time appears in any file of the folder, prototypes and code frequencies included."""
-    from ehr_transformer.data.writer import write_meds
     from ehr_transformer.data.synthetic import generate_synthetic_cohort
+    from ehr_transformer.data.writer import write_meds
 
     cohort = generate_synthetic_cohort(150, seed=5)
     shift = pl.col("subject_id") + 8_100_000_000
@@ -198,7 +198,17 @@ def test_select_command_prints_a_table_and_writes_json(zoo, tmp_path, capsys):
     output = tmp_path / "ranking.json"
     candidates = [str(zoo[name][0]) for name in ("B", "A")]
     assert (
-        main(["select", "--data", str(zoo["A"][1]), "--candidates", *candidates, "--output", str(output)])
+        main(
+            [
+                "select",
+                "--data_dir",
+                str(zoo["A"][1]),
+                "--candidates",
+                *candidates,
+                "--output_file",
+                str(output),
+            ]
+        )
         == 0
     )
     printed = capsys.readouterr().out
@@ -317,18 +327,16 @@ def test_selection_benchmark_runs_and_writes_its_json(tmp_path):
     """benchmarks/selection.py on a tiny setting (one user hospital, its two least mismatched checkpoints, half
     the labels with two seeds as the primary truth, all labels with two seeds and a frozen-feature probe on half
     the labels with three seeds beside): the JSON the README reads,
-    each case's verdicts checked against each truth's own fine-tuned AUROCs, and an older run's cases kept under
-    `previous_zoo`."""
+    each case's verdicts checked against each truth's own fine-tuned AUROCs."""
     from conftest import REPO_ROOT
 
-    output, older = tmp_path / "selection.json", tmp_path / "older.json"
-    older.write_text(json.dumps({"cases": [{"source": "general", "top1_correct": False, "spearman": 0.2}]}))
+    output = tmp_path / "selection.json"
     command = [
         sys.executable, str(REPO_ROOT / "benchmarks" / "selection.py"), "--output", str(output), "--hospitals", "1",
         "--hospital_index", "0", "--levels", "2", "--pretrain_subjects", "200", "--user_subjects", "200",
         "--eval_subjects", "200", "--pretrain_epochs", "1", "--finetune_epochs", "1", "--finetune_label_fraction",
         "0.5", "--low_label_seeds", "2", "--finetune_seeds", "2", "--probe_seeds", "3", "--bootstrap", "20", "--max_length", "48",
-        "--max_labels", "200", "--previous_zoo", str(older),
+        "--max_labels", "200",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
@@ -338,8 +346,6 @@ def test_selection_benchmark_runs_and_writes_its_json(tmp_path):
     assert data["protocol"] == "graded_mismatch_low_label" and data["label_fraction"] == 0.5
     assert data["settings"]["hospital_index"] == [0] and "--low_label_seeds 2" in data["command"]
     assert data["goal_met"] is False  # five cases are needed for the goal
-    assert data["previous_zoo"]["cases"] == [{"source": "general", "top1_correct": False, "spearman": 0.2}]
-    assert data["previous_zoo"]["explanation"]
     for case in data["cases"]:
         chosen = min(case["candidates"], key=lambda c: c["rank"])["checkpoint"]
         assert case["selected"] == case["full_labels"]["selected"] == chosen
@@ -355,15 +361,6 @@ def test_selection_benchmark_runs_and_writes_its_json(tmp_path):
         assert 200 < case["evaluation_subjects"] < 400 and case["evaluation_deaths"] > 0
         codes = {c["checkpoint"]: c["code_coverage"] for c in case["candidates"]}
         assert codes["mild"] < codes["match"]  # a quarter of the codes are local at the mild hospital
-        ensemble = case["top2_ensemble"]  # one seed pair: each checkpoint's two fine-tunes
-        assert ensemble["first_choice"] == chosen and {ensemble["first_choice"], ensemble["second_choice"]} == set(codes)
-        assert ensemble["seed_pairs"] == 1 and ensemble["best_candidate_auroc"] >= ensemble["first_choice_auroc"]
-        assert ensemble["difference_to_first_choice"] == pytest.approx(
-            ensemble["top2_ensemble_auroc"] - ensemble["first_choice_auroc"]
-        )
-    assert data["top2_ensemble"]["cases_ahead"] == sum(
-        c["top2_ensemble"]["difference_to_first_choice"] > 0 for c in data["cases"]
-    )
     assert data["top1_correct_cases"] == sum(c["top1_correct"] for c in data["cases"])
     full = data["full_labels"]
     assert full["top1_correct_cases"] == sum(c["full_labels"]["top1_correct"] for c in data["cases"])
@@ -391,14 +388,16 @@ def test_selection_benchmark_level_sets_build_the_hospitals_they_name():
     user = HospitalProfile(name="user", code_systems={"ICD10CM": "DX"}, age_shift=8.0)
 
     def systems(level) -> set[str]:
-        events = generate_synthetic_cohort(40, seed=3, profile=benchmark.candidate_profile(user, level, 7)).events
+        events = generate_synthetic_cohort(
+            40, seed=3, profile=benchmark.candidate_profile(user, level, 7)
+        ).events
         codes = events["code"].unique().to_list()
         return {code.split("//")[0] for code in codes if "//" in code}
 
     for name, levels in benchmark.LEVEL_SETS.items():
-        assert levels[0][0] == "match" and benchmark.candidate_profile(user, levels[0], 7) == dataclasses.replace(
-            user, name="user_match", local_code_seed=7
-        ), name
+        assert levels[0][0] == "match" and benchmark.candidate_profile(
+            user, levels[0], 7
+        ) == dataclasses.replace(user, name="user_match", local_code_seed=7), name
     by_name = {level[0]: level for level in benchmark.LEVEL_SETS["code_systems"]}
     assert systems(by_name["match"]) >= {"DX", "ICD10PCS", "RXNORM", "LOINC", "ADMISSION"}
     labs = systems(by_name["other_labs"])
@@ -413,30 +412,10 @@ def test_selection_benchmark_level_sets_build_the_hospitals_they_name():
     assert len({r.name for r in replicates}) == 4  # four checkpoints, each its own folder
     assert all(dataclasses.replace(r, name=user.name, local_code_seed=0) == user for r in replicates)
     profile = benchmark.candidate_profile(user, benchmark.LEVEL_SETS["local_codes"][1], 7)
-    assert (profile.age_shift, profile.severity_scale, profile.mortality_mechanism) == (8.0, 1.0, "physiology")
-
-
-def test_selection_benchmark_top2_ensemble_averages_the_first_two_choices_at_equal_compute():
-    """The tie-breaking figure: two fine-tunes of the first choice against one each of the first two choices. A
-    second choice that predicts exactly as the first changes nothing; one that ranks every evaluation row right
-    lifts the ensemble above the first choice alone; the best candidate is the truth's at two fine-tunes."""
-    benchmark = selection_benchmark()
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 2, 200).astype(float)
-    noisy = rng.random((4, 200))  # 4 seeds of a checkpoint that learnt nothing
-    right = 0.2 + 0.6 * labels + 0.1 * rng.random((4, 200))  # ranks every row right
-    rows = [{"rank": 2}, {"rank": 1}, {"rank": 3}]
-    names = ["match", "mild", "severe"]
-
-    same = benchmark.top2_ensemble([(noisy, labels), (noisy, labels), (right, labels)], rows, names)
-    assert (same["first_choice"], same["second_choice"], same["seed_pairs"]) == ("mild", "match", 2)
-    assert same["top2_ensemble_auroc"] == pytest.approx(same["first_choice_auroc"])
-    assert same["best_candidate"] == "severe" and same["best_candidate_auroc"] == pytest.approx(1.0)
-
-    better = benchmark.top2_ensemble([(right, labels), (noisy, labels), (noisy, labels)], rows, names)
-    assert better["first_choice_auroc"] < 0.6 < 0.9 < better["top2_ensemble_auroc"]
-    assert better["difference_to_first_choice"] == pytest.approx(
-        better["top2_ensemble_auroc"] - better["first_choice_auroc"]
+    assert (profile.age_shift, profile.severity_scale, profile.mortality_mechanism) == (
+        8.0,
+        1.0,
+        "physiology",
     )
 
 
@@ -491,15 +470,20 @@ def test_selection_benchmark_merge_recomputes_the_summary_from_the_parts(tmp_pat
         data["timings"] == {"pretraining_s": 3.0, "finetuning_low_label_s": 160.0} and data["wall_s"] == 100.0
     )
     assert [p["command"] for p in data["parts"]] == ["run part0.json", "run part1.json"]
-    assert data["command"].startswith("python benchmarks/selection.py --merge")
-    assert "20 epochs" in data["truth"] and "learning rate 0.001" in data["truth"] and "LP-FT" not in data["truth"]
+    assert data["command"].startswith("python -m benchmarks.selection --merge")
+    assert (
+        "20 epochs" in data["truth"]
+        and "learning rate 0.001" in data["truth"]
+        and "LP-FT" not in data["truth"]
+    )
     assert "frozen_probe" not in data  # the parts carry no frozen-probe truth (--probe_seeds 0)
 
     lpft = part("lpft.json", [0], [benchmark_case("general", True, 0.7, False, -0.4)], 10.0, finetune_lr=1e-4,
                 finetune_from_probe=True)  # fmt: skip
     benchmark.main(["--merge", lpft, "--output", str(tmp_path / "lpft_merged.json")])
     merged = json.loads((tmp_path / "lpft_merged.json").read_text())
-    for truth in (merged["truth"], merged["full_labels"]["truth"]):  # both truths fine-tune with the same recipe
+    # both truths fine-tune with the same recipe
+    for truth in (merged["truth"], merged["full_labels"]["truth"]):
         assert "learning rate 0.0001, every weight trained from the linear probe (LP-FT)" in truth
     with pytest.raises(SystemExit, match="settings"):  # an LP-FT part never joins a random-head one
         benchmark.main(["--merge", second, lpft, "--output", str(tmp_path / "refused.json")])

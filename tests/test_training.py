@@ -18,7 +18,12 @@ from transformers import AutoModelForSequenceClassification, TrainingArguments
 from ehr_transformer import EHREventTokenizer, EHRTransformerConfig, EHRTransformerForSequenceClassification
 from ehr_transformer.evaluation.report import evaluate_checkpoint
 from ehr_transformer.inference import predict
-from ehr_transformer.training.arguments import DataArguments, FinetuningArguments, ModelArguments, PretrainingArguments
+from ehr_transformer.training.arguments import (
+    DataArguments,
+    FinetuningArguments,
+    ModelArguments,
+    PretrainingArguments,
+)
 from ehr_transformer.training.finetune import finetune
 from ehr_transformer.training.linear_probe import PROBE_PENALTIES, fit_linear_probe
 from ehr_transformer.training.pretrain import pretrain
@@ -103,11 +108,18 @@ def test_finetune_from_pretrained_evaluate_and_predict(pretrained, synthetic_med
     predictions = predict(tmp_path / "finetuned", synthetic_meds, labels, split="held_out")
     assert predictions.columns == ["subject_id", "prediction_time", "probability", "label"]
     assert predictions["probability"].is_between(0, 1).all()
-    held_out = pl.read_parquet(synthetic_meds / "metadata" / "subject_splits.parquet").filter(pl.col("split") == "held_out")
+    held_out = pl.read_parquet(synthetic_meds / "metadata" / "subject_splits.parquet").filter(
+        pl.col("split") == "held_out"
+    )
     assert set(predictions["subject_id"].to_list()) <= set(held_out["subject_id"].to_list())
 
     report = evaluate_checkpoint(
-        tmp_path / "finetuned", synthetic_meds, labels, output_dir=tmp_path / "eval", n_bootstrap=50, baseline="logistic"
+        tmp_path / "finetuned",
+        synthetic_meds,
+        labels,
+        output_dir=tmp_path / "eval",
+        n_bootstrap=50,
+        baseline="logistic",
     )
     assert report["n"] == len(predictions)
     for name in ("model", "logistic_baseline"):
@@ -122,7 +134,11 @@ def test_finetune_from_scratch_with_label_fraction(synthetic_meds, tmp_path):
     labels = synthetic_meds / "labels" / "in_hospital_mortality.parquet"
     model = finetune(
         DataArguments(
-            data_dir=str(synthetic_meds), labels=str(labels), cache_dir=str(tmp_path), max_length=64, min_code_count=3
+            data_dir=str(synthetic_meds),
+            labels=str(labels),
+            cache_dir=str(tmp_path),
+            max_length=64,
+            min_code_count=3,
         ),
         ModelArguments(**TINY),
         FinetuningArguments(label_fraction=0.25),
@@ -141,7 +157,9 @@ def test_finetune_without_labels_says_what_is_missing(synthetic_meds, tmp_path):
         )
 
 
-def test_pretrain_refuses_bad_masking_settings_before_tokenizing_the_data(pretrained, synthetic_meds, tmp_path, monkeypatch):
+def test_pretrain_refuses_bad_masking_settings_before_tokenizing_the_data(
+    pretrained, synthetic_meds, tmp_path, monkeypatch
+):
     """A misspelt masking setting fails in seconds, naming the field, not after the datasets are built; also when
     pretraining continues from a checkpoint (whose objectives decide which settings apply)."""
     import ehr_transformer.training.pretrain as training
@@ -153,7 +171,10 @@ def test_pretrain_refuses_bad_masking_settings_before_tokenizing_the_data(pretra
     data = DataArguments(data_dir=str(synthetic_meds), cache_dir=str(tmp_path / "cache"), max_length=64)
     with pytest.raises(ValueError, match="value_mask_strategy"):
         pretrain(
-            data, ModelArguments(**TINY), PretrainingArguments(value_mask_strategy="past"), training_args(tmp_path / "a")
+            data,
+            ModelArguments(**TINY),
+            PretrainingArguments(value_mask_strategy="past"),
+            training_args(tmp_path / "a"),
         )
     continued = ModelArguments(model_name_or_path=str(pretrained[0]))
     with pytest.raises(ValueError, match="mlm_probability"):
@@ -170,7 +191,9 @@ def test_pretrain_script_runs_as_a_command(synthetic_meds, tmp_path):
         "--max_length", "32", "--max_steps", "2", "--per_device_train_batch_size", "8", "--report_to", "none",
         "--use_cpu", "--save_strategy", "no", "--min_code_count", "3",
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out" / "model.safetensors").exists()
     vocab_size = json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"]
@@ -194,13 +217,15 @@ def test_checkpoints_carry_a_model_card_without_identifiers(pretrained, syntheti
         FinetuningArguments(),
         training_args(tmp_path / "finetuned", max_steps=2),
     )
-    report = evaluate_checkpoint(tmp_path / "finetuned", synthetic_meds, labels, n_bootstrap=20, baseline=None)
+    report = evaluate_checkpoint(
+        tmp_path / "finetuned", synthetic_meds, labels, n_bootstrap=20, baseline=None
+    )
     metadata = read_card_metadata(tmp_path / "finetuned")
     (result,) = metadata["model-index"][0]["results"]
     auroc = next(m["value"] for m in result["metrics"] if m["type"] == "roc_auc")
     assert auroc == pytest.approx(report["model"]["auroc"]["estimate"], abs=1e-4)
 
-    # no date of a real event anywhere in the card (identifiers: see tests/test_safety.py's scan of whole folders)
+    # no date of a real event anywhere in the card (identifiers: see tests/test_privacy.py's scan of whole folders)
     events = pl.read_parquet(sorted((synthetic_meds / "data").glob("**/*.parquet")))
     card = (tmp_path / "finetuned" / "README.md").read_text()
     stamps = events["time"].drop_nulls().dt.strftime("%Y-%m-%d").unique().to_list()
@@ -213,7 +238,9 @@ def test_multitask_finetune_and_predict_one_column_per_task(synthetic_meds, tmp_
     long_stay = pl.read_parquet(synthetic_meds / "labels" / "long_length_of_stay.parquet")
     stay = tmp_path / "stay_days.parquet"
     long_stay.gather_every(2).select(
-        "subject_id", "prediction_time", (pl.col("boolean_value").cast(pl.Float64) * 7 + 2).alias("float_value")
+        "subject_id",
+        "prediction_time",
+        (pl.col("boolean_value").cast(pl.Float64) * 7 + 2).alias("float_value"),
     ).write_parquet(stay)
     model = finetune(
         DataArguments(
@@ -240,7 +267,6 @@ def test_multitask_finetune_and_predict_one_column_per_task(synthetic_meds, tmp_
     assert predictions["stay_days"].is_finite().all()
     only_mortality = predict(tmp_path / "multi", synthetic_meds, mortality, split="held_out")
     assert only_mortality.columns[2:] == ["in_hospital_mortality", "stay_days", "in_hospital_mortality_label"]
-
 
 
 def test_multitask_metrics_score_each_task_on_its_labelled_rows():
@@ -280,7 +306,8 @@ def test_linear_probe_finds_the_outcome_direction_in_frozen_embeddings():
     rng = np.random.default_rng(0)
     y = np.r_[np.ones(20, dtype=int), np.zeros(280, dtype=int)]
     embeddings = rng.normal(size=(300, 16))
-    embeddings[:, 3] += 3.0 * y  # one direction carries the outcome (Bayes AUROC 0.98), the other 15 are noise
+    # one direction carries the outcome (Bayes AUROC 0.98), the other 15 are noise
+    embeddings[:, 3] += 3.0 * y
     order = rng.permutation(300)
     train, test = order[:200], np.sort(order[200:])
     probe = fit_linear_probe(embeddings[train], y[train], seed=0)
@@ -291,7 +318,9 @@ def test_linear_probe_finds_the_outcome_direction_in_frozen_embeddings():
     assert weights.argmax() == 3
     # the same rows and seed give the same probe
     again = fit_linear_probe(embeddings[train], y[train], seed=0)
-    np.testing.assert_array_equal(again.decision_function(embeddings[test]), probe.decision_function(embeddings[test]))
+    np.testing.assert_array_equal(
+        again.decision_function(embeddings[test]), probe.decision_function(embeddings[test])
+    )
 
 
 def test_linear_probe_refuses_labels_it_cannot_cross_validate():
@@ -307,16 +336,17 @@ def test_linear_probe_checkpoint_predicts_as_the_sklearn_probe(pretrained, synth
     and after save/load, through `predict`, on rows it was not fitted on."""
     from ehr_transformer import EHRTransformerModel
     from ehr_transformer.data.dataset import build_labeled_dataset
-    from ehr_transformer.inference import embed_sequences
-    from ehr_transformer.training.linear_probe import linear_probe_classifier
-    from ehr_transformer.inference import predict_dataset
+    from ehr_transformer.inference import embed_sequences, predict_dataset
     from ehr_transformer.training.checkpoint import save_checkpoint
+    from ehr_transformer.training.linear_probe import linear_probe_classifier
 
     pretrained_dir, _ = pretrained
     labels = synthetic_meds / "labels" / "in_hospital_mortality.parquet"
     tokenizer = EHREventTokenizer.from_pretrained(pretrained_dir)
     train = build_labeled_dataset(synthetic_meds, labels, tokenizer, "train", cache_dir=tmp_path / "cache")
-    held_out = build_labeled_dataset(synthetic_meds, labels, tokenizer, "held_out", cache_dir=tmp_path / "cache")
+    held_out = build_labeled_dataset(
+        synthetic_meds, labels, tokenizer, "held_out", cache_dir=tmp_path / "cache"
+    )
     model, _ = linear_probe_classifier(pretrained_dir, tokenizer, train, seed=0)
     assert model.config.classifier_head == "linear" and model.config.num_labels == 1
     assert model.config.problem_type == "multi_label_classification"
@@ -345,8 +375,8 @@ def test_finetune_linear_probe_saves_a_checkpoint_with_its_card(pretrained, synt
     folder whose card says it is a linear probe, usable by `predict`."""
     from ehr_transformer.cli import main
     from ehr_transformer.data.dataset import build_labeled_dataset
-    from ehr_transformer.model_card import read_card_metadata
     from ehr_transformer.data.dataset import subsample_labels as _subsample_labels
+    from ehr_transformer.model_card import read_card_metadata
     from ehr_transformer.training.linear_probe import linear_probe_classifier
 
     pretrained_dir, _ = pretrained
@@ -356,16 +386,22 @@ def test_finetune_linear_probe_saves_a_checkpoint_with_its_card(pretrained, synt
             "--model_name_or_path", str(pretrained_dir), "--linear_probe", "--output_dir", str(output),
             "--cache_dir", str(tmp_path / "cache"), "--use_cpu", "--seed", "3", "--eval_strategy", "epoch"]  # fmt: skip
     assert main(argv) == 0
-    assert {"config.json", "model.safetensors", "event_tokenizer.json", "modeling_ehr.py", "README.md"} <= set(
-        os.listdir(output)
-    )
+    assert {
+        "config.json",
+        "model.safetensors",
+        "event_tokenizer.json",
+        "modeling_ehr.py",
+        "README.md",
+    } <= set(os.listdir(output))
     card = (output / "README.md").read_text()
     assert "linear probe on frozen features" in card and "50% of training labels" in card
     assert "linear-probe" in read_card_metadata(output)["tags"]
 
     tokenizer = EHREventTokenizer.from_pretrained(pretrained_dir)
     train = build_labeled_dataset(synthetic_meds, labels, tokenizer, "train", cache_dir=tmp_path / "cache")
-    same_rows, _ = linear_probe_classifier(pretrained_dir, tokenizer, _subsample_labels(train, 0.5, 3), seed=3)
+    same_rows, _ = linear_probe_classifier(
+        pretrained_dir, tokenizer, _subsample_labels(train, 0.5, 3), seed=3
+    )
     reloaded = AutoModelForSequenceClassification.from_pretrained(output)
     torch.testing.assert_close(reloaded.classifier.weight, same_rows.classifier.weight)
     predictions = predict(output, synthetic_meds, labels, split="held_out")
@@ -393,7 +429,9 @@ def test_linear_probe_refuses_what_is_not_one_binary_label(pretrained, synthetic
         )
     with pytest.raises(ValueError, match="--model_name_or_path"):
         finetune(
-            DataArguments(data_dir=str(synthetic_meds), labels=str(label_dir / "in_hospital_mortality.parquet")),
+            DataArguments(
+                data_dir=str(synthetic_meds), labels=str(label_dir / "in_hospital_mortality.parquet")
+            ),
             ModelArguments(),
             FinetuningArguments(linear_probe=True),
             training_args(tmp_path),
@@ -409,8 +447,8 @@ def test_finetune_from_a_linear_probe_starts_at_the_probe_then_trains_every_weig
     from ehr_transformer import EHRTransformerModel
     from ehr_transformer.data.dataset import build_labeled_dataset
     from ehr_transformer.data.dataset import subsample_labels as _subsample_labels
-    from ehr_transformer.training.linear_probe import linear_probe_classifier
     from ehr_transformer.inference import predict_dataset
+    from ehr_transformer.training.linear_probe import linear_probe_classifier
 
     pretrained_dir, _ = pretrained
     labels = synthetic_meds / "labels" / "in_hospital_mortality.parquet"
@@ -431,7 +469,9 @@ def test_finetune_from_a_linear_probe_starts_at_the_probe_then_trains_every_weig
     tuned = finetune(data, model_args, lpft, training_args(tmp_path / "lpft", learning_rate=1e-3, seed=3))
     assert not torch.allclose(tuned.classifier.weight, probe.classifier.weight)
     backbone = EHRTransformerModel.from_pretrained(pretrained_dir).state_dict()
-    moved = [name for name, tensor in tuned.model.state_dict().items() if not torch.equal(tensor, backbone[name])]
+    moved = [
+        name for name, tensor in tuned.model.state_dict().items() if not torch.equal(tensor, backbone[name])
+    ]
     assert len(moved) > len(backbone) // 2, f"only {moved} of the backbone trained"
     assert "from a linear probe (LP-FT" in (tmp_path / "lpft" / "README.md").read_text()
 

@@ -367,4 +367,4 @@ def pretrain(
     return trainer.model
 
 
-__all__ = ["PretrainingTrainer", "pretrain", "parse_objectives"]
+__all__ = ["PretrainingTrainer", "pretrain", "parse_objectives", "describe_objectives", "BALANCER_FILE"]

@@ -1,5 +1,5 @@
-"""Untrusted checkpoints are refused before loading; saved folders hold no subject id, real timestamp or rare code;
-held-out subjects do not influence the tokenizer."""
+"""Untrusted checkpoints are refused before loading: pickle-only folders, absurd or unknown configs, malformed
+safetensors headers, sharded indexes leaving the folder (the privacy of saved folders: tests/test_privacy.py)."""
 
 import datetime as dt
 import json
@@ -17,13 +17,14 @@ import torch
 from transformers import TrainingArguments
 
 from ehr_transformer import EHREventTokenizer, EHRTransformerConfig, EHRTransformerForSequenceClassification
-from ehr_transformer.checkpoint_safety import UnsafeCheckpointError, check_checkpoint_folder, read_safetensors_header
-from ehr_transformer.privacy import scan_folder_for_leaks
-from ehr_transformer.training.arguments import DataArguments, ModelArguments
-from ehr_transformer.training.finetune import finetune
-from ehr_transformer.training.checkpoint import fit_tokenizer
+from ehr_transformer.checkpoint_safety import (
+    UnsafeCheckpointError,
+    check_checkpoint_folder,
+    read_safetensors_header,
+)
 from ehr_transformer.inference import predict
-from ehr_transformer.training.pretrain import pretrain
+from ehr_transformer.training.arguments import DataArguments, FinetuningArguments, ModelArguments
+from ehr_transformer.training.finetune import finetune
 
 TINY = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
 SENTINEL = Path(os.environ.get("TMPDIR", "/tmp")) / "ehr_transformer_pickle_was_executed"
@@ -48,7 +49,9 @@ def checkpoint(tmp_path_factory) -> Path:
         schema_overrides={"numeric_value": pl.Float32},
     )
     tokenizer = EHREventTokenizer.fit(events, min_code_count=1, max_length=16)
-    config = EHRTransformerConfig(vocab_size=tokenizer.vocab_size, num_labels=1, problem_type="multi_label_classification", **TINY)
+    config = EHRTransformerConfig(
+        vocab_size=tokenizer.vocab_size, num_labels=1, problem_type="multi_label_classification", **TINY
+    )
     folder = tmp_path_factory.mktemp("checkpoint") / "model"
     EHRTransformerForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -89,6 +92,7 @@ def test_pickle_only_folder_is_refused_without_unpickling(checkpoint, tmp_path, 
         finetune(
             DataArguments(data_dir=str(synthetic_meds), labels=str(labels)),
             ModelArguments(model_name_or_path=str(folder)),
+            FinetuningArguments(),
             TrainingArguments(str(tmp_path / "out"), use_cpu=True, report_to=[], max_steps=1),
         )
     assert not SENTINEL.exists(), "a pickle was executed"
@@ -131,7 +135,9 @@ def test_absurd_or_unknown_config_is_refused_before_allocation(checkpoint, tmp_p
     assert time.perf_counter() - started < 5 and peak < 200 * 1024**2
 
 
-@pytest.mark.parametrize("text", ['{"model_type": "ehr_transformer", "hidden_size": NaN}', "not json", "[1, 2]", "\xff\xfe"])
+@pytest.mark.parametrize(
+    "text", ['{"model_type": "ehr_transformer", "hidden_size": NaN}', "not json", "[1, 2]", "\xff\xfe"]
+)
 def test_malformed_config_json_is_refused(checkpoint, tmp_path, text):
     folder = copy_of(checkpoint, tmp_path)
     (folder / "config.json").write_bytes(text.encode("latin-1"))
@@ -166,7 +172,9 @@ def test_malformed_safetensors_header_is_refused(checkpoint, tmp_path):
 
 def test_sharded_index_may_not_leave_the_folder(checkpoint, tmp_path):
     folder = copy_of(checkpoint, tmp_path)
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../elsewhere.safetensors"}}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "../elsewhere.safetensors"}})
+    )
     with pytest.raises(UnsafeCheckpointError, match="inside the folder"):
         check_checkpoint_folder(folder)
 
@@ -195,7 +203,10 @@ def test_prototypes_file_is_checked_and_not_taken_for_weights(checkpoint, tmp_pa
     assert [p.name for p in check_checkpoint_folder(folder).weight_files] == ["model.safetensors"]
     for bad in (
         {**good, "subject_vectors": np.zeros((1, hidden), np.float32)},  # anything but the two aggregates
-        {"centroids": np.zeros((3, hidden + 1), np.float32), "counts": good["counts"]},  # not this model's width
+        {
+            "centroids": np.zeros((3, hidden + 1), np.float32),
+            "counts": good["counts"],
+        },  # not this model's width
     ):
         save_file(bad, str(folder / "prototypes.safetensors"))
         with pytest.raises(UnsafeCheckpointError, match="prototypes.safetensors"):
@@ -206,100 +217,3 @@ def test_trainer_checkpoint_state_pickles_are_tolerated(checkpoint, tmp_path):
     folder = copy_of(checkpoint, tmp_path)
     torch.save({"state": {}}, folder / "optimizer.pt")
     assert check_checkpoint_folder(folder).ignored_pickles == []
-
-
-# ------------------------------------------------------------------------------------------------ privacy
-def test_scanner_finds_what_it_is_meant_to_find(tmp_path):
-    (tmp_path / "card.md").write_text("Trained on subject_id 17 and patients [4, 5]; first event 2012-03-04T05:06:07.\n")
-    (tmp_path / "log.json").write_text(json.dumps({"step": 17, "subject_ids": [4, 99], "note": "RARE//X"}))
-    (tmp_path / "blob.bin").write_bytes(b"\x00\x01RARE//X\x00 1234567890 \x02")
-    (tmp_path / "clean.json").write_text(json.dumps({"step": 17, "vocab": {"RARE//XY": 5, "A": 4}, "pad_token_id": 4}))
-    findings = scan_folder_for_leaks(
-        tmp_path, subject_ids=[4, 17, 1234567890], rare_codes=["RARE//X"], timestamps=[dt.datetime(2012, 3, 4, 5, 6)]
-    )
-    found = {(Path(f.file).name, f.kind, f.value) for f in findings}
-    assert ("card.md", "subject_id", "17") in found and ("card.md", "subject_id", "4") in found
-    assert ("card.md", "timestamp", "2012-03-04 05:06") in found
-    assert ("log.json", "subject_id", "4") in found and ("log.json", "rare_code", "RARE//X") in found
-    assert ("blob.bin", "rare_code", "RARE//X") in found and ("blob.bin", "subject_id", "1234567890") in found
-    assert not any(name == "clean.json" for name, _, _ in found)  # step 17, token id 4, longer code RARE//XY
-
-
-def large_id_cohort(tmp_path: Path, n_subjects: int = 120) -> tuple[Path, pl.DataFrame]:
-    """The synthetic cohort with 10-digit subject ids (so any occurrence is a leak) and one rare code per
-    training subject (seen in one subject only, below min_code_count)."""
-    from ehr_transformer.data.writer import write_meds
-    from ehr_transformer.data.synthetic import generate_synthetic_cohort
-
-    cohort = generate_synthetic_cohort(n_subjects=n_subjects, seed=1)
-    offset = 7_300_000_000
-    shift = pl.col("subject_id") + offset
-    events = cohort.events.with_columns(shift)
-    rare = events.group_by("subject_id").agg(pl.col("time").max()).with_columns(
-        ("RARE//SUBJECT_" + pl.col("subject_id").cast(pl.String)).alias("code"),
-        pl.lit(None, pl.Float32).alias("numeric_value"),
-        pl.lit(None, pl.String).alias("text_value"),
-    )
-    events = pl.concat([events, rare.select(events.columns)])
-    labels = {task: df.with_columns(shift) for task, df in cohort.labels.items()}
-    meds = write_meds(tmp_path / "meds", events, cohort.splits.with_columns(shift), labels=labels)
-    return meds, events
-
-
-def test_saved_folders_hold_no_identifier_timestamp_or_rare_code(tmp_path):
-    meds, events = large_id_cohort(tmp_path)
-    min_code_count = 3
-    splits = pl.read_parquet(meds / "metadata" / "subject_splits.parquet")
-    train_ids = splits.filter(pl.col("split") == "train")["subject_id"]
-    train = events.filter(pl.col("subject_id").is_in(train_ids.implode()))
-    counts = train.group_by("code").agg(pl.col("subject_id").n_unique().alias("n"))
-    rare_codes = counts.filter(pl.col("n") < min_code_count)["code"].to_list()
-    assert len(rare_codes) >= len(train_ids)
-    args = dict(use_cpu=True, report_to=[], seed=0, max_steps=4, per_device_train_batch_size=8, logging_steps=1,
-                save_strategy="steps", save_steps=2, disable_tqdm=True, eval_strategy="no")  # fmt: skip
-    model_args = ModelArguments(**TINY, max_length=32, min_code_count=min_code_count)
-    pretrain(DataArguments(data_dir=str(meds), cache_dir=str(tmp_path / "cache")), model_args,
-             TrainingArguments(str(tmp_path / "out" / "pretrained"), **args))  # fmt: skip
-    labels = meds / "labels" / "in_hospital_mortality.parquet"
-    finetune(DataArguments(data_dir=str(meds), labels=str(labels), cache_dir=str(tmp_path / "cache")),
-             ModelArguments(model_name_or_path=str(tmp_path / "out" / "pretrained"), max_length=32),
-             TrainingArguments(str(tmp_path / "out" / "finetuned"), **args))  # fmt: skip
-    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
-    names = {p.name for p in files}
-    assert {"config.json", "event_tokenizer.json", "model.safetensors", "trainer_state.json"} <= names
-    assert {"prototypes.safetensors", "code_frequencies.json"} <= names  # the population summary is scanned too
-    findings = scan_folder_for_leaks(
-        tmp_path / "out", subject_ids=train_ids.to_list(), rare_codes=rare_codes, timestamps=train["time"].drop_nulls()
-    )
-    assert findings == []
-    # the scan is not blind: a CSV dump of a few training events dropped into the folder is found
-    dump = pl.concat([train.head(10), train.filter(pl.col("code").is_in(rare_codes)).head(3)])
-    dump.write_csv(tmp_path / "out" / "finetuned" / "debug_events.csv")
-    found = scan_folder_for_leaks(tmp_path / "out", train_ids.to_list(), rare_codes, train["time"].drop_nulls())
-    assert {f.kind for f in found} == {"subject_id", "timestamp", "rare_code"}
-    assert {Path(f.file).name for f in found} == {"debug_events.csv"}
-
-
-def test_held_out_subjects_do_not_influence_the_tokenizer(synthetic_meds, tmp_path):
-    from ehr_transformer.data.meds import read_events
-    from ehr_transformer.data.splits import read_subject_splits
-    from ehr_transformer.data.writer import write_meds
-
-    splits = read_subject_splits(synthetic_meds)
-    events = read_events(synthetic_meds)
-    held_out = splits.filter(pl.col("split") == "held_out")["subject_id"].implode()
-    is_held_out = pl.col("subject_id").is_in(held_out)
-    changed = events.with_columns(
-        pl.when(is_held_out).then(pl.col("numeric_value") * 100 + 7).otherwise(pl.col("numeric_value")),
-        pl.when(is_held_out).then(pl.lit("HELD_OUT_ONLY//CODE")).otherwise(pl.col("code")).alias("code"),
-    )
-    labels = {"in_hospital_mortality": pl.read_parquet(synthetic_meds / "labels" / "in_hospital_mortality.parquet")}
-    other = write_meds(tmp_path / "changed", changed, splits, labels=labels)
-    model_args = ModelArguments(max_length=64, min_code_count=3)
-    original = fit_tokenizer(DataArguments(data_dir=str(synthetic_meds)), model_args)
-    refit = fit_tokenizer(DataArguments(data_dir=str(other)), model_args)
-    assert original == refit and original.content_hash() == refit.content_hash()
-    # and the test is not vacuous: changing training subjects' events does change it
-    train = pl.col("subject_id").is_in(splits.filter(pl.col("split") == "train")["subject_id"].implode())
-    changed_train = events.with_columns(pl.when(train).then(pl.col("numeric_value") * 2).otherwise(pl.col("numeric_value")))
-    assert fit_tokenizer(DataArguments(data_dir=str(write_meds(tmp_path / "t", changed_train, splits))), model_args) != original

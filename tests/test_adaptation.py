@@ -12,15 +12,15 @@ from transformers import AutoModelForSequenceClassification, TrainingArguments
 
 from ehr_transformer import EHREventTokenizer
 from ehr_transformer.adaptation import adapt_checkpoint, binary_nll, calibration_metrics, fit_temperature
-from ehr_transformer.cli import main
 from ehr_transformer.checkpoint_safety import check_checkpoint_folder
-from ehr_transformer.privacy import scan_folder_for_leaks
-from ehr_transformer.training.arguments import DataArguments, ModelArguments
-from ehr_transformer.training.finetune import finetune
+from ehr_transformer.cli import main
 from ehr_transformer.data.splits import iter_split_events
 from ehr_transformer.inference import predict
+from ehr_transformer.privacy import scan_folder_for_leaks
+from ehr_transformer.training.arguments import DataArguments, FinetuningArguments, ModelArguments
+from ehr_transformer.training.finetune import finetune
 
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_length=64)
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 TASK = "in_hospital_mortality"
 
 
@@ -109,9 +109,10 @@ def finetuned(synthetic_meds, tmp_path_factory):
     finetune(
         DataArguments(
             data_dir=str(synthetic_meds), labels=str(synthetic_meds / "labels" / f"{TASK}.parquet"),
-            cache_dir=str(tmp_path_factory.mktemp("cache")),
+            cache_dir=str(tmp_path_factory.mktemp("cache")), max_length=64, min_code_count=3,
         ),
-        ModelArguments(**TINY, min_code_count=3),
+        ModelArguments(**TINY),
+        FinetuningArguments(),
         args,
     )  # fmt: skip
     return output
