@@ -14,6 +14,7 @@
 The adapted folder (weights, config with the temperature, refitted tokenizer, model card) is written to a
 temporary folder then renamed, so it appears whole or not at all.
 """
+
 from __future__ import annotations
 
 import logging

@@ -141,7 +141,13 @@ def _adapt(args: argparse.Namespace) -> int:
 def _synthetic(args: argparse.Namespace) -> int:
     from .data.synthetic import write_synthetic_meds
 
-    path = write_synthetic_meds(args.output_dir, n_subjects=args.num_subjects, seed=args.seed)
+    path = write_synthetic_meds(
+        args.output_dir,
+        n_subjects=args.num_subjects,
+        seed=args.seed,
+        n_shards=args.num_shards,
+        overwrite=args.overwrite,
+    )
     print(f"synthetic MEDS cohort of {args.num_subjects} subjects written to {path}")
     return 0
 
@@ -235,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output_dir", required=True)
     p.add_argument("--num_subjects", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--num_shards", type=int, default=None, help="shards per split (default: 1 per 10k subjects)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_synthetic)
 
     p = sub.add_parser("convert-wide", help="wide hourly ICU tables (YAIB/ricu) to a MEDS dataset")

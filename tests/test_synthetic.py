@@ -10,10 +10,11 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from ehr_transformer.data.splits import check_split_coverage, read_subject_splits
-from ehr_transformer.data.meds import read_events, validate_events
+from ehr_transformer.cli import main
 from ehr_transformer.data.labels import read_labels, validate_labels
-from ehr_transformer.data.synthetic import generate_synthetic_cohort, main, write_synthetic_meds
+from ehr_transformer.data.meds import read_events, validate_events
+from ehr_transformer.data.splits import check_split_coverage, read_subject_splits
+from ehr_transformer.data.synthetic import generate_synthetic_cohort, write_synthetic_meds
 
 MORTALITY = "in_hospital_mortality"
 
@@ -28,10 +29,14 @@ def stays(cohort):
     """One row per admission: subject, admission time, discharge time (k-th admission <-> k-th discharge)."""
     ev = cohort.events
     adm = ev.filter(pl.col("code").str.starts_with("ADMISSION//")).select(
-        "subject_id", pl.col("time").alias("admit"), pl.int_range(pl.len()).over("subject_id").alias("k"))
+        "subject_id", pl.col("time").alias("admit"), pl.int_range(pl.len()).over("subject_id").alias("k")
+    )
     dis = ev.filter(pl.col("code").str.starts_with("DISCHARGE//")).select(
-        "subject_id", pl.col("time").alias("discharge"), pl.col("code").alias("disposition"),
-        pl.int_range(pl.len()).over("subject_id").alias("k"))
+        "subject_id",
+        pl.col("time").alias("discharge"),
+        pl.col("code").alias("disposition"),
+        pl.int_range(pl.len()).over("subject_id").alias("k"),
+    )
     return adm.join(dis, on=["subject_id", "k"], how="full", coalesce=True)
 
 
@@ -61,8 +66,14 @@ def test_schema_is_valid_meds(cohort):
     prefixes = set(ev["code"].str.split("//").list.first())
     assert {"ICD10CM", "ICD10PCS", "RXNORM", "LOINC", "ADMISSION", "DISCHARGE", "MEDS_DEATH"} <= prefixes
     birth = ev.filter(pl.col("code") == "MEDS_BIRTH").select("subject_id", "time")
-    first = ev.filter(pl.col("code").str.starts_with("ADMISSION//")).group_by("subject_id").agg(pl.col("time").min())
-    age = birth.join(first, on="subject_id").select((pl.col("time_right") - pl.col("time")).dt.total_days() / 365.25)
+    first = (
+        ev.filter(pl.col("code").str.starts_with("ADMISSION//"))
+        .group_by("subject_id")
+        .agg(pl.col("time").min())
+    )
+    age = birth.join(first, on="subject_id").select(
+        (pl.col("time_right") - pl.col("time")).dt.total_days() / 365.25
+    )
     assert 17.9 < age.min().item() and age.max().item() < 90.1
 
 
@@ -84,13 +95,17 @@ def test_nothing_after_death(cohort, stays):
     last = ev.group_by("subject_id", maintain_order=True).last().join(death, on="subject_id")
     assert (last["code"] == "MEDS_DEATH").all()
     died_in_hospital = stays.filter(pl.col("disposition") == "DISCHARGE//DIED")
-    assert died_in_hospital.join(death, on="subject_id").filter(pl.col("death") != pl.col("discharge")).height == 0
+    assert (
+        died_in_hospital.join(death, on="subject_id").filter(pl.col("death") != pl.col("discharge")).height
+        == 0
+    )
 
 
 def test_labels_lie_within_admissions(cohort, stays):
     for task, labels in cohort.labels.items():
         joined = labels.join(stays, on="subject_id").filter(
-            (pl.col("prediction_time") - pl.col("admit")) == dt.timedelta(hours=24))
+            (pl.col("prediction_time") - pl.col("admit")) == dt.timedelta(hours=24)
+        )
         assert joined.height == labels.height, task  # each prediction time is exactly admission + 24 h
         assert (joined["discharge"] >= joined["prediction_time"]).all()
     long_stays = stays.filter((pl.col("discharge") - pl.col("admit")) >= dt.timedelta(hours=24))
@@ -98,12 +113,17 @@ def test_labels_lie_within_admissions(cohort, stays):
 
 
 def test_mortality_label_matches_death_in_that_admission(cohort, stays):
-    labels = cohort.labels[MORTALITY].join(stays, on="subject_id").filter(
-        (pl.col("prediction_time") - pl.col("admit")) == dt.timedelta(hours=24))
+    labels = (
+        cohort.labels[MORTALITY]
+        .join(stays, on="subject_id")
+        .filter((pl.col("prediction_time") - pl.col("admit")) == dt.timedelta(hours=24))
+    )
     died = labels["disposition"] == "DISCHARGE//DIED"
     assert (died == labels["boolean_value"]).all()
-    los = cohort.labels["long_length_of_stay"].join(labels.select("subject_id", "prediction_time", "admit", "discharge"),
-                                                    on=["subject_id", "prediction_time"])
+    los = cohort.labels["long_length_of_stay"].join(
+        labels.select("subject_id", "prediction_time", "admit", "discharge"),
+        on=["subject_id", "prediction_time"],
+    )
     assert (los["boolean_value"] == ((los["discharge"] - los["admit"]) > dt.timedelta(days=7))).all()
 
 
@@ -117,17 +137,23 @@ def _visible_features(cohort) -> pl.DataFrame:
     ev = cohort.events.filter(pl.col("time").is_not_null())
     window = labels.join(ev, on="subject_id").filter(
         (pl.col("time") <= pl.col("prediction_time"))
-        & (pl.col("time") > pl.col("prediction_time") - dt.timedelta(hours=24)))
+        & (pl.col("time") > pl.col("prediction_time") - dt.timedelta(hours=24))
+    )
     feats = window.group_by("label_id").agg(
         pl.col("numeric_value").filter(pl.col("code") == "LOINC//2524-7").max().alias("max_lactate"),
         pl.col("numeric_value").filter(pl.col("code") == "LOINC//2160-0").max().alias("max_creatinine"),
     )
-    birth = cohort.events.filter(pl.col("code") == "MEDS_BIRTH").select("subject_id", pl.col("time").alias("birth"))
+    birth = cohort.events.filter(pl.col("code") == "MEDS_BIRTH").select(
+        "subject_id", pl.col("time").alias("birth")
+    )
     return (
-        labels.join(feats, on="label_id", how="left").join(birth, on="subject_id").join(cohort.splits, on="subject_id")
+        labels.join(feats, on="label_id", how="left")
+        .join(birth, on="subject_id")
+        .join(cohort.splits, on="subject_id")
         .with_columns(
             ((pl.col("prediction_time") - pl.col("birth")).dt.total_days() / 365.25).alias("age"),
-            pl.col("max_lactate").fill_null(1.0), pl.col("max_creatinine").fill_null(1.0),
+            pl.col("max_lactate").fill_null(1.0),
+            pl.col("max_creatinine").fill_null(1.0),
         )
     )
 
@@ -136,13 +162,21 @@ def test_outcome_is_learnable_from_visible_history(cohort):
     data = _visible_features(cohort)
     cols = ["max_lactate", "max_creatinine", "age"]
     train, test = data.filter(pl.col("split") != "held_out"), data.filter(pl.col("split") == "held_out")
-    model = LogisticRegression(max_iter=1000).fit(train.select(cols).to_numpy(), train["boolean_value"].to_numpy())
-    auroc = roc_auc_score(test["boolean_value"].to_numpy(), model.predict_proba(test.select(cols).to_numpy())[:, 1])
+    model = LogisticRegression(max_iter=1000).fit(
+        train.select(cols).to_numpy(), train["boolean_value"].to_numpy()
+    )
+    auroc = roc_auc_score(
+        test["boolean_value"].to_numpy(), model.predict_proba(test.select(cols).to_numpy())[:, 1]
+    )
     assert auroc > 0.68, auroc
     # the number of events before prediction time alone carries little signal
-    counts = cohort.events.filter(pl.col("time").is_not_null()).join(
-        cohort.labels[MORTALITY], on="subject_id").filter(pl.col("time") <= pl.col("prediction_time")).group_by(
-        "subject_id", "prediction_time").len()
+    counts = (
+        cohort.events.filter(pl.col("time").is_not_null())
+        .join(cohort.labels[MORTALITY], on="subject_id")
+        .filter(pl.col("time") <= pl.col("prediction_time"))
+        .group_by("subject_id", "prediction_time")
+        .len()
+    )
     with_counts = cohort.labels[MORTALITY].join(counts, on=["subject_id", "prediction_time"])
     assert roc_auc_score(with_counts["boolean_value"].to_numpy(), with_counts["len"].to_numpy()) < auroc
 
@@ -164,16 +198,21 @@ def test_write_synthetic_meds_round_trip(tmp_path):
 
 
 def test_command_line(tmp_path, capsys):
-    main(["--subjects", "40", "--output", str(tmp_path / "cli"), "--seed", "2"])
-    assert "wrote 40 synthetic subjects" in capsys.readouterr().out
-    assert np.array_equal(read_events(tmp_path / "cli")["subject_id"].unique().sort().to_numpy(), np.arange(1, 41))
+    main(["synthetic", "--num_subjects", "40", "--output_dir", str(tmp_path / "cli"), "--seed", "2"])
+    assert "synthetic MEDS cohort of 40 subjects written to" in capsys.readouterr().out
+    assert np.array_equal(
+        read_events(tmp_path / "cli")["subject_id"].unique().sort().to_numpy(), np.arange(1, 41)
+    )
 
 
 # ---------------------------------------------------------------------------------------------- hospitals
 def test_default_profile_changes_nothing():
     from ehr_transformer.data.synthetic import HospitalProfile
 
-    plain, profiled = generate_synthetic_cohort(300, seed=2), generate_synthetic_cohort(300, seed=2, profile=HospitalProfile())
+    plain, profiled = (
+        generate_synthetic_cohort(300, seed=2),
+        generate_synthetic_cohort(300, seed=2, profile=HospitalProfile()),
+    )
     assert plain.events.equals(profiled.events) and plain.splits.equals(profiled.splits)
     assert all(plain.labels[t].equals(profiled.labels[t]) for t in plain.labels)
 
@@ -186,17 +225,30 @@ def test_hospital_profiles_change_coding_population_and_outcome(tmp_path):
     assert renamed.events.height == base.events.height
     assert not renamed.events["code"].str.starts_with("LOINC//").any()
     assert renamed.events["code"].to_list() == base.events["code"].str.replace("^LOINC//", "LAB//").to_list()
-    meds = write_synthetic_meds(tmp_path / "lab", 50, seed=1, profile=HospitalProfile(name="lab", code_systems={"LOINC": "LAB"}))
+    meds = write_synthetic_meds(
+        tmp_path / "lab", 50, seed=1, profile=HospitalProfile(name="lab", code_systems={"LOINC": "LAB"})
+    )
     codes = pl.read_parquet(meds / "metadata" / "codes.parquet")
-    assert codes["code"].str.starts_with("LAB//").sum() == 17 and not codes["code"].str.starts_with("LOINC//").any()
+    assert (
+        codes["code"].str.starts_with("LAB//").sum() == 17
+        and not codes["code"].str.starts_with("LOINC//").any()
+    )
 
     def first_admission_age(cohort):
         ev = cohort.events
         birth = ev.filter(pl.col("code") == "MEDS_BIRTH").select("subject_id", pl.col("time").alias("birth"))
-        first = ev.filter(pl.col("code").str.starts_with("ADMISSION//")).group_by("subject_id").agg(pl.col("time").min())
-        return birth.join(first, on="subject_id").select((pl.col("time") - pl.col("birth")).dt.total_days() / 365.25)
+        first = (
+            ev.filter(pl.col("code").str.starts_with("ADMISSION//"))
+            .group_by("subject_id")
+            .agg(pl.col("time").min())
+        )
+        return birth.join(first, on="subject_id").select(
+            (pl.col("time") - pl.col("birth")).dt.total_days() / 365.25
+        )
 
-    older = generate_synthetic_cohort(800, seed=4, profile=HospitalProfile(age_shift=10.0, emergency_share=0.9))
+    older = generate_synthetic_cohort(
+        800, seed=4, profile=HospitalProfile(age_shift=10.0, emergency_share=0.9)
+    )
     assert first_admission_age(older).mean().item() > first_admission_age(base).mean().item() + 7
     assert first_admission_age(older).max().item() < 95.1
 
@@ -222,11 +274,15 @@ def test_local_code_share_renames_a_nested_share_of_the_coded_vocabulary():
 
     base = generate_synthetic_cohort(300, seed=5)
     coded = [c for c in CODES if "//" in c and not c.startswith("MEDS_")]
-    quarter, half = (HospitalProfile(local_code_share=share, local_code_seed=3).local_codes() for share in (0.25, 0.5))
+    quarter, half = (
+        HospitalProfile(local_code_share=share, local_code_seed=3).local_codes() for share in (0.25, 0.5)
+    )
     assert len(quarter) == round(0.25 * len(coded)) and len(half) == round(0.5 * len(coded))
     assert set(quarter) < set(half) and set(half) <= set(coded)
     assert set(half) != set(HospitalProfile(local_code_share=0.5, local_code_seed=4).local_codes())
-    local = generate_synthetic_cohort(300, seed=5, profile=HospitalProfile(local_code_share=0.5, local_code_seed=3))
+    local = generate_synthetic_cohort(
+        300, seed=5, profile=HospitalProfile(local_code_share=0.5, local_code_seed=3)
+    )
     assert local.events["code"].to_list() == base.events["code"].replace(half).to_list()
     assert local.events["code"].str.starts_with("LOCAL//").any()
     assert local.labels[MORTALITY].equals(base.labels[MORTALITY])  # only the coding differs

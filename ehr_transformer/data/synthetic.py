@@ -35,14 +35,12 @@ by subject, 70 / 15 / 15 % train / tuning / held_out. Everything is deterministi
 ``(n_subjects, seed)``; subjects are generated in fixed chunks of :data:`CHUNK_SIZE` with numpy,
 so 100,000 subjects (~40 million events) are written shard by shard in bounded memory::
 
-    python -m ehr_transformer.data.synthetic --subjects 3000 --output synthetic_meds
+    ehr-transformer synthetic --num_subjects 3000 --output_dir synthetic_meds
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import time as _time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1050,21 +1048,6 @@ def write_synthetic_meds(
         return writer.commit(splits, codes=synthetic_codes_metadata(profile))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write a synthetic MEDS cohort with a learnable outcome.")
-    parser.add_argument("--subjects", type=int, default=3000, help="number of subjects (default 3000)")
-    parser.add_argument("--output", type=Path, required=True, help="output MEDS folder")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--shards", type=int, default=None, help="shards per split (default: 1 per 10k subjects)"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    args = parser.parse_args(argv)
-    start = _time.perf_counter()
-    path = write_synthetic_meds(args.output, args.subjects, args.seed, args.shards, overwrite=args.overwrite)
-    print(f"wrote {args.subjects} synthetic subjects to {path} in {_time.perf_counter() - start:.1f} s")
-
-
 __all__ = [
     "CODES",
     "TASKS",
@@ -1074,6 +1057,3 @@ __all__ = [
     "synthetic_codes_metadata",
     "write_synthetic_meds",
 ]
-
-if __name__ == "__main__":
-    main()
