@@ -382,9 +382,12 @@ def _strategies():
         raw = events["subject_id"].to_list() if "subject_id" in events.columns else []
         ids = sorted({i for i in raw if isinstance(i, int) and not isinstance(i, bool) and abs(i) < 2**62})
         listed = draw(st.lists(st.sampled_from(ids), unique=True)) if ids and draw(st.booleans()) else ids
-        names = [draw(st.sampled_from(["train", "tuning", "held_out", "test"])) for _ in listed]
+        names = ["train", "tuning", "held_out", "test"]
         splits = pl.DataFrame(
-            {"subject_id": [*listed, 99], "split": [*names, "train"]},
+            {
+                "subject_id": listed + [99],
+                "split": [draw(st.sampled_from(names)) for _ in listed] + ["train"],
+            },
             schema={"subject_id": pl.Int64, "split": pl.String},
         )
         return {

@@ -65,11 +65,20 @@ def pretrain_checkpoint(data: Path, name: str) -> Path:
         MODEL,
         PretrainingArguments(),
         TrainingArguments(
-            str(target), num_train_epochs=args.epochs, per_device_train_batch_size=32, learning_rate=1e-3,
-            weight_decay=0.01, save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True, seed=0,
-            logging_strategy="no", disable_tqdm=True,
+            str(target),
+            num_train_epochs=args.epochs,
+            per_device_train_batch_size=32,
+            learning_rate=1e-3,
+            weight_decay=0.01,
+            save_strategy="no",
+            eval_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            seed=0,
+            logging_strategy="no",
+            disable_tqdm=True,
         ),
-    )  # fmt: skip
+    )
     return target
 
 
@@ -99,15 +108,27 @@ for name, (profile, pretrain_seed, user_seed) in HOSPITALS.items():
 yaib = Path(args.yaib) / "mortality24"
 if (yaib / "eicu_demo" / "dyn.parquet").is_file():
     eicu = yaib / "eicu_demo"
-    convert_wide(eicu / "dyn.parquet", eicu / "sta.parquet", eicu / "outc.parquet", out / "data" / "eicu_demo",
-                 task="mortality24", overwrite=True)  # fmt: skip
+    convert_wide(
+        eicu / "dyn.parquet",
+        eicu / "sta.parquet",
+        eicu / "outc.parquet",
+        out / "data" / "eicu_demo",
+        task="mortality24",
+        overwrite=True,
+    )
     zoo["eicu_demo"] = pretrain_checkpoint(out / "data" / "eicu_demo", "eicu_demo")
     user = held_out_as_user(out / "data" / "eicu_demo", out / "users" / "eicu_demo")
     users["eicu_demo"] = (user, user / "labels" / "mortality24.parquet", "eicu_demo")
     mimic = yaib / "mimic_demo"
     if (mimic / "dyn.parquet").is_file():
-        convert_wide(mimic / "dyn.parquet", mimic / "sta.parquet", mimic / "outc.parquet", out / "users" / "mimic_demo",
-                     task="mortality24", overwrite=True)  # fmt: skip
+        convert_wide(
+            mimic / "dyn.parquet",
+            mimic / "sta.parquet",
+            mimic / "outc.parquet",
+            out / "users" / "mimic_demo",
+            task="mortality24",
+            overwrite=True,
+        )
         users["mimic_demo"] = (
             out / "users" / "mimic_demo",
             out / "users" / "mimic_demo" / "labels" / "mortality24.parquet",

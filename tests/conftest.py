@@ -7,11 +7,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
@@ -20,11 +18,3 @@ def synthetic_meds(tmp_path_factory) -> Path:
     from ehr_transformer.data.synthetic import write_synthetic_meds
 
     return write_synthetic_meds(tmp_path_factory.mktemp("synthetic") / "meds", n_subjects=400, seed=0)
-
-
-@pytest.fixture(scope="session")
-def yaib_demo() -> Path:
-    path = SHARED_DATA / "yaib_demo"
-    if not path.is_dir():
-        pytest.skip(f"real ICU demo data not found at {path} (the YAIB demo cohorts are read from ../shared/data/yaib_demo)")
-    return path

@@ -103,18 +103,28 @@ def test_refit_value_statistics_keeps_ids_and_follows_the_target(synthetic_meds,
 def finetuned(synthetic_meds, tmp_path_factory):
     output = tmp_path_factory.mktemp("finetuned") / "model"
     args = TrainingArguments(
-        output_dir=str(output), per_device_train_batch_size=16, learning_rate=1e-3, max_steps=6,
-        save_strategy="no", report_to=[], seed=0, use_cpu=True, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=str(output),
+        per_device_train_batch_size=16,
+        learning_rate=1e-3,
+        max_steps=6,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     finetune(
         DataArguments(
-            data_dir=str(synthetic_meds), labels=str(synthetic_meds / "labels" / f"{TASK}.parquet"),
-            cache_dir=str(tmp_path_factory.mktemp("cache")), max_length=64, min_code_count=3,
+            data_dir=str(synthetic_meds),
+            labels=str(synthetic_meds / "labels" / f"{TASK}.parquet"),
+            cache_dir=str(tmp_path_factory.mktemp("cache")),
+            max_length=64,
+            min_code_count=3,
         ),
         ModelArguments(**TINY),
         FinetuningArguments(),
         args,
-    )  # fmt: skip
+    )
     return output
 
 
@@ -210,9 +220,19 @@ def test_temperature_only_adaptation_keeps_auroc_and_lowers_nll(finetuned, targe
 def test_adapt_command_prints_before_and_after(finetuned, target_meds, tmp_path, capsys):
     labels = target_meds / "labels" / f"{TASK}.parquet"
     argv = [
-        "adapt", "--checkpoint", str(finetuned), "--data_dir", str(target_meds), "--labels", str(labels),
-        "--output_dir", str(tmp_path / "cli"), "--no_refit_values", "--eval_split", "",
-    ]  # fmt: skip
+        "adapt",
+        "--checkpoint",
+        str(finetuned),
+        "--data_dir",
+        str(target_meds),
+        "--labels",
+        str(labels),
+        "--output_dir",
+        str(tmp_path / "cli"),
+        "--no_refit_values",
+        "--eval_split",
+        "",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "before  AUROC" in out and "after   AUROC" in out and "held_out" not in out

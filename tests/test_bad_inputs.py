@@ -14,8 +14,9 @@ from ehr_transformer.data.meds import MEDSValidationError, iter_shards, validate
 from ehr_transformer.data.writer import write_meds
 from ehr_transformer.tokenization_ehr import EHREventTokenizer
 
-FAST = settings(max_examples=150, deadline=None, derandomize=True, database=None,
-                suppress_health_check=list(HealthCheck))  # fmt: skip
+FAST = settings(
+    max_examples=150, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+)
 
 
 @FAST
@@ -40,10 +41,13 @@ def test_unreadable_shard_is_a_meds_error_naming_the_file(tmp_path, content):
 
 
 @pytest.mark.parametrize(
-    "column, values", [("code", [1, 2]), ("subject_id", ["a", "b"]), ("code", pl.Series(["A", "B"], dtype=pl.Categorical))]
+    "column, values",
+    [("code", [1, 2]), ("subject_id", ["a", "b"]), ("code", pl.Series(["A", "B"], dtype=pl.Categorical))],
 )
 def test_tokenizer_refuses_non_meds_dtypes_with_a_value_error(column, values):
-    frame = pl.DataFrame({"subject_id": [1, 2], "time": [None, None], "code": ["A", "B"], "numeric_value": [1.0, None]})
+    frame = pl.DataFrame(
+        {"subject_id": [1, 2], "time": [None, None], "code": ["A", "B"], "numeric_value": [1.0, None]}
+    )
     frame = frame.with_columns(pl.Series(column, values))
     with pytest.raises(ValueError, match=f"column '{column}' has dtype"):
         EHREventTokenizer.fit(frame, min_code_count=1)
@@ -67,13 +71,22 @@ def test_enormous_timeline_is_encoded_within_max_length():
 def test_labels_of_absent_subjects_and_before_the_first_event():
     import datetime as dt
 
-    frame = validate_events(pl.DataFrame({
-        "subject_id": [1, 1, 2], "time": [None, dt.datetime(2020, 1, 2), dt.datetime(2020, 1, 1)], "code": ["S", "A", "A"],
-    }))  # fmt: skip
-    labels = pl.DataFrame({
-        "subject_id": [1, 2, 3], "prediction_time": [dt.datetime(2019, 1, 1), dt.datetime(2019, 1, 1), dt.datetime(2021, 1, 1)],
-        "boolean_value": [True, False, True],
-    })  # fmt: skip
+    frame = validate_events(
+        pl.DataFrame(
+            {
+                "subject_id": [1, 1, 2],
+                "time": [None, dt.datetime(2020, 1, 2), dt.datetime(2020, 1, 1)],
+                "code": ["S", "A", "A"],
+            }
+        )
+    )
+    labels = pl.DataFrame(
+        {
+            "subject_id": [1, 2, 3],
+            "prediction_time": [dt.datetime(2019, 1, 1), dt.datetime(2019, 1, 1), dt.datetime(2021, 1, 1)],
+            "boolean_value": [True, False, True],
+        }
+    )
     rows = EHREventTokenizer.fit(frame, min_code_count=1).encode_events(frame, labels=labels)
     # subject 3 has no events: no sample; subject 2 has nothing visible before its prediction time: no sample;
     # subject 1 keeps only its static event (CLS + S)

@@ -60,7 +60,10 @@ def test_every_flag_is_snake_case_and_paths_are_named_for_what_they_are():
             for flag in action.option_strings:
                 if flag in ("-h", "--help"):
                     continue
-                assert flag.startswith("--") and flag[2:] == flag[2:].lower() and "-" not in flag[2:], (name, flag)
+                assert flag.startswith("--") and flag[2:] == flag[2:].lower() and "-" not in flag[2:], (
+                    name,
+                    flag,
+                )
                 assert flag not in ("--output", "--data", "--subjects"), (name, flag)
 
 

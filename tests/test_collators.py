@@ -54,14 +54,18 @@ def test_classification_label_types():
     tok = make_tokenizer()
     collate = DataCollatorForEventClassification(tok)
     assert collate([make_feature(3, label=2), make_feature(4, label=0)])["labels"].dtype == torch.long
-    assert collate([make_feature(3, label=True), make_feature(4, label=False)])["labels"].dtype == torch.float32
+    assert (
+        collate([make_feature(3, label=True), make_feature(4, label=False)])["labels"].dtype == torch.float32
+    )
     multi = collate([make_feature(3, label=[1.0, 0.0]), make_feature(4, label=[0.0, 1.0])])["labels"]
     assert multi.shape == (2, 2)
 
 
 def test_masking_never_touches_pad_or_cls_and_labels_outside_are_ignored():
     tok = make_tokenizer()
-    collate = DataCollatorForMaskedEventModeling(tok, mlm_probability=0.5, generator=torch.Generator().manual_seed(0))
+    collate = DataCollatorForMaskedEventModeling(
+        tok, mlm_probability=0.5, generator=torch.Generator().manual_seed(0)
+    )
     features = [make_feature(n, offset=n) for n in (2, 7, 20, 33)]
     originals = DataCollatorForEventClassification(tok)(features)
     for _ in range(20):
@@ -138,7 +142,9 @@ def test_invalid_arguments_and_features():
         DataCollatorForEventClassification(tok)([{"input_ids": [3, 4]}])
     with pytest.raises(ValueError, match="different lengths"):
         DataCollatorForEventClassification(tok)([{**make_feature(3), "times": [0.0]}])
-    values = DataCollatorForEventClassification(tok)([{**make_feature(3), "values": [None, 1.0, None]}])["values"]
+    values = DataCollatorForEventClassification(tok)([{**make_feature(3), "values": [None, 1.0, None]}])[
+        "values"
+    ]
     assert math.isnan(values[0, 0]) and values[0, 1] == 1.0
 
 
@@ -155,7 +161,9 @@ def test_value_reconstruction_targets_are_hidden_from_the_input():
     assert (batch["labels"][targets] == -100).all()
     assert not torch.isin(batch["input_ids"][targets], torch.tensor(tokenizer.all_special_ids)).any()
     # targets are the original values: compare with an unmasked padding of the same features
-    plain = DataCollatorForEventClassification(tokenizer)([{k: v for k, v in f.items() if k != "labels"} for f in features])
+    plain = DataCollatorForEventClassification(tokenizer)(
+        [{k: v for k, v in f.items() if k != "labels"} for f in features]
+    )
     torch.testing.assert_close(batch["value_labels"][targets], plain["values"][targets])
     # about half of the valued, not code-masked events are targets
     had_value = ~torch.isnan(plain["values"]) & (batch["labels"] == -100) & (batch["attention_mask"] == 1)
@@ -188,7 +196,9 @@ def test_future_value_masking_hides_the_latest_hours_and_nothing_before_them():
         cut = target_times.min()
         # nothing from the cut hour on reaches the model; everything before it that had a value still does
         assert torch.isnan(batch["values"][row][plain["times"][row] >= cut]).all()
-        before = (plain["times"][row] < cut) & ~torch.isnan(plain["values"][row]) & (batch["labels"][row] == -100)
+        before = (
+            (plain["times"][row] < cut) & ~torch.isnan(plain["values"][row]) & (batch["labels"][row] == -100)
+        )
         torch.testing.assert_close(batch["values"][row][before], plain["values"][row][before])
         shares.append(targets[row].sum().item() / 60)
     assert 0.2 < sum(shares) / len(shares) < 0.45  # 30% on average, rounded up to whole hours
@@ -231,7 +241,9 @@ def test_time_reconstruction_targets_are_hidden_and_are_log_gaps():
     eligible = (plain["attention_mask"] == 1) & ~special
     assert 0.2 < targets.sum().item() / eligible.sum().item() < 0.4
     # time masking draws after the code masking: the code masks are those of a collator without it
-    codes_only = DataCollatorForMaskedEventModeling(tokenizer, generator=torch.Generator().manual_seed(0))(features)
+    codes_only = DataCollatorForMaskedEventModeling(tokenizer, generator=torch.Generator().manual_seed(0))(
+        features
+    )
     assert torch.equal(codes_only["labels"], masked["labels"]) and "time_labels" not in codes_only
 
 
@@ -240,9 +252,12 @@ def test_teacher_inputs_are_the_unmasked_batch():
     features = [make_feature(n, offset=n) for n in (3, 12, 25)]
     plain = DataCollatorForEventClassification(tokenizer)(features)
     batch = DataCollatorForMaskedEventModeling(
-        tokenizer, mlm_probability=0.5, value_mask_probability=0.5, time_mask_probability=0.5,
+        tokenizer,
+        mlm_probability=0.5,
+        value_mask_probability=0.5,
+        time_mask_probability=0.5,
         return_teacher_inputs=True,
-    )(features)  # fmt: skip
+    )(features)
     for key in ("input_ids", "values", "times", "ages"):
         assert torch.equal(batch[f"teacher_{key}"].nan_to_num(-7.0), plain[key].nan_to_num(-7.0)), key
     assert not torch.equal(batch["input_ids"], plain["input_ids"])  # the student's view is masked

@@ -33,7 +33,10 @@ def make_cohort(n_subjects: int = 12) -> tuple[pl.DataFrame, pl.DataFrame]:
         ]
     events = pl.DataFrame(rows, schema=SCHEMA, orient="row")
     splits = pl.DataFrame(
-        {"subject_id": list(range(n_subjects)), "split": [("train", "tuning", "held_out")[s % 3] for s in range(n_subjects)]}
+        {
+            "subject_id": list(range(n_subjects)),
+            "split": [("train", "tuning", "held_out")[s % 3] for s in range(n_subjects)],
+        }
     )
     return events, splits
 
@@ -78,13 +81,27 @@ def test_other_splits_respected(meds_dir, tokenizer, tmp_path):
 
 def test_label_time_cutoff(meds_dir, tokenizer, tmp_path):
     labels = pl.DataFrame(
-        {"subject_id": [0, 3], "prediction_time": [hours(24), hours(24) - SECOND], "boolean_value": [True, False]},
+        {
+            "subject_id": [0, 3],
+            "prediction_time": [hours(24), hours(24) - SECOND],
+            "boolean_value": [True, False],
+        },
         schema=LABEL_SCHEMA,
     )
     ds = build_labeled_dataset(meds_dir, labels, tokenizer, split="train", cache_dir=tmp_path)
     assert set(ds.column_names) == {
-        "subject_id", "prediction_time", "input_ids", "values", "times", "ages", "labels", "length"}
-    late, at_time, death = (tokenizer.vocab[c] for c in ("ONE_SECOND_LATE", "AT_PREDICTION_TIME", "MEDS_DEATH"))
+        "subject_id",
+        "prediction_time",
+        "input_ids",
+        "values",
+        "times",
+        "ages",
+        "labels",
+        "length",
+    }
+    late, at_time, death = (
+        tokenizer.vocab[c] for c in ("ONE_SECOND_LATE", "AT_PREDICTION_TIME", "MEDS_DEATH")
+    )
     rows = {r["subject_id"]: r for r in ds}
     for row in rows.values():
         assert late not in row["input_ids"] and death not in row["input_ids"]
@@ -105,7 +122,11 @@ def test_splits_respected_and_drops_counted(meds_dir, tokenizer, tmp_path, caplo
     )
     with caplog.at_level(logging.WARNING, logger="ehr_transformer.data.dataset"):
         ds = build_labeled_dataset(meds_dir, labels, tokenizer, split="train", cache_dir=tmp_path)
-    assert sorted(ds["subject_id"]) == [0, 3, 6]  # 1, 2 belong to other splits; 99 has no events; 500 no split
+    assert sorted(ds["subject_id"]) == [
+        0,
+        3,
+        6,
+    ]  # 1, 2 belong to other splits; 99 has no events; 500 no split
     stats = build_stats(ds)
     assert stats["n_labels_other_split"] == 2
     assert stats["n_labels_subject_without_split"] == 1
@@ -119,12 +140,14 @@ def test_splits_respected_and_drops_counted(meds_dir, tokenizer, tmp_path, caplo
 
 
 def test_label_without_any_event_before_prediction_time_is_dropped(tmp_path, tokenizer):
-    events = pl.DataFrame([(0, hours(5), "ADMISSION", None), (1, hours(0), "ADMISSION", None)],
-                          schema=SCHEMA, orient="row")
+    events = pl.DataFrame(
+        [(0, hours(5), "ADMISSION", None), (1, hours(0), "ADMISSION", None)], schema=SCHEMA, orient="row"
+    )
     splits = pl.DataFrame({"subject_id": [0, 1], "split": ["train", "train"]})
     meds = write_meds(tmp_path / "m", events, splits)
-    labels = pl.DataFrame({"subject_id": [0, 1], "prediction_time": [hours(1), hours(1)],
-                           "integer_value": [2, 3]})
+    labels = pl.DataFrame(
+        {"subject_id": [0, 1], "prediction_time": [hours(1), hours(1)], "integer_value": [2, 3]}
+    )
     ds = build_labeled_dataset(meds, labels, tokenizer, cache_dir=tmp_path / "cache")
     assert ds["subject_id"] == [1] and ds["labels"] == [3]
     assert ds.features["labels"].dtype == "int64"
@@ -147,7 +170,9 @@ def test_multitask_labels_joined_with_nan_where_a_task_has_none(meds_dir, tokeni
     death = pl.DataFrame(
         {"subject_id": [0, 3], "prediction_time": [hours(30), hours(30)], "boolean_value": [True, False]}
     )
-    stay = pl.DataFrame({"subject_id": [0, 6], "prediction_time": [hours(30), hours(30)], "float_value": [2.5, 4.0]})
+    stay = pl.DataFrame(
+        {"subject_id": [0, 6], "prediction_time": [hours(30), hours(30)], "float_value": [2.5, 4.0]}
+    )
     joined, names, types = join_task_labels({"death": death, "stay": stay})
     assert names == ["death", "stay"] and types == ["binary", "regression"] and joined.height == 3
     ds = build_labeled_dataset(meds_dir, {"death": death, "stay": stay}, tokenizer, cache_dir=tmp_path / "c")

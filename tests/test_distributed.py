@@ -19,14 +19,50 @@ STEPS = 6
 
 def pretrain_command(launcher: list[str], data, output, batch_size: int, cache) -> list[str]:
     return [
-        *launcher, str(REPO_ROOT / "training" / "pretrain.py"),
-        "--data_dir", str(data), "--output_dir", str(output), "--cache_dir", str(cache),
-        "--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "2", "--intermediate_size", "64",
-        "--max_length", "64", "--min_code_count", "3", "--value_mask_probability", "0",
-        "--max_steps", str(STEPS), "--per_device_train_batch_size", str(batch_size), "--learning_rate", "1e-3",
-        "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", str(STEPS), "--seed", "0",
-        "--report_to", "none", "--use_cpu", "--disable_tqdm", "true", "--dataloader_num_workers", "0",
-    ]  # fmt: skip
+        *launcher,
+        str(REPO_ROOT / "training" / "pretrain.py"),
+        "--data_dir",
+        str(data),
+        "--output_dir",
+        str(output),
+        "--cache_dir",
+        str(cache),
+        "--hidden_size",
+        "32",
+        "--num_hidden_layers",
+        "2",
+        "--num_attention_heads",
+        "2",
+        "--intermediate_size",
+        "64",
+        "--max_length",
+        "64",
+        "--min_code_count",
+        "3",
+        "--value_mask_probability",
+        "0",
+        "--max_steps",
+        str(STEPS),
+        "--per_device_train_batch_size",
+        str(batch_size),
+        "--learning_rate",
+        "1e-3",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        str(STEPS),
+        "--seed",
+        "0",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "--disable_tqdm",
+        "true",
+        "--dataloader_num_workers",
+        "0",
+    ]
 
 
 def logged_losses(output) -> list[float]:
@@ -38,17 +74,28 @@ def test_two_process_pretraining_matches_one_process(synthetic_meds, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     single = subprocess.run(
         pretrain_command([sys.executable], synthetic_meds, tmp_path / "single", 8, tmp_path / "cache"),
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     launcher = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(REPO_ROOT / "training" / "accelerate_cpu.yaml"), "--main_process_port", "29517",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO_ROOT / "training" / "accelerate_cpu.yaml"),
+        "--main_process_port",
+        "29517",
+    ]
     double = subprocess.run(
         pretrain_command(launcher, synthetic_meds, tmp_path / "double", 4, tmp_path / "cache"),
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert double.returncode == 0, double.stderr[-3000:]
     checkpoint = tmp_path / "double" / f"checkpoint-{STEPS}"
     # two ranks

@@ -4,9 +4,15 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, mean_absolute_error, r2_score, roc_auc_score
 
-from ehr_transformer.evaluation.report import age_band, binary_classification_report, regression_report
-from ehr_transformer.evaluation.metrics import auroc, average_precision, bootstrap_ci, brier_score, expected_calibration_error
+from ehr_transformer.evaluation.metrics import (
+    auroc,
+    average_precision,
+    bootstrap_ci,
+    brier_score,
+    expected_calibration_error,
+)
 from ehr_transformer.evaluation.plots import plot_calibration, plot_roc
+from ehr_transformer.evaluation.report import age_band, binary_classification_report, regression_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -64,7 +70,9 @@ def test_report_overall_and_subgroups():
     sex[:5] = None
     # a group with a single class: AUROC undefined, reported as None
     y[ages >= 90] = 0
-    report = binary_classification_report(y, p, n_bootstrap=200, groups={"age_band": age_band(ages), "sex": sex})
+    report = binary_classification_report(
+        y, p, n_bootstrap=200, groups={"age_band": age_band(ages), "sex": sex}
+    )
     assert report["n"] == 400 and report["prevalence"] == pytest.approx(y.mean())
     for key in ("auroc", "auprc"):
         assert report[key]["ci_lower"] <= report[key]["estimate"] <= report[key]["ci_upper"]
@@ -76,7 +84,9 @@ def test_report_overall_and_subgroups():
     mask = sex == "Male"
     assert male["auroc"]["estimate"] == pytest.approx(roc_auc_score(y[mask], p[mask]))
     only_neg = binary_classification_report(np.zeros(20), np.full(20, 0.1), n_bootstrap=10)
-    assert only_neg["auroc"] is None and only_neg["auprc"] is None and only_neg["brier"] == pytest.approx(0.01)
+    assert (
+        only_neg["auroc"] is None and only_neg["auprc"] is None and only_neg["brier"] == pytest.approx(0.01)
+    )
     import json
 
     json.dumps(report)  # JSON-serialisable
@@ -84,8 +94,19 @@ def test_report_overall_and_subgroups():
 
 def test_age_band():
     bands = age_band([17, 18, 44.9, 45, 64, 65, 79.5, 80, 101, np.nan, None])
-    assert bands.tolist() == ["<18", "18-44", "18-44", "45-64", "45-64", "65-79", "65-79", "80+", "80+",
-                              "unknown", "unknown"]
+    assert bands.tolist() == [
+        "<18",
+        "18-44",
+        "18-44",
+        "45-64",
+        "45-64",
+        "65-79",
+        "65-79",
+        "80+",
+        "80+",
+        "unknown",
+        "unknown",
+    ]
 
 
 def test_regression_report_matches_sklearn():

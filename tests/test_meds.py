@@ -15,9 +15,15 @@ from hypothesis import strategies as st
 from ehr_transformer.data import labels as meds_labels
 from ehr_transformer.data import meds
 from ehr_transformer.data import writer as meds_writer
-from ehr_transformer.data.meds import DATA_SCHEMA, MEDSValidationError, iter_shards, read_events, validate_events
-from ehr_transformer.data.splits import check_split_coverage, read_subject_splits, summarize
 from ehr_transformer.data.labels import read_labels, validate_labels
+from ehr_transformer.data.meds import (
+    DATA_SCHEMA,
+    MEDSValidationError,
+    iter_shards,
+    read_events,
+    validate_events,
+)
+from ehr_transformer.data.splits import check_split_coverage, read_subject_splits, summarize
 from ehr_transformer.data.writer import write_meds
 
 T0 = dt.datetime(2020, 1, 1, 8, 0)
@@ -29,8 +35,17 @@ def _events() -> pl.DataFrame:
         {
             "subject_id": [1, 1, 1, 1, 2, 2, 2, 3, 3],
             "time": [None, T0 - 40 * 365 * 24 * h, T0, T0 + h, None, T0, T0 + 2 * h, T0, T0 + 3 * h],
-            "code": ["GENDER//F", "MEDS_BIRTH", "ADMISSION//EMERGENCY", "LOINC//2524-7", "GENDER//M",
-                     "LOINC//2160-0", "LOINC//2160-0", "ADMISSION//ELECTIVE", "MEDS_DEATH"],
+            "code": [
+                "GENDER//F",
+                "MEDS_BIRTH",
+                "ADMISSION//EMERGENCY",
+                "LOINC//2524-7",
+                "GENDER//M",
+                "LOINC//2160-0",
+                "LOINC//2160-0",
+                "ADMISSION//ELECTIVE",
+                "MEDS_DEATH",
+            ],
             "numeric_value": [None, None, None, 4.5, None, 1.2, 1.4, None, None],
             "text_value": [None, None, None, None, None, None, "hemolysed", None, None],
         },
@@ -43,10 +58,13 @@ def _splits() -> pl.DataFrame:
 
 
 def _labels() -> pl.DataFrame:
-    return pl.DataFrame({
-        "subject_id": [1, 3], "prediction_time": [T0 + dt.timedelta(hours=2), T0 + dt.timedelta(hours=1)],
-        "boolean_value": [False, True],
-    })
+    return pl.DataFrame(
+        {
+            "subject_id": [1, 3],
+            "prediction_time": [T0 + dt.timedelta(hours=2), T0 + dt.timedelta(hours=1)],
+            "boolean_value": [False, True],
+        }
+    )
 
 
 def _write_shard(tmp_path: Path, df: pl.DataFrame, name: str = "data/train/0.parquet") -> Path:
@@ -60,12 +78,16 @@ def _write_shard(tmp_path: Path, df: pl.DataFrame, name: str = "data/train/0.par
 
 
 def test_write_then_read_round_trip(tmp_path):
-    out = write_meds(tmp_path / "meds", _events(), _splits(), {"mortality": _labels()}, n_shards=2,
-                     dataset_name="toy")
+    out = write_meds(
+        tmp_path / "meds", _events(), _splits(), {"mortality": _labels()}, n_shards=2, dataset_name="toy"
+    )
     assert out == tmp_path / "meds"
     shards = list(iter_shards(out))
     assert [p.relative_to(out).as_posix() for p, _ in shards] == [
-        "data/held_out/0.parquet", "data/train/0.parquet", "data/train/1.parquet"]
+        "data/held_out/0.parquet",
+        "data/train/0.parquet",
+        "data/train/1.parquet",
+    ]
     per_shard = [set(df["subject_id"]) for _, df in shards]
     assert per_shard == [{3}, {1}, {2}]  # a subject never spans shards
     assert read_events(out).equals(_events())
@@ -87,24 +109,28 @@ def test_summarize_and_subjects_without_events_are_reported(tmp_path):
     coverage = check_split_coverage(out)  # subject 4 is listed in the splits but has no event
     assert coverage.without_events == [4] and coverage.n_without_events == 1 and coverage.without_split == []
     summary = summarize(out)
-    assert summary["n_subjects"] == 3 and summary["n_events"] == 9 and summary["n_subjects_without_events"] == 1
+    assert (
+        summary["n_subjects"] == 3 and summary["n_events"] == 9 and summary["n_subjects_without_events"] == 1
+    )
     assert summary["splits"]["train"]["n_subjects"] == 2 and summary["splits"]["held_out"]["n_events"] == 2
 
 
 def test_read_tolerates_extra_columns_and_missing_text_value(tmp_path):
     df = _events().drop("text_value").with_columns(pl.lit("x").alias("hospital"))
     _write_shard(tmp_path, df)
-    (_, got), = list(iter_shards(tmp_path))
+    ((_, got),) = list(iter_shards(tmp_path))
     assert got.columns == list(DATA_SCHEMA) and got["text_value"].null_count() == got.height
 
 
 def test_castable_dtypes_are_cast(tmp_path):
     df = _events().with_columns(
-        pl.col("subject_id").cast(pl.Int32), pl.col("time").cast(pl.Datetime("ns")),
-        pl.col("code").cast(pl.Categorical), pl.col("numeric_value").cast(pl.Float64),
+        pl.col("subject_id").cast(pl.Int32),
+        pl.col("time").cast(pl.Datetime("ns")),
+        pl.col("code").cast(pl.Categorical),
+        pl.col("numeric_value").cast(pl.Float64),
     )
     _write_shard(tmp_path, df)
-    (_, got), = list(iter_shards(tmp_path))
+    ((_, got),) = list(iter_shards(tmp_path))
     assert got.schema == pl.Schema(DATA_SCHEMA)
     assert got.equals(_events())
     ms = validate_events(_events().with_columns(pl.col("time").cast(pl.Datetime("ms"))))
@@ -131,7 +157,12 @@ def test_old_patient_id_schema_is_explained(tmp_path):
 
 @pytest.mark.parametrize(
     ("column", "values"),
-    [("subject_id", ["abc"] * 9), ("subject_id", ["17"] * 9), ("time", ["2020-01-01"] * 9), ("numeric_value", ["1.0"] * 9)],
+    [
+        ("subject_id", ["abc"] * 9),
+        ("subject_id", ["17"] * 9),
+        ("time", ["2020-01-01"] * 9),
+        ("numeric_value", ["1.0"] * 9),
+    ],
 )
 def test_uncastable_dtype_names_column(tmp_path, column, values):
     path = _write_shard(tmp_path, _events().with_columns(pl.Series(column, values)))
@@ -141,18 +172,25 @@ def test_uncastable_dtype_names_column(tmp_path, column, values):
 
 
 def test_null_subject_id(tmp_path):
-    df = _events().with_columns(pl.when(pl.int_range(pl.len()) == 4).then(None).otherwise(pl.col("subject_id"))
-                                .alias("subject_id"))
+    df = _events().with_columns(
+        pl.when(pl.int_range(pl.len()) == 4).then(None).otherwise(pl.col("subject_id")).alias("subject_id")
+    )
     path = _write_shard(tmp_path, df)
-    with pytest.raises(MEDSValidationError, match=r"column 'subject_id' has 1 null value\(s\) \(first at row 4\)") as err:
+    with pytest.raises(
+        MEDSValidationError, match=r"column 'subject_id' has 1 null value\(s\) \(first at row 4\)"
+    ) as err:
         list(iter_shards(tmp_path))
     assert str(path) in str(err.value)
 
 
 @pytest.mark.parametrize("bad_code", [None, "", "  "])
 def test_null_or_empty_code_names_subject(tmp_path, bad_code):
-    df = _events().with_columns(pl.when(pl.int_range(pl.len()) == 6).then(pl.lit(bad_code, dtype=pl.String))
-                                .otherwise(pl.col("code")).alias("code"))
+    df = _events().with_columns(
+        pl.when(pl.int_range(pl.len()) == 6)
+        .then(pl.lit(bad_code, dtype=pl.String))
+        .otherwise(pl.col("code"))
+        .alias("code")
+    )
     path = _write_shard(tmp_path, df)
     with pytest.raises(MEDSValidationError, match="column 'code' has 1 null or empty value") as err:
         list(iter_shards(tmp_path))
@@ -162,27 +200,43 @@ def test_null_or_empty_code_names_subject(tmp_path, bad_code):
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, 1e300])
 def test_infinite_value_names_subject(tmp_path, bad):
     df = _events().with_columns(pl.col("numeric_value").cast(pl.Float64))
-    df = df.with_columns(pl.when(pl.int_range(pl.len()) == 5).then(bad).otherwise(pl.col("numeric_value"))
-                         .alias("numeric_value"))
+    df = df.with_columns(
+        pl.when(pl.int_range(pl.len()) == 5)
+        .then(bad)
+        .otherwise(pl.col("numeric_value"))
+        .alias("numeric_value")
+    )
     path = _write_shard(tmp_path, df)
-    with pytest.raises(MEDSValidationError, match="column 'numeric_value' has an infinite value for subject_id 2") as e:
+    with pytest.raises(
+        MEDSValidationError, match="column 'numeric_value' has an infinite value for subject_id 2"
+    ) as e:
         list(iter_shards(tmp_path))
     assert str(path) in str(e.value)
 
 
 def test_nan_value_means_no_value():
-    df = _events().with_columns(pl.when(pl.int_range(pl.len()) == 3).then(float("nan"))
-                                .otherwise(pl.col("numeric_value")).alias("numeric_value"))
+    df = _events().with_columns(
+        pl.when(pl.int_range(pl.len()) == 3)
+        .then(float("nan"))
+        .otherwise(pl.col("numeric_value"))
+        .alias("numeric_value")
+    )
     got = validate_events(df)
     assert got["numeric_value"].is_nan().sum() == 0
-    assert got["numeric_value"][3] is None and got["numeric_value"].null_count() == _events()["numeric_value"].null_count() + 1
+    assert (
+        got["numeric_value"][3] is None
+        and got["numeric_value"].null_count() == _events()["numeric_value"].null_count() + 1
+    )
 
 
 def test_unsorted_times_are_sorted_stably():
-    df = pl.DataFrame({
-        "subject_id": [2, 1, 1, 1, 1], "time": [T0, T0 + dt.timedelta(hours=5), T0, None, T0],
-        "code": ["E", "C", "A", "S", "B"],
-    })
+    df = pl.DataFrame(
+        {
+            "subject_id": [2, 1, 1, 1, 1],
+            "time": [T0, T0 + dt.timedelta(hours=5), T0, None, T0],
+            "code": ["E", "C", "A", "S", "B"],
+        }
+    )
     got = validate_events(df)
     assert got["subject_id"].to_list() == [1, 1, 1, 1, 2]
     assert got["code"].to_list() == ["S", "A", "B", "C", "E"]  # static first; A before B (file order kept)
@@ -224,7 +278,9 @@ def test_labels_need_exactly_one_value_per_row():
     no_time = _labels().with_columns(pl.Series("prediction_time", [None, T0], dtype=pl.Datetime("us")))
     with pytest.raises(MEDSValidationError, match="column 'prediction_time' is null for subject_id 1"):
         validate_labels(no_time)
-    ok = validate_labels(_labels().drop("boolean_value").with_columns(pl.Series("integer_value", [0, 2], dtype=pl.Int32)))
+    ok = validate_labels(
+        _labels().drop("boolean_value").with_columns(pl.Series("integer_value", [0, 2], dtype=pl.Int32))
+    )
     assert ok.columns == list(meds_labels.LABEL_SCHEMA) and ok["integer_value"].dtype == pl.Int64
 
 

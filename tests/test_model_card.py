@@ -37,9 +37,17 @@ HUB_FIELDS = ("library_name", "license", "pipeline_tag", "tags", "metrics")
 def pretrained(synthetic_meds, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("card") / "pretrained"
     args = TrainingArguments(
-        str(output), max_steps=4, per_device_train_batch_size=16, save_strategy="no", eval_strategy="no",
-        report_to=[], use_cpu=True, seed=0, disable_tqdm=True, logging_strategy="no",
-    )  # fmt: skip
+        str(output),
+        max_steps=4,
+        per_device_train_batch_size=16,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        logging_strategy="no",
+    )
     model_args = ModelArguments(
         hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
     )
@@ -101,10 +109,14 @@ def test_evaluated_card_carries_a_model_index_with_intervals_and_subgroups(pretr
     tokenizer = EHREventTokenizer.from_pretrained(pretrained)
     config = EHRTransformerConfig.from_pretrained(pretrained)
     text = render_model_card(
-        config, kind="fine-tuned", task="in_hospital_mortality", evaluation=report, datasets=["my-hospital/meds"],
+        config,
+        kind="fine-tuned",
+        task="in_hospital_mortality",
+        evaluation=report,
+        datasets=["my-hospital/meds"],
         data=data_summary({"train": 280, "tuning": 60, "held_out": 60}, 12345, tokenizer),
         training={"learning rate": 1e-3},
-    )  # fmt: skip
+    )
     card = check_hub_metadata(text)
     assert card.data.pipeline_tag == "tabular-classification"
     name, results = model_index_to_eval_results(card.data.to_dict()["model-index"])

@@ -49,10 +49,16 @@ def cohort():
 def tiny_model(tokenizer, objectives=ALL, **kwargs):
     set_seed(0)
     config = EHRTransformerConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, hidden_dropout_prob=0.0, embedding_dropout=0.0, pretraining_objectives=objectives,
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        embedding_dropout=0.0,
+        pretraining_objectives=objectives,
         **kwargs,
-    )  # fmt: skip
+    )
     return EHRTransformerForMaskedEventModeling(config)
 
 
@@ -63,9 +69,18 @@ def collator(tokenizer, **kwargs):
 
 def args(tmp_path, **kwargs):
     defaults = dict(
-        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8, learning_rate=2e-3, logging_steps=2,
-        save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0,
-    )  # fmt: skip
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        learning_rate=2e-3,
+        logging_steps=2,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
     return TrainingArguments(**{**defaults, **kwargs})
 
 
@@ -93,9 +108,12 @@ def test_teacher_gets_no_gradient_follows_the_student_and_is_never_saved(cohort,
     tokenizer, features = cohort
     model = tiny_model(tokenizer, objectives=["code", "feature"])
     trainer = PretrainingTrainer(
-        model=model, args=args(tmp_path, max_steps=3), train_dataset=Dataset.from_list(features),
-        data_collator=collator(tokenizer), ema_decay=0.5,
-    )  # fmt: skip
+        model=model,
+        args=args(tmp_path, max_steps=3),
+        train_dataset=Dataset.from_list(features),
+        data_collator=collator(tokenizer),
+        ema_decay=0.5,
+    )
     trainer.train()
     teacher = model.feature_teacher
     assert teacher is not None and not teacher.training
@@ -241,9 +259,12 @@ def test_trainer_logs_each_objective_under_every_strategy(cohort, tmp_path, stra
     tokenizer, features = cohort
     model = tiny_model(tokenizer)
     trainer = PretrainingTrainer(
-        model=model, args=args(tmp_path, gradient_accumulation_steps=2), train_dataset=Dataset.from_list(features),
-        data_collator=collator(tokenizer), loss_balancing=strategy,
-    )  # fmt: skip
+        model=model,
+        args=args(tmp_path, gradient_accumulation_steps=2),
+        train_dataset=Dataset.from_list(features),
+        data_collator=collator(tokenizer),
+        loss_balancing=strategy,
+    )
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 2
@@ -263,9 +284,11 @@ def test_static_weights_come_from_the_config(cohort, tmp_path):
     tokenizer, features = cohort
     model = tiny_model(tokenizer, objectives=["code", "value"], objective_weights={"value": 0.25})
     trainer = PretrainingTrainer(
-        model=model, args=args(tmp_path, max_steps=2), train_dataset=Dataset.from_list(features),
+        model=model,
+        args=args(tmp_path, max_steps=2),
+        train_dataset=Dataset.from_list(features),
         data_collator=collator(tokenizer, time_mask_probability=0.0, return_teacher_inputs=False),
-    )  # fmt: skip
+    )
     trainer.train()
     log = next(entry for entry in trainer.state.log_history if "loss" in entry)
     assert log["value_weight"] == 0.25 and log["code_weight"] == 1.0
@@ -293,11 +316,20 @@ def test_killed_run_resumes_bit_identically_with_teacher_and_learned_weights(coh
 
     def run(output, max_steps, resume=None, stop_at=None):
         trainer = PretrainingTrainer(
-            model=tiny_model(tokenizer), train_dataset=dataset, loss_balancing=strategy, ema_decay=0.9,
-            args=args(output, max_steps=max_steps, save_strategy="steps", save_steps=3, logging_steps=1,
-                      train_sampling_strategy="group_by_length"),  # as pretrain() (see trainer.py)
+            model=tiny_model(tokenizer),
+            train_dataset=dataset,
+            loss_balancing=strategy,
+            ema_decay=0.9,
+            args=args(
+                output,
+                max_steps=max_steps,
+                save_strategy="steps",
+                save_steps=3,
+                logging_steps=1,
+                train_sampling_strategy="group_by_length",
+            ),  # as pretrain() (see trainer.py)
             data_collator=ReproducibleMasking(collator(tokenizer), seed=0),
-        )  # fmt: skip
+        )
         if stop_at:
             trainer.add_callback(StopAt(stop_at))
         trainer.train(resume_from_checkpoint=resume)
@@ -426,9 +458,14 @@ def test_two_processes_keep_identical_weights_under_every_gradient_strategy(tmp_
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     launcher = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        str(REPO_ROOT / "training" / "accelerate_cpu.yaml"), "--main_process_port", "29531",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO_ROOT / "training" / "accelerate_cpu.yaml"),
+        "--main_process_port",
+        "29531",
+    ]
     result = subprocess.run(
         [*launcher, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env
     )

@@ -79,16 +79,36 @@ def test_saved_folders_hold_no_identifier_timestamp_or_rare_code(tmp_path):
     counts = train.group_by("code").agg(pl.col("subject_id").n_unique().alias("n"))
     rare_codes = counts.filter(pl.col("n") < min_code_count)["code"].to_list()
     assert len(rare_codes) >= len(train_ids)
-    args = dict(use_cpu=True, report_to=[], seed=0, max_steps=4, per_device_train_batch_size=8, logging_steps=1,
-                save_strategy="steps", save_steps=2, disable_tqdm=True, eval_strategy="no")  # fmt: skip
-    data = DataArguments(data_dir=str(meds), cache_dir=str(tmp_path / "cache"), max_length=32,
-                         min_code_count=min_code_count)  # fmt: skip
-    pretrain(data, ModelArguments(**TINY), PretrainingArguments(),
-             TrainingArguments(str(tmp_path / "out" / "pretrained"), **args))  # fmt: skip
+    args = dict(
+        use_cpu=True,
+        report_to=[],
+        seed=0,
+        max_steps=4,
+        per_device_train_batch_size=8,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=2,
+        disable_tqdm=True,
+        eval_strategy="no",
+    )
+    data = DataArguments(
+        data_dir=str(meds), cache_dir=str(tmp_path / "cache"), max_length=32, min_code_count=min_code_count
+    )
+    pretrain(
+        data,
+        ModelArguments(**TINY),
+        PretrainingArguments(),
+        TrainingArguments(str(tmp_path / "out" / "pretrained"), **args),
+    )
     labels = meds / "labels" / "in_hospital_mortality.parquet"
-    finetune(DataArguments(data_dir=str(meds), labels=str(labels), cache_dir=str(tmp_path / "cache"), max_length=32),
-             ModelArguments(model_name_or_path=str(tmp_path / "out" / "pretrained")), FinetuningArguments(),
-             TrainingArguments(str(tmp_path / "out" / "finetuned"), **args))  # fmt: skip
+    finetune(
+        DataArguments(
+            data_dir=str(meds), labels=str(labels), cache_dir=str(tmp_path / "cache"), max_length=32
+        ),
+        ModelArguments(model_name_or_path=str(tmp_path / "out" / "pretrained")),
+        FinetuningArguments(),
+        TrainingArguments(str(tmp_path / "out" / "finetuned"), **args),
+    )
     files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     names = {p.name for p in files}
     assert {"config.json", "event_tokenizer.json", "model.safetensors", "trainer_state.json"} <= names

@@ -46,9 +46,18 @@ HOSPITALS = {
 
 def _pretrain(data: Path, output: Path, cache: Path) -> Path:
     args = TrainingArguments(
-        str(output), num_train_epochs=3, per_device_train_batch_size=32, learning_rate=2e-3, save_strategy="no",
-        eval_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True, logging_strategy="no",
-    )  # fmt: skip
+        str(output),
+        num_train_epochs=3,
+        per_device_train_batch_size=32,
+        learning_rate=2e-3,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        logging_strategy="no",
+    )
     pretrain(
         DataArguments(data_dir=str(data), cache_dir=str(cache), max_length=96, min_code_count=5),
         ModelArguments(**TINY),
@@ -82,9 +91,15 @@ def test_logme_equals_the_evidence_of_bayesian_ridge():
     target = features @ rng.normal(size=12) + rng.normal(scale=0.7, size=400)
     tiny = 1e-12
     ridge = BayesianRidge(
-        fit_intercept=False, compute_score=True, alpha_1=tiny, alpha_2=tiny, lambda_1=tiny, lambda_2=tiny,
-        max_iter=1000, tol=1e-10,
-    ).fit(features, target)  # fmt: skip
+        fit_intercept=False,
+        compute_score=True,
+        alpha_1=tiny,
+        alpha_2=tiny,
+        lambda_1=tiny,
+        lambda_2=tiny,
+        max_iter=1000,
+        tol=1e-10,
+    ).fit(features, target)
     assert logme(features, target, regression=True, max_iter=1000) == pytest.approx(
         ridge.scores_[-1] / 400, rel=1e-4
     )
@@ -269,9 +284,15 @@ def test_push_to_hub_uploads_the_complete_folder_and_nothing_else(zoo, tmp_path,
     assert push_checkpoint_to_hub(folder, "someone/ehr-general") == "commit"
     assert calls["repo"] == "someone/ehr-general"
     assert set(calls["files"]) == {
-        "config.json", "model.safetensors", "event_tokenizer.json", "README.md", "configuration_ehr.py",
-        "modeling_ehr.py", PROTOTYPES_FILE, CODE_FREQUENCIES_FILE,
-    }  # fmt: skip
+        "config.json",
+        "model.safetensors",
+        "event_tokenizer.json",
+        "README.md",
+        "configuration_ehr.py",
+        "modeling_ehr.py",
+        PROTOTYPES_FILE,
+        CODE_FREQUENCIES_FILE,
+    }
     assert calls["files"]["README.md"] == (folder / "README.md").read_bytes()  # our card, not a generated one
 
 
@@ -332,12 +353,41 @@ def test_selection_benchmark_runs_and_writes_its_json(tmp_path):
 
     output = tmp_path / "selection.json"
     command = [
-        sys.executable, str(REPO_ROOT / "benchmarks" / "selection.py"), "--output", str(output), "--hospitals", "1",
-        "--hospital_index", "0", "--levels", "2", "--pretrain_subjects", "200", "--user_subjects", "200",
-        "--eval_subjects", "200", "--pretrain_epochs", "1", "--finetune_epochs", "1", "--finetune_label_fraction",
-        "0.5", "--low_label_seeds", "2", "--finetune_seeds", "2", "--probe_seeds", "3", "--bootstrap", "20", "--max_length", "48",
-        "--max_labels", "200",
-    ]  # fmt: skip
+        sys.executable,
+        str(REPO_ROOT / "benchmarks" / "selection.py"),
+        "--output",
+        str(output),
+        "--hospitals",
+        "1",
+        "--hospital_index",
+        "0",
+        "--levels",
+        "2",
+        "--pretrain_subjects",
+        "200",
+        "--user_subjects",
+        "200",
+        "--eval_subjects",
+        "200",
+        "--pretrain_epochs",
+        "1",
+        "--finetune_epochs",
+        "1",
+        "--finetune_label_fraction",
+        "0.5",
+        "--low_label_seeds",
+        "2",
+        "--finetune_seeds",
+        "2",
+        "--probe_seeds",
+        "3",
+        "--bootstrap",
+        "20",
+        "--max_length",
+        "48",
+        "--max_labels",
+        "200",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -427,8 +477,13 @@ def benchmark_case(
     def verdicts(correct: bool, spearman: float) -> dict:
         alone = {"top1_correct": correct, "spearman": spearman}
         components = ("coverage", "code_coverage", "fit", "transferability")
-        return {"top1_correct": correct, "top1_within_noise": True, "top2_separable": correct, "spearman": spearman,
-                "components_alone": dict.fromkeys(components, alone)}  # fmt: skip
+        return {
+            "top1_correct": correct,
+            "top1_within_noise": True,
+            "top2_separable": correct,
+            "spearman": spearman,
+            "components_alone": dict.fromkeys(components, alone),
+        }
 
     return {
         "source": source,
@@ -441,19 +496,39 @@ def test_selection_benchmark_merge_recomputes_the_summary_from_the_parts(tmp_pat
     """`--merge` joins partial outputs (no training): cases in the zoo's order, every summary figure recomputed,
     timings summed, the longest part's wall time; a source in two parts or differing settings are refused."""
     benchmark = selection_benchmark()
-    settings = {"zoo": "benchmark", "finetune_label_fraction": 0.2, "low_label_seeds": 4, "finetune_seeds": 3,
-                "finetune_epochs": 4.0, "finetune_lr": 1e-3}  # fmt: skip
+    settings = {
+        "zoo": "benchmark",
+        "finetune_label_fraction": 0.2,
+        "low_label_seeds": 4,
+        "finetune_seeds": 3,
+        "finetune_epochs": 4.0,
+        "finetune_lr": 1e-3,
+    }
 
     def part(name: str, indices: list[int], cases: list[dict], wall_s: float, **changed) -> str:
-        data = {"cases": cases, "protocol": "graded_mismatch_low_label", "levels": [], "command": f"run {name}",
-                "settings": {**settings, "hospital_index": indices, **changed}, "wall_s": wall_s,
-                "timings": {"pretraining_s": 1.5, "finetuning_low_label_s": wall_s}, "date": "2026-11-26",
-                "machine": "test"}  # fmt: skip
+        data = {
+            "cases": cases,
+            "protocol": "graded_mismatch_low_label",
+            "levels": [],
+            "command": f"run {name}",
+            "settings": {**settings, "hospital_index": indices, **changed},
+            "wall_s": wall_s,
+            "timings": {"pretraining_s": 1.5, "finetuning_low_label_s": wall_s},
+            "date": "2026-11-26",
+            "machine": "test",
+        }
         (tmp_path / name).write_text(json.dumps(data))
         return str(tmp_path / name)
 
-    first = part("part0.json", [2, 1], [benchmark_case("local_diagnoses_older", True, 1.0, False, 0.2),
-                                        benchmark_case("local_labs", False, 0.4, True, 0.8)], 100.0)  # fmt: skip
+    first = part(
+        "part0.json",
+        [2, 1],
+        [
+            benchmark_case("local_diagnoses_older", True, 1.0, False, 0.2),
+            benchmark_case("local_labs", False, 0.4, True, 0.8),
+        ],
+        100.0,
+    )
     second = part("part1.json", [0], [benchmark_case("general", True, 0.7, False, -0.4)], 60.0)
     output = tmp_path / "merged.json"
     benchmark.main(["--merge", first, second, "--output", str(output)])
@@ -478,8 +553,14 @@ def test_selection_benchmark_merge_recomputes_the_summary_from_the_parts(tmp_pat
     )
     assert "frozen_probe" not in data  # the parts carry no frozen-probe truth (--probe_seeds 0)
 
-    lpft = part("lpft.json", [0], [benchmark_case("general", True, 0.7, False, -0.4)], 10.0, finetune_lr=1e-4,
-                finetune_from_probe=True)  # fmt: skip
+    lpft = part(
+        "lpft.json",
+        [0],
+        [benchmark_case("general", True, 0.7, False, -0.4)],
+        10.0,
+        finetune_lr=1e-4,
+        finetune_from_probe=True,
+    )
     benchmark.main(["--merge", lpft, "--output", str(tmp_path / "lpft_merged.json")])
     merged = json.loads((tmp_path / "lpft_merged.json").read_text())
     # both truths fine-tune with the same recipe
@@ -491,8 +572,13 @@ def test_selection_benchmark_merge_recomputes_the_summary_from_the_parts(tmp_pat
     again = part("part2.json", [1], [benchmark_case("local_labs", True, 0.9, True, 0.9)], 10.0)
     with pytest.raises(SystemExit, match="local_labs"):
         benchmark.main(["--merge", first, second, again, "--output", str(tmp_path / "refused.json")])
-    other = part("part3.json", [3], [benchmark_case("local_meds_sicker", True, 0.9, True, 0.9)], 10.0,
-                 finetune_label_fraction=0.1)  # fmt: skip
+    other = part(
+        "part3.json",
+        [3],
+        [benchmark_case("local_meds_sicker", True, 0.9, True, 0.9)],
+        10.0,
+        finetune_label_fraction=0.1,
+    )
     with pytest.raises(SystemExit, match="settings"):
         benchmark.main(["--merge", first, other, "--output", str(tmp_path / "refused.json")])
     assert not (tmp_path / "refused.json").exists()

@@ -185,12 +185,36 @@ def test_pretrain_refuses_bad_masking_settings_before_tokenizing_the_data(
 def test_pretrain_script_runs_as_a_command(synthetic_meds, tmp_path):
     """`python training/pretrain.py ...` with TrainingArguments flags, as the README shows."""
     command = [
-        sys.executable, str(REPO_ROOT / "training" / "pretrain.py"),
-        "--data_dir", str(synthetic_meds), "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"),
-        "--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2", "--intermediate_size", "64",
-        "--max_length", "32", "--max_steps", "2", "--per_device_train_batch_size", "8", "--report_to", "none",
-        "--use_cpu", "--save_strategy", "no", "--min_code_count", "3",
-    ]  # fmt: skip
+        sys.executable,
+        str(REPO_ROOT / "training" / "pretrain.py"),
+        "--data_dir",
+        str(synthetic_meds),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        "--hidden_size",
+        "32",
+        "--num_hidden_layers",
+        "1",
+        "--num_attention_heads",
+        "2",
+        "--intermediate_size",
+        "64",
+        "--max_length",
+        "32",
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "8",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "--save_strategy",
+        "no",
+        "--min_code_count",
+        "3",
+    ]
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     )
@@ -259,9 +283,13 @@ def test_multitask_finetune_and_predict_one_column_per_task(synthetic_meds, tmp_
 
     predictions = predict(tmp_path / "multi", synthetic_meds, f"{mortality},{stay}", split="held_out")
     assert predictions.columns == [
-        "subject_id", "prediction_time", "in_hospital_mortality", "stay_days",
-        "in_hospital_mortality_label", "stay_days_label",
-    ]  # fmt: skip
+        "subject_id",
+        "prediction_time",
+        "in_hospital_mortality",
+        "stay_days",
+        "in_hospital_mortality_label",
+        "stay_days_label",
+    ]
     assert predictions["in_hospital_mortality"].is_between(0, 1).all()
     assert predictions["stay_days_label"].is_nan().sum() > 0  # the rows without a stay label are still scored
     assert predictions["stay_days"].is_finite().all()
@@ -291,9 +319,15 @@ def test_init_bias_to_prevalence_starts_binary_outputs_at_the_base_rate():
     from ehr_transformer.training.finetune import init_bias_to_prevalence
 
     config = EHRTransformerConfig(
-        vocab_size=20, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-        num_labels=2, task_names=["death", "stay_hours"], task_types=["binary", "regression"],
-    )  # fmt: skip
+        vocab_size=20,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=2,
+        task_names=["death", "stay_hours"],
+        task_types=["binary", "regression"],
+    )
     model = EHRTransformerForSequenceClassification(config)
     regression_bias = model.classifier.bias[1].item()
     labels = np.array([[1.0, 3.0], [0.0, 5.0], [0.0, np.nan], [np.nan, 2.0], [0.0, 1.0]])
@@ -382,9 +416,27 @@ def test_finetune_linear_probe_saves_a_checkpoint_with_its_card(pretrained, synt
     pretrained_dir, _ = pretrained
     labels = synthetic_meds / "labels" / "in_hospital_mortality.parquet"
     output = tmp_path / "probe"
-    argv = ["finetune", "--data_dir", str(synthetic_meds), "--labels", str(labels), "--label_fraction", "0.5",
-            "--model_name_or_path", str(pretrained_dir), "--linear_probe", "--output_dir", str(output),
-            "--cache_dir", str(tmp_path / "cache"), "--use_cpu", "--seed", "3", "--eval_strategy", "epoch"]  # fmt: skip
+    argv = [
+        "finetune",
+        "--data_dir",
+        str(synthetic_meds),
+        "--labels",
+        str(labels),
+        "--label_fraction",
+        "0.5",
+        "--model_name_or_path",
+        str(pretrained_dir),
+        "--linear_probe",
+        "--output_dir",
+        str(output),
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        "--use_cpu",
+        "--seed",
+        "3",
+        "--eval_strategy",
+        "epoch",
+    ]
     assert main(argv) == 0
     assert {
         "config.json",

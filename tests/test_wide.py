@@ -7,8 +7,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ehr_transformer.data.meds import read_events
 from ehr_transformer.data.labels import read_labels
+from ehr_transformer.data.meds import read_events
 from ehr_transformer.data.splits import read_subject_splits
 from ehr_transformer.data.wide import WideTableError, convert_wide, make_subject_splits, wide_to_meds
 
@@ -31,13 +31,27 @@ def _dyn(hours=3):
 
 def _sta():
     return pl.DataFrame(
-        {"stay_id": [10, 20], "age": [60.0, None], "sex": ["Male", None], "height": [180.0, None], "weight": [80.0, 70.0]},
-        schema={"stay_id": pl.Int32, "age": pl.Float64, "sex": pl.String, "height": pl.Float64, "weight": pl.Float64},
+        {
+            "stay_id": [10, 20],
+            "age": [60.0, None],
+            "sex": ["Male", None],
+            "height": [180.0, None],
+            "weight": [80.0, 70.0],
+        },
+        schema={
+            "stay_id": pl.Int32,
+            "age": pl.Float64,
+            "sex": pl.String,
+            "height": pl.Float64,
+            "weight": pl.Float64,
+        },
     )
 
 
 def _outc_mort():
-    return pl.DataFrame({"stay_id": [10, 20], "label": [0, 1]}, schema={"stay_id": pl.Int32, "label": pl.Int32})
+    return pl.DataFrame(
+        {"stay_id": [10, 20], "label": [0, 1]}, schema={"stay_id": pl.Int32, "label": pl.Int32}
+    )
 
 
 def test_round_trip_mortality24():
@@ -47,15 +61,24 @@ def test_round_trip_mortality24():
     n_values = sum(dyn[c].is_not_null().sum() for c in ("hr", "crea"))
     assert measured.height == n_values  # every non-null value is exactly one event
     expected = {
-        (10, ANCHOR, "YAIB//hr", 80.0), (10, ANCHOR + timedelta(hours=1), "YAIB//crea", 1.2),
-        (10, ANCHOR + timedelta(hours=2), "YAIB//hr", 90.0), (20, ANCHOR, "YAIB//hr", 70.0),
-        (20, ANCHOR + timedelta(hours=1), "YAIB//hr", 71.0), (20, ANCHOR + timedelta(hours=2), "YAIB//crea", 2.0),
+        (10, ANCHOR, "YAIB//hr", 80.0),
+        (10, ANCHOR + timedelta(hours=1), "YAIB//crea", 1.2),
+        (10, ANCHOR + timedelta(hours=2), "YAIB//hr", 90.0),
+        (20, ANCHOR, "YAIB//hr", 70.0),
+        (20, ANCHOR + timedelta(hours=1), "YAIB//hr", 71.0),
+        (20, ANCHOR + timedelta(hours=2), "YAIB//crea", 2.0),
     }
-    got = {(s, t, c, round(float(v), 4)) for s, t, c, v in measured.select("subject_id", "time", "code", "numeric_value").iter_rows()}
+    got = {
+        (s, t, c, round(float(v), 4))
+        for s, t, c, v in measured.select("subject_id", "time", "code", "numeric_value").iter_rows()
+    }
     assert got == expected
     static = events.filter(pl.col("time").is_null())
     assert set(static.select("subject_id", "code").iter_rows()) == {
-        (10, "SEX//Male"), (10, "YAIB//height"), (10, "YAIB//weight"), (20, "YAIB//weight")
+        (10, "SEX//Male"),
+        (10, "YAIB//height"),
+        (10, "YAIB//weight"),
+        (20, "YAIB//weight"),
     }
     birth = events.filter(pl.col("code") == "MEDS_BIRTH")
     assert birth["subject_id"].to_list() == [10]  # no age -> no birth event
@@ -88,8 +111,12 @@ def test_errors_name_file_column_and_stay():
     bad = _dyn().with_columns(pl.col("hr").cast(pl.String))
     with pytest.raises(WideTableError, match=r"cohort/dyn.parquet: column 'hr'.*numeric"):
         wide_to_meds(bad, _sta(), _outc_mort(), sources=src)
-    dup = pl.concat([_dyn(), _dyn().filter((pl.col("stay_id") == 20) & (pl.col("time") == pl.duration(hours=1)))])
-    with pytest.raises(WideTableError, match=r"cohort/dyn.parquet: column 'stay_id, time': stay_id 20.*duplicated"):
+    dup = pl.concat(
+        [_dyn(), _dyn().filter((pl.col("stay_id") == 20) & (pl.col("time") == pl.duration(hours=1)))]
+    )
+    with pytest.raises(
+        WideTableError, match=r"cohort/dyn.parquet: column 'stay_id, time': stay_id 20.*duplicated"
+    ):
         wide_to_meds(dup, _sta(), _outc_mort(), sources=src)
     with pytest.raises(WideTableError, match=r"cohort/outc.parquet: column 'label'.*missing"):
         wide_to_meds(_dyn(), _sta(), _outc_mort().rename({"label": "y"}), sources=src)
@@ -97,7 +124,9 @@ def test_errors_name_file_column_and_stay():
     with pytest.raises(WideTableError, match=r"cohort/outc.parquet: column 'stay_id': stay_id 30"):
         wide_to_meds(_dyn(), _sta(), orphan, sources=src)
     with pytest.raises(WideTableError, match="time column"):
-        wide_to_meds(_dyn(), _sta(), _dyn().select("stay_id", "time", pl.lit(1.0).alias("label")), task="mortality24")
+        wide_to_meds(
+            _dyn(), _sta(), _dyn().select("stay_id", "time", pl.lit(1.0).alias("label")), task="mortality24"
+        )
 
 
 def test_convert_wide_writes_meds(tmp_path):
@@ -126,9 +155,16 @@ def test_stratified_splits():
 def test_real_eicu_demo_mortality24(tmp_path):
     cohort = YAIB / "mortality24" / "eicu_demo"
     if not (cohort / "dyn.parquet").is_file():
-        pytest.skip(f"real YAIB demo data not found at {cohort} (it lives in ../shared/data, outside the repo)")
-    summary = convert_wide(cohort / "dyn.parquet", cohort / "sta.parquet", cohort / "outc.parquet",
-                           tmp_path / "meds", task="mortality24")
+        pytest.skip(
+            f"real YAIB demo data not found at {cohort} (it lives in ../shared/data, outside the repo)"
+        )
+    summary = convert_wide(
+        cohort / "dyn.parquet",
+        cohort / "sta.parquet",
+        cohort / "outc.parquet",
+        tmp_path / "meds",
+        task="mortality24",
+    )
     assert summary["n_subjects"] == 1367 and summary["n_labels"] == 1367 and summary["n_positive"] == 70
     dyn = pl.read_parquet(cohort / "dyn.parquet")
     n_values = sum(dyn.height - dyn[c].null_count() for c in dyn.columns if c not in ("stay_id", "time"))
