@@ -71,6 +71,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         output_dir=args.output_dir,
         n_bootstrap=args.n_bootstrap,
         baseline=None if args.baseline == "none" else args.baseline,
+        baseline_labels=args.baseline_labels,
+        sex_code_prefix=args.sex_code_prefix,
+        group_codes=args.group_codes,
+        update_card=args.update_card,
     )
     print(format_report(report))
     return 0
@@ -279,6 +283,21 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--output_dir", default=None, help="folder for metrics.json and the plots")
             p.add_argument("--n_bootstrap", type=int, default=1000)
             p.add_argument("--baseline", default="gbm", choices=["gbm", "logistic", "none"])
+            p.add_argument(
+                "--baseline_labels", default="same", choices=["same", "all"],
+                help="fit the baseline on the label rows that trained the checkpoint (same) or on every training label",
+            )
+            p.add_argument(
+                "--sex_code_prefix", default=None,
+                help="codes that give sex start with this (default GENDER// or SEX//); the group is what follows",
+            )
+            p.add_argument(
+                "--group_codes", default=None,
+                help="CSV or parquet table code,attribute,group: subgroups of any static attribute",
+            )
+            p.add_argument(
+                "--update_card", action="store_true", help="write the held-out figures into the checkpoint's card"
+            )
         p.set_defaults(func=func)
 
     args = parser.parse_args(argv)

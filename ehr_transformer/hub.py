@@ -12,6 +12,7 @@ from transformers.utils.hub import PushToHubMixin, hf_api
 
 from .checkpoint_safety import CODE_FREQUENCIES_FILE, PROTOTYPES_FILE, check_checkpoint_folder
 from .model_card import read_card_metadata
+from .training.checkpoint import TRAINING_LABELS_FILE
 
 # The files that make a checkpoint folder complete and shareable; nothing else of an output folder is uploaded
 # (Trainer checkpoints, optimizer pickles, logs, `training_args.bin` stay local).
@@ -25,6 +26,7 @@ SHAREABLE_FILES = (
     "modeling_ehr.py",
     PROTOTYPES_FILE,
     CODE_FREQUENCIES_FILE,
+    TRAINING_LABELS_FILE,
 )
 
 

@@ -99,6 +99,7 @@ def run_quickstart(
         split="held_out",
         output_dir=output_dir / "evaluation",
         baseline="logistic",
+        update_card=True,
     )
     print(format_report(report))
     print(f"ROC and calibration plots: {output_dir / 'evaluation'}")

@@ -241,8 +241,13 @@ def test_checkpoints_carry_a_model_card_without_identifiers(pretrained, syntheti
         FinetuningArguments(),
         training_args(tmp_path / "finetuned", max_steps=2),
     )
+    card_before = (tmp_path / "finetuned" / "README.md").read_text()
+    evaluate_checkpoint(tmp_path / "finetuned", synthetic_meds, labels, n_bootstrap=20, baseline=None)
+    assert (
+        tmp_path / "finetuned" / "README.md"
+    ).read_text() == card_before  # evaluating alone never writes it
     report = evaluate_checkpoint(
-        tmp_path / "finetuned", synthetic_meds, labels, n_bootstrap=20, baseline=None
+        tmp_path / "finetuned", synthetic_meds, labels, n_bootstrap=20, baseline=None, update_card=True
     )
     metadata = read_card_metadata(tmp_path / "finetuned")
     (result,) = metadata["model-index"][0]["results"]

@@ -6,6 +6,7 @@ A label file has `subject_id`, `prediction_time` and exactly one value per row i
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -175,6 +176,22 @@ def task_label_matrix(dataset, sources: dict, task_names: list[str]) -> np.ndarr
     return y
 
 
+def label_fingerprint(labels: pl.DataFrame) -> str:
+    """SHA-256 of a validated label frame's rows in a fixed order and text form: equal for the same labels
+    however the file was written (row order, parquet settings, column order)."""
+    columns = ["subject_id", "prediction_time", *[c for c in LABEL_VALUE_COLUMNS if c in labels.columns]]
+    text = labels.select(columns).sort(["subject_id", "prediction_time"]).write_csv()
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def rows_fingerprint(subject_ids, prediction_times) -> str:
+    """SHA-256 of a set of (subject_id, prediction_time) rows, in any order: a record of which label rows were used
+    that names no subject."""
+    rows = pl.DataFrame({"subject_id": list(subject_ids), "prediction_time": list(prediction_times)})
+    text = rows.sort(["subject_id", "prediction_time"]).write_csv()
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 __all__ = [
     "LABEL_SCHEMA",
     "LABEL_VALUE_COLUMNS",
@@ -183,4 +200,6 @@ __all__ = [
     "join_task_labels",
     "label_sources",
     "task_label_matrix",
+    "label_fingerprint",
+    "rows_fingerprint",
 ]

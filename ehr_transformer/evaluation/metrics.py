@@ -174,6 +174,63 @@ def bootstrap_ci(
     }
 
 
+def paired_bootstrap_difference(
+    y_true,
+    score_a,
+    score_b,
+    metric_fn: Callable[[np.ndarray, np.ndarray], float],
+    clusters=None,
+    n_bootstrap: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> dict:
+    """`metric_fn(y, a) - metric_fn(y, b)` with a paired percentile bootstrap interval over `clusters`.
+
+    Each resample draws clusters (subjects: pass one subject id per row) with replacement and keeps every row of a
+    drawn cluster, for both scores at once, so the interval accounts for the two models being scored on the same
+    rows and for rows of one subject being alike. Without `clusters` each row is its own cluster. Resamples where
+    the difference is NaN (one class) are skipped. Returns {"estimate", "ci_lower", "ci_upper", "alpha",
+    "n_bootstrap" (resamples used)}.
+    """
+    y = _as_binary(y_true)
+    a, b = _as_prob(score_a, y.size, "score_a"), _as_prob(score_b, y.size, "score_b")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    clusters = np.arange(y.size) if clusters is None else np.asarray(clusters).reshape(-1)
+    if clusters.shape[0] != y.size:
+        raise ValueError(f"clusters has {clusters.shape[0]} values but y_true has {y.size}")
+    estimate = float(metric_fn(y, a) - metric_fn(y, b)) if y.size else float("nan")
+    _, cluster_index = np.unique(clusters, return_inverse=True)
+    order = np.argsort(cluster_index, kind="stable")
+    starts = np.searchsorted(cluster_index[order], np.arange(cluster_index.max() + 1 if y.size else 0))
+    lengths = np.diff(np.r_[starts, y.size])
+    rng = np.random.default_rng(seed)
+    values: list[float] = []
+    for _ in range(n_bootstrap if y.size else 0):
+        drawn = rng.integers(0, starts.size, starts.size)
+        idx = order[np.repeat(starts[drawn], lengths[drawn]) + _ranges(lengths[drawn])]
+        yb = y[idx]
+        if yb.min() == yb.max():
+            continue
+        value = float(metric_fn(yb, a[idx]) - metric_fn(yb, b[idx]))
+        if not np.isnan(value):
+            values.append(value)
+    lower, upper = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0]) if values else (np.nan, np.nan)
+    return {
+        "estimate": estimate,
+        "ci_lower": float(lower),
+        "ci_upper": float(upper),
+        "alpha": alpha,
+        "n_bootstrap": len(values),
+    }
+
+
+def _ranges(lengths: np.ndarray) -> np.ndarray:
+    """0..n-1 for each n of `lengths`, concatenated."""
+    ends = np.cumsum(lengths)
+    return np.arange(ends[-1] if ends.size else 0) - np.repeat(ends - lengths, lengths)
+
+
 def logits_to_probabilities(logits) -> np.ndarray:
     """Positive-class probabilities (N,) from binary logits of shape (N,), (N, 1) (sigmoid) or (N, 2) (softmax)."""
     logits = np.asarray(logits, dtype=np.float64)
@@ -225,6 +282,7 @@ __all__ = [
     "brier_score",
     "expected_calibration_error",
     "bootstrap_ci",
+    "paired_bootstrap_difference",
     "logits_to_probabilities",
     "compute_classification_metrics",
 ]

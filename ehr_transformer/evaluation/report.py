@@ -8,6 +8,7 @@ Undefined values (AUROC of a group with one class, AUPRC of a group without posi
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,11 +17,14 @@ import numpy as np
 import polars as pl
 from transformers import AutoConfig
 
-from ..data.labels import read_labels
-from ..data.meds import iter_shards, read_events
+from ..data.dataset import build_labeled_dataset, subsample_labels
+from ..data.labels import label_fingerprint, read_labels, rows_fingerprint
+from ..data.meds import read_events
 from ..data.splits import split_subjects
 from ..inference import predict
 from ..model_card import render_model_card, write_model_card
+from ..tokenization_ehr import EHREventTokenizer
+from ..training.checkpoint import read_training_labels
 from ..utils import write_json
 from .baselines import TabularBaseline
 from .metrics import (
@@ -32,10 +36,12 @@ from .metrics import (
     bootstrap_ci,
     brier_score,
     expected_calibration_error,
+    paired_bootstrap_difference,
 )
 from .plots import plot_calibration, plot_roc
+from .subgroups import subgroups_for
 
-AGE_BANDS = ("18-44", "45-64", "65-79", "80+")
+logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- reports
@@ -114,20 +120,6 @@ def _group_labels(group_values, n: int, group_name: str) -> np.ndarray:
     return out
 
 
-def age_band(ages) -> np.ndarray:
-    """Age bands "18-44", "45-64", "65-79", "80+" (years, lower bound inclusive); "<18" below, "unknown" for NaN/None."""
-    a = np.asarray(
-        [np.nan if v is None else v for v in np.asarray(ages, dtype=object).reshape(-1)], dtype=np.float64
-    )
-    out = np.full(a.shape, "unknown", dtype=object)
-    out[a < 18] = "<18"
-    out[(a >= 18) & (a < 45)] = "18-44"
-    out[(a >= 45) & (a < 65)] = "45-64"
-    out[(a >= 65) & (a < 80)] = "65-79"
-    out[a >= 80] = "80+"
-    return out
-
-
 def regression_report(y_true, y_pred) -> dict:
     """Mean absolute error, root mean squared error and R² (1 - SSE/SST; NaN if y_true is constant)."""
     y = np.asarray(y_true, dtype=np.float64).reshape(-1)
@@ -155,11 +147,22 @@ def evaluate_checkpoint(
     n_bootstrap: int = 1000,
     baseline: str | None = "gbm",
     train_split: str = "train",
+    baseline_labels: str = "same",
+    sex_code_prefix: str | None = None,
+    group_codes: str | os.PathLike | pl.DataFrame | None = None,
+    update_card: bool = False,
 ) -> dict:
-    """Held-out report of a fine-tuned checkpoint: AUROC/AUPRC with bootstrap 95% intervals, Brier, ECE, by age
-    band and sex, with ROC and calibration plots, beside a tabular baseline (`baseline="gbm"` or `"logistic"`,
-    None for none) fitted on `train_split` and scored on exactly the same rows."""
+    """Held-out report of a fine-tuned checkpoint: AUROC/AUPRC with bootstrap 95% intervals, Brier, ECE, overall
+    and by subgroup (age band, sex and the attributes of `group_codes`, see `subgroups_for`), with ROC and
+    calibration plots, beside a tabular baseline (`baseline="gbm"` or `"logistic"`, None for none) scored on
+    exactly the same rows, and the paired difference model - baseline with a subject-level bootstrap interval.
 
+    `baseline_labels="same"` fits the baseline on the label rows that trained the checkpoint (recorded in its
+    `training_labels.json`: the same split, label fraction and seed); "all" on every label of `train_split`. A
+    checkpoint without the record gets the "all" baseline, and the report says so. `update_card` writes the
+    held-out figures into the checkpoint's model card (only for `split="held_out"`)."""
+    if baseline_labels not in ("same", "all"):
+        raise ValueError(f"baseline_labels must be 'same' or 'all', got {baseline_labels!r}")
     predictions = predict(checkpoint, data_dir, labels, split)
     if "label" not in predictions.columns:
         raise ValueError(
@@ -168,20 +171,34 @@ def evaluate_checkpoint(
         )
     y = predictions["label"].to_numpy().astype(int)
     p = predictions["probability"].to_numpy()
-    groups = subgroups_for(data_dir, predictions)
+    subjects = predictions["subject_id"].to_numpy()
+    groups, notes = subgroups_for(data_dir, predictions, sex_code_prefix, group_codes)
     report = {
         "checkpoint": str(checkpoint),
         "split": split,
         "n": len(y),
+        "n_subjects": int(np.unique(subjects).size),
         "model": binary_classification_report(y, p, n_bootstrap=n_bootstrap, groups=groups),
+        "subgroup_notes": notes,
     }
     if baseline:
-        baseline_probabilities = fit_baseline_and_predict(data_dir, labels, predictions, kind=baseline)
-        report[f"{baseline}_baseline"] = binary_classification_report(
+        train_labels, description = baseline_training_labels(
+            checkpoint, data_dir, labels, train_split, baseline_labels
+        )
+        baseline_probabilities = fit_baseline_and_predict(
+            data_dir, labels, predictions, kind=baseline, train_split=train_split, train_labels=train_labels
+        )
+        name = f"{baseline}_baseline"
+        report[name] = binary_classification_report(
             y, baseline_probabilities, n_bootstrap=n_bootstrap, groups=groups
         )
+        report[name]["trained_on"] = description
+        report[f"model_minus_{name}"] = {
+            metric: paired_bootstrap_difference(y, p, baseline_probabilities, fn, subjects, n_bootstrap)
+            for metric, fn in (("auroc", auroc), ("auprc", average_precision), ("brier", brier_score))
+        }
     fields = Path(checkpoint) / "model_card_fields.json"
-    if split == "held_out" and fields.exists():  # the card of the checkpoint gets its held-out evaluation
+    if update_card and split == "held_out" and fields.exists():
         card = json.loads(fields.read_text())
         write_model_card(
             checkpoint,
@@ -196,6 +213,54 @@ def evaluate_checkpoint(
     return report
 
 
+def baseline_training_labels(
+    checkpoint: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    labels: str | os.PathLike | pl.DataFrame,
+    train_split: str = "train",
+    baseline_labels: str = "same",
+) -> tuple[pl.DataFrame | None, str]:
+    """The label rows a baseline should be fitted on, and a sentence saying which: with "same", the rows that
+    trained `checkpoint` (rebuilt from its `training_labels.json` and checked against the recorded fingerprints);
+    with "all", or for a checkpoint without that record, None (every label of `train_split`)."""
+    frame = read_labels(labels) if not isinstance(labels, pl.DataFrame) else labels
+    record = read_training_labels(checkpoint)
+    everything = f"every label of the {train_split} split"
+    if baseline_labels == "all":
+        return None, f"{everything} (asked for with baseline_labels='all')"
+    if record is None:
+        logger.warning("%s records no training labels: the baseline is fitted on %s", checkpoint, everything)
+        return (
+            None,
+            f"{everything}: the checkpoint records no training labels, so the model may have seen fewer",
+        )
+    if record["label_fingerprint"] != label_fingerprint(frame):
+        raise ValueError(
+            f"{labels}: not the label file that trained {checkpoint} ({record['label_file']}; the fingerprints "
+            "differ), so the baseline cannot be fitted on the same rows; pass baseline_labels='all' "
+            "(--baseline_labels all) to compare with a baseline on every training label"
+        )
+    tokenizer = EHREventTokenizer.from_pretrained(checkpoint)
+    dataset = build_labeled_dataset(data_dir, frame, tokenizer, split=record["split"])
+    dataset = subsample_labels(dataset, record["label_fraction"], record["seed"])
+    if rows_fingerprint(dataset["subject_id"], dataset["prediction_time"]) != record["rows_fingerprint"]:
+        raise ValueError(
+            f"{data_dir}: the {record['n_rows']} training rows of {checkpoint} cannot be rebuilt from this dataset "
+            "(the row fingerprints differ: the data or its splits changed since fine-tuning); pass "
+            "baseline_labels='all' (--baseline_labels all) to compare with a baseline on every training label"
+        )
+    rows = pl.DataFrame(
+        {
+            "subject_id": dataset["subject_id"],
+            "prediction_time": dataset["prediction_time"],
+            "boolean_value": np.asarray(dataset["labels"], dtype=np.float64) > 0.5,
+        },
+        schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"), "boolean_value": pl.Boolean},
+    )
+    share = f"{record['label_fraction']:.0%} of the {record['split']} labels, seed {record['seed']}"
+    return rows, f"the model's own {len(rows)} training labels ({share})"
+
+
 def fit_baseline_and_predict(
     data_dir: str | os.PathLike,
     labels: str | os.PathLike | pl.DataFrame,
@@ -203,12 +268,15 @@ def fit_baseline_and_predict(
     kind: str = "gbm",
     train_split: str = "train",
     seed: int = 0,
+    train_labels: pl.DataFrame | None = None,
 ) -> np.ndarray:
-    """Fit a tabular baseline (`gbm` on per-code aggregates, or `logistic` on code counts) on the training
-    split's labels and score exactly `rows` (subject_id, prediction_time, label), with the same visible history."""
-    labels = read_labels(labels) if not isinstance(labels, pl.DataFrame) else labels
-    train_subjects = pl.Series(sorted(split_subjects(data_dir, train_split)), dtype=pl.Int64)
-    train_labels = labels.filter(pl.col("subject_id").is_in(train_subjects.implode()))
+    """Fit a tabular baseline (`gbm` on per-code aggregates, or `logistic` on code counts) on `train_labels`
+    (default: every label of `train_split`) and score exactly `rows` (subject_id, prediction_time, label), with
+    the same visible history."""
+    if train_labels is None:
+        labels = read_labels(labels) if not isinstance(labels, pl.DataFrame) else labels
+        train_subjects = pl.Series(sorted(split_subjects(data_dir, train_split)), dtype=pl.Int64)
+        train_labels = labels.filter(pl.col("subject_id").is_in(train_subjects.implode()))
     train_events = read_events(data_dir, subject_ids=train_labels["subject_id"].unique().to_list())
     baseline = TabularBaseline(kind=kind, seed=seed).fit(train_events, train_labels)
     test_rows = rows.select(
@@ -218,44 +286,44 @@ def fit_baseline_and_predict(
     return baseline.predict_proba(test_events, test_rows)
 
 
-def subgroups_for(data_dir: str | os.PathLike, predictions: pl.DataFrame) -> dict[str, np.ndarray]:
-    """Age band at prediction time and recorded sex for each prediction row (from MEDS_BIRTH and sex codes)."""
-
-    subjects = pl.Series(predictions["subject_id"].unique().to_list(), dtype=pl.Int64)
-    births, sexes = [], []
-    for _, frame in iter_shards(data_dir):
-        frame = frame.filter(pl.col("subject_id").is_in(subjects.implode()))
-        births.append(
-            frame.filter(pl.col("code") == "MEDS_BIRTH")
-            .group_by("subject_id")
-            .agg(birth=pl.col("time").min())
-        )
-        sex_events = frame.filter(pl.col("code").str.to_uppercase().str.contains(r"^(GENDER|SEX)//"))
-        sexes.append(
-            sex_events.group_by("subject_id").agg(sex=pl.col("code").first().str.split("//").list.last())
-        )
-    rows = predictions.select("subject_id", "prediction_time")
-    if births:
-        rows = rows.join(pl.concat(births), on="subject_id", how="left")
-        rows = rows.join(pl.concat(sexes), on="subject_id", how="left")
-    ages = ((rows["prediction_time"] - rows["birth"]).dt.total_hours() / (24 * 365.25)).to_numpy()
-    return {
-        "age_band": age_band(np.nan_to_num(ages, nan=-1.0)),
-        "sex": rows["sex"].fill_null("unknown").to_numpy(),
-    }
-
-
 def format_report(report: dict) -> str:
-    """A few readable lines from `evaluate_checkpoint`'s report."""
-    lines = [f"{report['split']} split, {report['n']} predictions"]
-    for name, metrics in report.items():
-        if not isinstance(metrics, dict) or "auroc" not in metrics:
-            continue
+    """Readable lines from `evaluate_checkpoint`'s report: each model, the paired difference, the subgroups."""
+    lines = [
+        f"{report['split']} split, {report['n']} predictions of {report.get('n_subjects', '?')} subjects"
+    ]
+    models = [
+        name
+        for name, metrics in report.items()
+        if isinstance(metrics, dict) and "auroc" in metrics and not name.startswith("model_minus_")
+    ]
+    for name in models:
+        metrics = report[name]
         lines.append(
             f"  {name:<18} AUROC {_fmt(metrics['auroc'])}  AUPRC {_fmt(metrics['auprc'])}  "
             f"Brier {metrics['brier']:.3f}  ECE {metrics['ece']:.3f}"
         )
+        if "trained_on" in metrics:
+            lines.append(f"  {'':<18} fitted on {metrics['trained_on']}")
+    for name, difference in report.items():
+        if name.startswith("model_minus_"):
+            parts = [f"{metric.upper()} {_fmt_signed(value)}" for metric, value in difference.items()]
+            lines.append(f"  model - {name[len('model_minus_') :]} (paired, by subject): " + "  ".join(parts))
+    if models:
+        lines.append("  subgroups (n, positives, AUROC of " + " / ".join(models) + "):")
+        for group_name, per_value in report[models[0]]["subgroups"].items():
+            for value, metrics in per_value.items():
+                aurocs = " / ".join(_fmt(report[m]["subgroups"][group_name][value]["auroc"]) for m in models)
+                lines.append(
+                    f"    {group_name:<9} {value:<8} n {metrics['n']:>5}  positives {metrics['n_positive']:>4}  {aurocs}"
+                )
+    lines += [f"  note: {note}" for note in report.get("subgroup_notes", [])]
     return "\n".join(lines)
+
+
+def _fmt_signed(metric: dict) -> str:
+    if metric["ci_lower"] is None or np.isnan(metric["ci_lower"]):
+        return f"{metric['estimate']:+.3f}"
+    return f"{metric['estimate']:+.3f} [{metric['ci_lower']:+.3f}, {metric['ci_upper']:+.3f}]"
 
 
 def _fmt(metric: dict | None) -> str:
@@ -267,12 +335,10 @@ def _fmt(metric: dict | None) -> str:
 
 
 __all__ = [
-    "AGE_BANDS",
-    "age_band",
     "binary_classification_report",
     "regression_report",
     "evaluate_checkpoint",
+    "baseline_training_labels",
     "fit_baseline_and_predict",
-    "subgroups_for",
     "format_report",
 ]

@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import numpy as np
+import polars as pl
 from transformers import TrainingArguments
 
 from ..configuration_ehr import EHRTransformerConfig
+from ..data.labels import label_fingerprint, rows_fingerprint
 from ..data.splits import iter_split_events, read_subject_splits
 from ..model_card import data_summary, render_model_card, write_model_card
 from ..tokenization_ehr import EHREventTokenizer
@@ -98,4 +102,44 @@ def with_tasks(config: EHRTransformerConfig, **changes) -> EHRTransformerConfig:
     return EHRTransformerConfig.from_dict({**fields, **changes})
 
 
-__all__ = ["BINARY_HEAD", "with_tasks", "fit_tokenizer", "config_for", "save_checkpoint", "card_for_training"]
+# What a fine-tuned folder records of its training labels, so that `evaluate` can fit its baseline on the same rows.
+TRAINING_LABELS_FILE = "training_labels.json"
+
+
+def training_labels_record(
+    labels: pl.DataFrame, label_source: str, train_dataset, split: str, label_fraction: float, seed: int
+) -> dict:
+    """The training labels of a fine-tuning run without a subject identifier: the label file's fingerprint, the
+    split, the label fraction and its seed, and the count and fingerprint of the rows drawn."""
+    y = np.asarray(train_dataset["labels"], dtype=np.float64)
+    return {
+        "label_file": Path(label_source).name
+        if isinstance(label_source, (str, os.PathLike))
+        else str(label_source),
+        "label_fingerprint": label_fingerprint(labels),
+        "split": split,
+        "label_fraction": label_fraction,
+        "seed": seed,
+        "n_rows": len(train_dataset),
+        "n_positive": int(np.nansum(y)) if y.ndim == 1 else None,
+        "rows_fingerprint": rows_fingerprint(train_dataset["subject_id"], train_dataset["prediction_time"]),
+    }
+
+
+def read_training_labels(folder: str | os.PathLike) -> dict | None:
+    """The record of `training_labels_record` saved in a fine-tuned folder, or None for a folder without one."""
+    path = Path(folder) / TRAINING_LABELS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+__all__ = [
+    "TRAINING_LABELS_FILE",
+    "training_labels_record",
+    "read_training_labels",
+    "BINARY_HEAD",
+    "with_tasks",
+    "fit_tokenizer",
+    "config_for",
+    "save_checkpoint",
+    "card_for_training",
+]

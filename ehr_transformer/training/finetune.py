@@ -20,7 +20,16 @@ from ..modeling_ehr import EHRTransformerForSequenceClassification, EHRTransform
 from ..tokenization_ehr import EHREventTokenizer
 from ..utils import write_json
 from .arguments import DataArguments, FinetuningArguments, ModelArguments
-from .checkpoint import BINARY_HEAD, card_for_training, config_for, fit_tokenizer, save_checkpoint, with_tasks
+from .checkpoint import (
+    BINARY_HEAD,
+    TRAINING_LABELS_FILE,
+    card_for_training,
+    config_for,
+    fit_tokenizer,
+    save_checkpoint,
+    training_labels_record,
+    with_tasks,
+)
 from .linear_probe import check_probe_inputs, finetune_linear_probe, linear_probe_classifier
 from .trainer import ResumableTrainer, seed_before_model_init
 
@@ -177,6 +186,16 @@ def finetune(
         card = {"kind": "fine-tuned", "task": "+".join(names), **card}
         save_checkpoint(trainer.model, tokenizer, training_args.output_dir, card)
         write_json(Path(training_args.output_dir) / "model_card_fields.json", card)
+        if len(names) == 1:  # one label file: `evaluate` fits its baseline on exactly these rows
+            record = training_labels_record(
+                labels,
+                data_args.labels,
+                train_dataset,
+                data_args.train_split,
+                finetuning_args.label_fraction,
+                training_args.seed,
+            )
+            write_json(Path(training_args.output_dir) / TRAINING_LABELS_FILE, record)
     return trainer.model
 
 

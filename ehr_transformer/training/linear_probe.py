@@ -24,7 +24,14 @@ from ..modeling_ehr import EHRTransformerForSequenceClassification, EHRTransform
 from ..tokenization_ehr import EHREventTokenizer
 from ..utils import write_json
 from .arguments import DataArguments, FinetuningArguments, ModelArguments
-from .checkpoint import BINARY_HEAD, card_for_training, save_checkpoint, with_tasks
+from .checkpoint import (
+    BINARY_HEAD,
+    TRAINING_LABELS_FILE,
+    card_for_training,
+    save_checkpoint,
+    training_labels_record,
+    with_tasks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +119,15 @@ def finetune_linear_probe(
         card = {"kind": "linear-probe", "task": name, **card}
         save_checkpoint(model, tokenizer, training_args.output_dir, card)
         write_json(Path(training_args.output_dir) / "model_card_fields.json", card)
+        record = training_labels_record(
+            labels,
+            data_args.labels,
+            train_dataset,
+            data_args.train_split,
+            finetuning_args.label_fraction,
+            training_args.seed,
+        )
+        write_json(Path(training_args.output_dir) / TRAINING_LABELS_FILE, record)
     return model
 
 
