@@ -77,6 +77,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         update_card=args.update_card,
     )
     print(format_report(report))
+    if args.output_dir:
+        print(f"metrics.json, roc.png and calibration.png written to {args.output_dir}")
     return 0
 
 
@@ -284,19 +286,25 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--n_bootstrap", type=int, default=1000)
             p.add_argument("--baseline", default="gbm", choices=["gbm", "logistic", "none"])
             p.add_argument(
-                "--baseline_labels", default="same", choices=["same", "all"],
+                "--baseline_labels",
+                default="same",
+                choices=["same", "all"],
                 help="fit the baseline on the label rows that trained the checkpoint (same) or on every training label",
             )
             p.add_argument(
-                "--sex_code_prefix", default=None,
+                "--sex_code_prefix",
+                default=None,
                 help="codes that give sex start with this (default GENDER// or SEX//); the group is what follows",
             )
             p.add_argument(
-                "--group_codes", default=None,
+                "--group_codes",
+                default=None,
                 help="CSV or parquet table code,attribute,group: subgroups of any static attribute",
             )
             p.add_argument(
-                "--update_card", action="store_true", help="write the held-out figures into the checkpoint's card"
+                "--update_card",
+                action="store_true",
+                help="write the held-out figures into the checkpoint's card",
             )
         p.set_defaults(func=func)
 

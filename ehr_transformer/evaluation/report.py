@@ -306,7 +306,7 @@ def format_report(report: dict) -> str:
             lines.append(f"  {'':<18} fitted on {metrics['trained_on']}")
     for name, difference in report.items():
         if name.startswith("model_minus_"):
-            parts = [f"{metric.upper()} {_fmt_signed(value)}" for metric, value in difference.items()]
+            parts = [f"{_NAMES[metric]} {_fmt_signed(value)}" for metric, value in difference.items()]
             lines.append(f"  model - {name[len('model_minus_') :]} (paired, by subject): " + "  ".join(parts))
     if models:
         lines.append("  subgroups (n, positives, AUROC of " + " / ".join(models) + "):")
@@ -318,6 +318,9 @@ def format_report(report: dict) -> str:
                 )
     lines += [f"  note: {note}" for note in report.get("subgroup_notes", [])]
     return "\n".join(lines)
+
+
+_NAMES = {"auroc": "AUROC", "auprc": "AUPRC", "brier": "Brier"}
 
 
 def _fmt_signed(metric: dict) -> str:
