@@ -76,7 +76,7 @@ def test_evaluate_reports_same_rows_baseline_and_the_paired_difference(few_label
     assert difference["ci_lower"] <= difference["estimate"] <= difference["ci_upper"]
     assert set(same["model_minus_logistic_baseline"]) == {"auroc", "auprc", "brier"}
     text = format_report(same)
-    assert "model - logistic_baseline (paired, by subject): AUROC" in text
+    assert "model - logistic_baseline (paired, by subject):\n    AUROC" in text
     assert f"fitted on the model's own {record['n_rows']} training labels" in text
 
     full = evaluate_checkpoint(

@@ -307,7 +307,9 @@ def format_report(report: dict) -> str:
     for name, difference in report.items():
         if name.startswith("model_minus_"):
             parts = [f"{_NAMES[metric]} {_fmt_signed(value)}" for metric, value in difference.items()]
-            lines.append(f"  model - {name[len('model_minus_') :]} (paired, by subject): " + "  ".join(parts))
+
+            lines.append(f"  model - {name[len('model_minus_') :]} (paired, by subject):")
+            lines.append("    " + "  ".join(parts))
     if models:
         lines.append("  subgroups (n, positives, AUROC of " + " / ".join(models) + "):")
         for group_name, per_value in report[models[0]]["subgroups"].items():
