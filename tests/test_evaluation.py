@@ -12,7 +12,8 @@ from ehr_transformer.evaluation.metrics import (
     expected_calibration_error,
 )
 from ehr_transformer.evaluation.plots import plot_calibration, plot_roc
-from ehr_transformer.evaluation.report import age_band, binary_classification_report, regression_report
+from ehr_transformer.evaluation.report import binary_classification_report, regression_report
+from ehr_transformer.evaluation.subgroups import age_band
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
