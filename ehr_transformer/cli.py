@@ -13,34 +13,129 @@
 
 Every flag is written `--snake_case`, as `transformers`' own. `pretrain` and `finetune` take every
 `transformers.TrainingArguments` flag (`--num_train_epochs`, `--per_device_train_batch_size`, `--learning_rate`,
-...) and work under `accelerate launch`. The package's modules are imported inside each command so that `--help`
-does not load torch.
+...), default to the package's recipe (`training.arguments.TRAINING_RECIPE`) and work under `accelerate launch`.
+
+`--help` of every command loads neither torch nor transformers: the package's modules are imported inside each
+command, and the short help of `pretrain` / `finetune` is built with argparse from the package's own dataclasses
+(`--help_all` prints every `TrainingArguments` flag, and imports transformers). A mistake in the input (a missing
+folder, a bad file, a refused option) prints one line, `ehr-transformer: error: ...`, and exits with 2;
+`ehr-transformer --debug COMMAND ...` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+from pathlib import Path
+
+from . import __version__
+
+# Errors the package raises for bad input (`MEDSValidationError`, `UnsafeCheckpointError`, ... are ValueErrors):
+# `main` prints them on one line unless --debug.
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
+TRAINING_COMMANDS = {"pretrain": "PretrainingArguments", "finetune": "FinetuningArguments"}
 
 
-def _parse_training(argv: list[str], task_arguments):
-    """(DataArguments, ModelArguments, `task_arguments`, TrainingArguments) from the command line."""
+def _check_data_dir(path: str | None) -> None:
+    """Refuse a `--data_dir` that is not a folder before anything reads it."""
+    if path is not None and not Path(path).is_dir():
+        raise FileNotFoundError(f"--data_dir {path}: no such folder")
+
+
+def _training_parser(command: str) -> argparse.ArgumentParser:
+    """The short parser of `pretrain` / `finetune`, built from the package's dataclasses with argparse alone: it
+    serves `--help` without importing transformers and refuses a missing required flag with a short usage. The
+    real parsing is `transformers.HfArgumentParser`'s (`_parse_training`)."""
+    from .training import arguments
+
+    task_arguments = getattr(arguments, TRAINING_COMMANDS[command])
+    parser = argparse.ArgumentParser(
+        prog=f"ehr-transformer {command}",
+        usage=f"ehr-transformer {command} --data_dir MEDS --output_dir DIR "
+        + ("--labels FILE [--model_name_or_path DIR] " if command == "finetune" else "")
+        + "[flags]",
+        description=task_arguments.__doc__,
+        epilog="Every transformers.TrainingArguments flag is accepted (--seed, --max_steps, --eval_strategy, "
+        "--save_strategy, --bf16, ...): --help_all lists them all, docs/cli.md explains the defaults.",
+        add_help=False,
+        allow_abbrev=False,
+    )
+    parser.add_argument("-h", "--help", action="help", help="show this help and exit")
+    parser.add_argument(
+        "--help_all", action="store_true", help="every flag, with every transformers.TrainingArguments flag"
+    )
+    for title, cls in (
+        ("data", arguments.DataArguments),
+        ("model", arguments.ModelArguments),
+        (command, task_arguments),
+    ):
+        group = parser.add_argument_group(f"{title} ({cls.__name__})")
+        for field in dataclasses.fields(cls):
+            required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+            shown = "required" if required else f"default: {field.default}"
+            help_text = f"{field.metadata.get('help', '')} ({shown})".replace("%", "%%")
+            if field.type in (bool, "bool"):
+                group.add_argument(
+                    f"--{field.name}", nargs="?", const=True, default=field.default, help=help_text
+                )
+            else:
+                group.add_argument(
+                    f"--{field.name}", required=required, default=field.default, metavar="", help=help_text
+                )
+    group = parser.add_argument_group(
+        "training (transformers.TrainingArguments; defaults: the package's recipe)"
+    )
+    group.add_argument(
+        "--output_dir", required=True, metavar="", help="checkpoint folder to write (required)"
+    )
+    for name, default in arguments.TRAINING_DEFAULTS.items():
+        group.add_argument(f"--{name}", default=default, metavar="", help=f"default: {default}")
+    return parser
+
+
+def _parse_training(command: str, argv: list[str]):
+    """(DataArguments, ModelArguments, PretrainingArguments or FinetuningArguments, TrainingArguments) from the
+    command line, with the package's recipe (`TRAINING_DEFAULTS`) as defaults."""
+    light = _training_parser(command)
+    if "--help_all" not in argv:
+        known, _ = light.parse_known_args(argv)  # --help ends here, as does a missing required flag
+        _check_data_dir(known.data_dir)
+
     from transformers import HfArgumentParser, TrainingArguments
 
-    from .training.arguments import TRAINING_DEFAULTS, DataArguments, ModelArguments
+    from .training import arguments
 
-    parser = HfArgumentParser((DataArguments, ModelArguments, task_arguments, TrainingArguments))
-    parser.set_defaults(**TRAINING_DEFAULTS)
+    parser = HfArgumentParser(
+        (
+            arguments.DataArguments,
+            arguments.ModelArguments,
+            getattr(arguments, TRAINING_COMMANDS[command]),
+            TrainingArguments,
+        ),
+        prog=f"ehr-transformer {command}",
+        usage=light.usage + " (--help: the package's flags, --help_all: every flag)",
+    )
+    parser.set_defaults(**arguments.TRAINING_DEFAULTS)
+    if "--help_all" in argv:
+        parser.print_help()
+        raise SystemExit(0)
     return parser.parse_args_into_dataclasses(args=argv)
 
 
 def _pretrain(argv: list[str]) -> int:
-    from .training.arguments import PretrainingArguments
+    data_args, model_args, pretraining_args, training_args = _parse_training("pretrain", argv)
     from .training.pretrain import pretrain
     from .training.trainer import finish_distributed
 
-    data_args, model_args, pretraining_args, training_args = _parse_training(argv, PretrainingArguments)
     pretrain(data_args, model_args, pretraining_args, training_args)
     finish_distributed()
     print(f"pretrained checkpoint written to {training_args.output_dir}")
@@ -48,11 +143,10 @@ def _pretrain(argv: list[str]) -> int:
 
 
 def _finetune(argv: list[str]) -> int:
-    from .training.arguments import FinetuningArguments
+    data_args, model_args, finetuning_args, training_args = _parse_training("finetune", argv)
     from .training.finetune import finetune
     from .training.trainer import finish_distributed
 
-    data_args, model_args, finetuning_args, training_args = _parse_training(argv, FinetuningArguments)
     finetune(data_args, model_args, finetuning_args, training_args)
     finish_distributed()
     kind = "linear-probe" if finetuning_args.linear_probe else "fine-tuned"
@@ -61,8 +155,10 @@ def _finetune(argv: list[str]) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from .data.labels import refuse_comma
     from .evaluation.report import evaluate_checkpoint, format_report
 
+    refuse_comma(args.labels)
     report = evaluate_checkpoint(
         args.checkpoint,
         args.data_dir,
@@ -87,8 +183,16 @@ def _predict(args: argparse.Namespace) -> int:
     from .inference import predict
     from .utils import atomic_path
 
-    predictions = predict(args.checkpoint, args.data_dir, args.labels, split=args.split or None)
+    if args.labels is None and not args.task:
+        raise ValueError(
+            "predict needs --labels PATH (a label or prediction-time file, folder or glob) or --task NAME=PATH ..."
+        )
+    predictions = predict(
+        args.checkpoint, args.data_dir, args.labels, split=args.split or None, tasks=args.task or None
+    )
     if args.explain:  # the N events that moved each risk most (integrated gradients), same row order
+        if args.task:
+            raise ValueError("--explain explains one label source: give it with --labels, not --task")
         top_events, subject_ids = explain_checkpoint(
             args.checkpoint, args.data_dir, args.labels, split=args.split or None, top_k=args.explain
         )
@@ -122,11 +226,15 @@ def _select(args: argparse.Namespace) -> int:
 
 def _adapt(args: argparse.Namespace) -> int:
     from .adaptation import adapt_checkpoint, format_adaptation
+    from .data.labels import label_sources
 
+    labels = label_sources(args.labels, args.task) if args.task else args.labels
+    if labels is None:
+        raise ValueError("adapt needs --labels PATH (one task) or --task NAME=PATH ... (several)")
     result = adapt_checkpoint(
         args.checkpoint,
         args.data_dir,
-        args.labels,
+        labels,
         args.output_dir,
         refit_values=not args.no_refit_values,
         continued_pretraining_epochs=args.continued_pretraining_epochs,
@@ -184,16 +292,22 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if argv and argv[0] in ("pretrain", "finetune"):
-        return {"pretrain": _pretrain, "finetune": _finetune}[argv[0]](argv[1:])
-
     parser = argparse.ArgumentParser(prog="ehr-transformer", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("pretrain", help="masked event pretraining (takes TrainingArguments flags)")
-    sub.add_parser(
-        "finetune", help="fine-tune on a label file (takes TrainingArguments flags; --linear_probe)"
+    parser.add_argument("--version", action="version", version=f"ehr-transformer {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of an error (before the command)"
     )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser(
+        "pretrain", add_help=False, help="masked event pretraining (takes TrainingArguments flags)"
+    )
+    p.set_defaults(func=_pretrain)
+    p = sub.add_parser(
+        "finetune",
+        add_help=False,
+        help="fine-tune on a label file (takes TrainingArguments flags; --linear_probe)",
+    )
+    p.set_defaults(func=_finetune)
 
     p = sub.add_parser("quickstart", help="synthetic cohort -> pretrain -> fine-tune -> evaluate -> reload")
     p.add_argument("--output_dir", default="quickstart_output")
@@ -217,8 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint folder")
     p.add_argument("--data_dir", required=True, help="the target population's MEDS folder")
+    p.add_argument("--labels", default=None, help="the target's label file, folder of label shards or glob")
     p.add_argument(
-        "--labels", required=True, help="the target's label file (comma-separated files: multitask)"
+        "--task", nargs="+", default=None, metavar="NAME=PATH", help="several tasks (a multitask checkpoint)"
     )
     p.add_argument("--output_dir", required=True, help="adapted checkpoint folder (written atomically)")
     p.add_argument("--no_refit_values", action="store_true", help="keep the source's value statistics")
@@ -270,9 +385,27 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--checkpoint", required=True)
         p.add_argument("--data_dir", required=True)
-        p.add_argument("--labels", required=True, help="label / prediction-time file")
-        p.add_argument("--split", default="held_out", help="split to score ('' for all subjects)")
+        p.add_argument(
+            "--labels",
+            required=name == "evaluate",
+            default=None,
+            help="MEDS label file, folder of label shards or glob"
+            + (" (for predict: subject_id and prediction_time suffice)" if name == "predict" else ""),
+        )
+        p.add_argument(
+            "--split",
+            default="held_out",
+            help="split to score, any name of metadata/subject_splits.parquet ('' for all subjects, no split file needed)",
+        )
         if name == "predict":
+            p.add_argument(
+                "--task",
+                nargs="+",
+                action="extend",
+                default=None,
+                metavar="NAME=PATH",
+                help="multitask checkpoint: the label source of each task, e.g. --task mortality=a.parquet stay=b/",
+            )
             p.add_argument("--output_file", required=True, help="predictions parquet (written atomically)")
             p.add_argument(
                 "--explain",
@@ -308,8 +441,21 @@ def main(argv: list[str] | None = None) -> int:
             )
         p.set_defaults(func=func)
 
-    args = parser.parse_args(argv)
-    return args.func(args)
+    # `pretrain` and `finetune` parse their own flags: argparse reads the global flags and the command only.
+    command_at = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), len(argv))
+    training = command_at < len(argv) and argv[command_at] in TRAINING_COMMANDS
+    args = parser.parse_args(argv[: command_at + 1] if training else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if training:
+            return args.func(argv[command_at + 1 :])
+        _check_data_dir(getattr(args, "data_dir", None))
+        return args.func(args)
+    except USER_ERRORS as error:
+        if args.debug:
+            raise
+        print(f"ehr-transformer: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -101,6 +101,14 @@ class EHRTransformerConfig(PreTrainedConfig):
     `"single_label_classification"` or `"multi_label_classification"`, chosen as in BERT when unset),
     `id2label`/`label2id`.
 
+    The binary convention: a classifier of one binary outcome (what `finetune` and the linear probe build for one
+    label file) has `num_labels=1` and `problem_type="multi_label_classification"`. `problem_type` chooses the loss,
+    as in `transformers`: "multi_label_classification" is the BCE-with-logits path, each output an independent
+    binary outcome (here one), and the only one that trains a single logit on 0/1 labels; one logit with
+    `problem_type` None or "regression" would be trained by MSE, and "single_label_classification" is a softmax over
+    at least two logits (another layout and loss). So the name says "independent sigmoid outputs", not "several
+    labels": the risk is `sigmoid(logit / temperature)`, as `predict` and the `ehr-risk` pipeline return it.
+
     Example:
 
     ```python

@@ -8,13 +8,14 @@ from typing import Any
 import numpy as np
 import polars as pl
 import torch
-from scipy.special import expit
+from scipy.special import expit, softmax
 from transformers import AutoModelForSequenceClassification
 
 from .checkpoint_safety import check_checkpoint_folder
 from .data.collators import DataCollatorForEventClassification
 from .data.dataset import build_labeled_dataset
 from .data.labels import label_sources, task_label_matrix
+from .loading import load_pretrained
 from .tokenization_ehr import EHREventTokenizer
 
 
@@ -83,51 +84,126 @@ def predict_dataset(model, dataset, tokenizer: EHREventTokenizer, batch_size: in
     return logits[:, 0] if logits.shape[1] == 1 else logits
 
 
+PREDICTION_COLUMNS_DOC = """\
+Columns of `predict` (the MEDS prediction schema that `meds-evaluation` reads):
+
+- always: subject_id Int64, prediction_time Datetime(us);
+- binary task: boolean_value Boolean (the label; null where the file has none), predicted_boolean_value Boolean
+  (probability >= 0.5), predicted_boolean_probability Float64;
+- regression task: float_value Float64 (the label, integer labels cast; null where none), predicted_float_value
+  Float64;
+- multi-class task (one label in integer_value, several logits): integer_value Int64 (the label),
+  predicted_integer_value Int64 (the most probable class), predicted_integer_probabilities List(Float64) (softmax);
+- multitask checkpoint: the columns above for each task, prefixed by `<task>/` (e.g.
+  `mortality/predicted_boolean_probability`); a task whose label file was not given has a null label column.
+"""
+
+
+def _label_column(values, dtype: pl.DataType) -> pl.Series:
+    """Labels stored as float32 with NaN for "no label" -> a typed column with null for "no label"."""
+    series = (
+        pl.Series(np.asarray(values, dtype=np.float64)) if len(values) else pl.Series([], dtype=pl.Float64)
+    )
+    series = series.fill_nan(None)
+    if dtype == pl.Boolean:
+        return (series != 0).cast(pl.Boolean)
+    return series.cast(dtype)
+
+
+def prediction_columns(kind: str, scores: np.ndarray, labels, prefix: str = "") -> dict[str, pl.Series]:
+    """The MEDS prediction columns of one task (see `PREDICTION_COLUMNS_DOC`): `kind` is "binary" (`scores` (N,)
+    probabilities), "regression" ((N,) values) or "multiclass" ((N, C) probabilities); `labels` (N,) floats, NaN
+    where a row has no label. Always typed, also for N = 0."""
+    if kind == "binary":
+        p = pl.Series(np.asarray(scores, dtype=np.float64).reshape(-1), dtype=pl.Float64)
+        return {
+            f"{prefix}boolean_value": _label_column(labels, pl.Boolean),
+            f"{prefix}predicted_boolean_value": p >= 0.5,
+            f"{prefix}predicted_boolean_probability": p,
+        }
+    if kind == "regression":
+        return {
+            f"{prefix}float_value": _label_column(labels, pl.Float64),
+            f"{prefix}predicted_float_value": pl.Series(
+                np.asarray(scores, dtype=np.float64).reshape(-1), dtype=pl.Float64
+            ),
+        }
+    if kind == "multiclass":
+        probs = np.asarray(scores, dtype=np.float64)
+        n = len(labels)
+        return {
+            f"{prefix}integer_value": _label_column(labels, pl.Int64),
+            f"{prefix}predicted_integer_value": pl.Series(
+                probs.argmax(axis=1) if n else np.zeros(0, dtype=np.int64), dtype=pl.Int64
+            ),
+            f"{prefix}predicted_integer_probabilities": pl.Series(
+                [row.tolist() for row in probs], dtype=pl.List(pl.Float64)
+            ),
+        }
+    raise ValueError(f"unknown task kind {kind!r}")
+
+
 def predict(
     checkpoint: str | os.PathLike,
     data_dir: str | os.PathLike,
-    labels: str | os.PathLike | pl.DataFrame,
+    labels,
     split: str | None = "held_out",
     batch_size: int = 64,
+    tasks=None,
 ) -> pl.DataFrame:
-    """Score every (subject_id, prediction_time) row of a label/prediction-time file with a checkpoint.
+    """Score every (subject_id, prediction_time) row of a label / prediction-time source with a checkpoint.
 
-    Returns subject_id, prediction_time, probability (and the true label where the file has one).
-    A multitask checkpoint (`config.task_names`) takes one or several files (as `finetune`'s `labels`), scores
-    every (subject_id, prediction_time) of any of them and returns subject_id, prediction_time, one column per
-    task named by the task (probability for binary, value for regression) and `<task>_label` for each task whose
-    label file was given (NaN where that file has no label at that time).
+    `labels` is a MEDS label file, a folder of label shards or a glob (see `data.labels.read_labels`); a file with
+    only subject_id and prediction_time (no label) is scored too. `split` None or "" scores every subject with
+    events (no `metadata/subject_splits.parquet` needed); any split name of the data is accepted. A multitask
+    checkpoint (`config.task_names`) takes one source or several named ones (`tasks=["NAME=PATH", ...]`, as
+    `finetune --task`). Returns the MEDS prediction schema (`PREDICTION_COLUMNS_DOC`), one row per scored label
+    row, in the tokenized dataset's order (shard by shard, then by subject and prediction time). Label rows that
+    cannot be scored are counted and logged; when none is left, `NoUsableRowsError` says why.
     """
 
     check_checkpoint_folder(checkpoint)  # refuse pickle-only/absurd folders before loading
     tokenizer = EHREventTokenizer.from_pretrained(checkpoint)
-    model = AutoModelForSequenceClassification.from_pretrained(checkpoint, use_safetensors=True)
+    # quietly: no "Loading weights" bar or LOAD REPORT; a real weight mismatch is still logged
+    model = load_pretrained(AutoModelForSequenceClassification, checkpoint, use_safetensors=True)
     if model.config.task_names is not None:
-        return _predict_multitask(model, tokenizer, data_dir, labels, split, batch_size)
-    dataset = build_labeled_dataset(data_dir, labels, tokenizer, split=split)
-    scores = predict_dataset(model, dataset, tokenizer, batch_size)
-    return pl.DataFrame(
-        {
-            "subject_id": dataset["subject_id"],
-            "prediction_time": dataset["prediction_time"],
-            "probability": scores,
-            "label": dataset["labels"],
-        }
-    )
+        return _predict_multitask(model, tokenizer, data_dir, labels, tasks, split, batch_size)
+    if tasks:
+        raise ValueError(f"{checkpoint} has one task; give its labels with --labels, not --task")
+    dataset = build_labeled_dataset(data_dir, labels, tokenizer, split=split, allow_unlabeled=True)
+    head = {
+        "subject_id": pl.Series(dataset["subject_id"], dtype=pl.Int64),
+        "prediction_time": pl.Series(dataset["prediction_time"], dtype=pl.Datetime("us")),
+    }
+    if model.config.problem_type == "regression":
+        kind, scores = "regression", predict_dataset(model, dataset, tokenizer, batch_size)
+    elif model.config.num_labels > 1:
+        logits = predict_logits(model, dataset, tokenizer, batch_size)
+        kind, scores = "multiclass", softmax(logits.astype(np.float64), axis=1)
+    else:
+        kind, scores = "binary", predict_dataset(model, dataset, tokenizer, batch_size)
+    return pl.DataFrame({**head, **prediction_columns(kind, scores, dataset["labels"])})
 
 
-def _predict_multitask(model, tokenizer, data_dir, labels, split, batch_size) -> pl.DataFrame:
-    sources = label_sources(labels)
+def _predict_multitask(model, tokenizer, data_dir, labels, tasks, split, batch_size) -> pl.DataFrame:
+    sources = label_sources(labels, tasks)
     dataset = build_labeled_dataset(data_dir, sources, tokenizer, split=split)
     scores = predict_dataset(model, dataset, tokenizer, batch_size).reshape(len(dataset), -1)  # (N, T)
-    y = task_label_matrix(dataset, sources, model.config.task_names).astype(np.float32)  # (N, T)
-    columns = {"subject_id": dataset["subject_id"], "prediction_time": dataset["prediction_time"]}
-    for i, name in enumerate(model.config.task_names):
-        columns[name] = scores[:, i]
-    for name in sources:  # the label of each task whose file was given
-        if name in model.config.task_names:
-            columns[f"{name}_label"] = y[:, model.config.task_names.index(name)]
+    y = task_label_matrix(dataset, sources, model.config.task_names)  # (N, T), NaN where no label / no file
+    columns = {
+        "subject_id": pl.Series(dataset["subject_id"], dtype=pl.Int64),
+        "prediction_time": pl.Series(dataset["prediction_time"], dtype=pl.Datetime("us")),
+    }
+    for i, (name, kind) in enumerate(zip(model.config.task_names, model.config.task_types, strict=True)):
+        columns.update(prediction_columns(kind, scores[:, i], y[:, i], prefix=f"{name}/"))
     return pl.DataFrame(columns)
 
 
-__all__ = ["embed_sequences", "predict_logits", "predict_dataset", "predict"]
+__all__ = [
+    "embed_sequences",
+    "predict_logits",
+    "predict_dataset",
+    "predict",
+    "prediction_columns",
+    "PREDICTION_COLUMNS_DOC",
+]

@@ -5,14 +5,17 @@ event's timestamp, or a code outside the vocabulary, which already excludes code
 `min_code_count` training subjects; the time span is given in calendar years), how it was trained and, once
 evaluated, how well it did with intervals, by subgroup, and how well calibrated.
 
-The YAML block holds the hub's model-card fields (`huggingface_hub.ModelCardData`): `library_name`, `license`,
-`tags`, `pipeline_tag` (`feature-extraction` for a pretrained backbone, `tabular-classification` once fine-tuned),
-`datasets`, `metrics` and, once evaluated on held-out data, a `model-index` whose results
-`huggingface_hub.repocard_data.model_index_to_eval_results` parses.
+The YAML block holds the hub's model-card fields (`huggingface_hub.ModelCardData`): `library_name: transformers`,
+`license`, `tags`, `datasets` (the MEDS folder's `dataset_name` from `metadata/dataset.json`), `metrics` and, once
+evaluated on held-out data, a `model-index` whose results `huggingface_hub.repocard_data.model_index_to_eval_results`
+parses. There is no `pipeline_tag`: no task that `transformers.pipeline` knows fits a folder whose inputs are MEDS
+events. A classifier's card carries the tag `ehr-risk` instead, the task of the package's own pipeline
+(`ehr_transformer.pipeline_ehr`: `pipeline("ehr-risk", model=folder)`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -23,15 +26,33 @@ import yaml
 from .utils import atomic_path
 
 TEMPLATE = Path(__file__).with_name("model_card_template.md")
+# The tag of a classifier's card: the task of the package's pipeline (`pipeline("ehr-risk", model=folder)`).
+PIPELINE_TAG = "ehr-risk"
 
 
-def data_summary(n_subjects: dict[str, int], n_events: int | None, tokenizer) -> dict[str, Any]:
+def read_dataset_name(data_dir: str | os.PathLike | None) -> str | None:
+    """`dataset_name` of a MEDS folder's `metadata/dataset.json`, or None where the file or the field is absent."""
+    if data_dir is None:
+        return None
+    path = Path(data_dir) / "metadata" / "dataset.json"
+    try:
+        name = json.loads(path.read_text(encoding="utf-8")).get("dataset_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name.strip() else None
+
+
+def data_summary(
+    n_subjects: dict[str, int], n_events: int | None, tokenizer, dataset_name: str | None = None
+) -> dict[str, Any]:
     """Counts that describe the training data without identifying anyone: subjects per split, events, and the
-    code systems (prefix before `//`) of the vocabulary with how many codes each contributes."""
+    code systems (prefix before `//`) of the vocabulary with how many codes each contributes; and the dataset's
+    name (`read_dataset_name`), which the card's `datasets` and model-index give."""
     systems = Counter(
         code.split("//")[0] if "//" in code else code for code in tokenizer.vocab if not code.startswith("[")
     )
     return {
+        "dataset_name": dataset_name,
         "subjects": n_subjects,
         "events": n_events,
         "vocabulary_size": tokenizer.vocab_size,
@@ -56,12 +77,15 @@ def render_model_card(
     `ehr_transformer.evaluation.binary_classification_report` (optional); `population` is what
     `ehr_transformer.selection.write_population_summary` returns (prototypes, code frequencies, time span)."""
     population = population or {}
-    datasets = datasets or ([population["dataset_name"]] if population.get("dataset_name") else None)
-    metadata: dict[str, Any] = {
+    name = data.get("dataset_name") or population.get("dataset_name")
+    datasets = datasets or ([name] if name else None)
+    tags = ["ehr-transformer", "ehr", "meds", "clinical", "medical", kind]
+    if kind != "pretrained":  # a classifier: scored by the package's pipeline
+        tags.append(PIPELINE_TAG)
+    metadata: dict[str, Any] = {  # no `pipeline_tag`: see the module docstring
         "library_name": "transformers",
         "license": license,
-        "pipeline_tag": "feature-extraction" if kind == "pretrained" else "tabular-classification",
-        "tags": ["ehr-transformer", "ehr", "meds", "clinical", "medical", kind] + ([task] if task else []),
+        "tags": tags + ([task] if task else []),
         "metrics": ["roc_auc", "average_precision", "brier_score"],
     }
     if datasets:
@@ -75,7 +99,7 @@ def render_model_card(
                         "task": {"type": "tabular-classification", "name": task or "binary outcome"},
                         "dataset": {
                             "type": "meds",
-                            "name": (datasets or ["MEDS dataset"])[0],
+                            "name": (datasets or ["unnamed MEDS dataset"])[0],
                             "split": "held_out",
                         },
                         "metrics": [
@@ -180,4 +204,11 @@ def read_card_metadata(folder: str | os.PathLike) -> dict[str, Any]:
     return yaml.safe_load(text.split("---\n", 2)[1])
 
 
-__all__ = ["data_summary", "render_model_card", "write_model_card", "read_card_metadata"]
+__all__ = [
+    "PIPELINE_TAG",
+    "read_dataset_name",
+    "data_summary",
+    "render_model_card",
+    "write_model_card",
+    "read_card_metadata",
+]

@@ -22,7 +22,13 @@ from .data.synthetic import write_synthetic_meds
 from .evaluation.report import evaluate_checkpoint, format_report
 from .inference import predict_dataset
 from .tokenization_ehr import EHREventTokenizer
-from .training.arguments import DataArguments, FinetuningArguments, ModelArguments, PretrainingArguments
+from .training.arguments import (
+    DataArguments,
+    FinetuningArguments,
+    ModelArguments,
+    PretrainingArguments,
+    recipe_training_arguments,
+)
 from .training.finetune import finetune
 from .training.pretrain import pretrain
 
@@ -34,26 +40,20 @@ def _step(message: str, started: float) -> None:
 
 
 def quickstart_training_arguments(output_dir: Path, seed: int, **overrides) -> TrainingArguments:
-    """Settings that train the quickstart's small model in a few minutes on 2 CPU cores."""
-    kwargs = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=32,
-        per_device_eval_batch_size=64,
-        learning_rate=1e-3,
-        weight_decay=0.01,
-        warmup_steps=0.05,
-        lr_scheduler_type="linear",
-        logging_steps=20,
-        save_strategy="no",
-        report_to=[],
-        seed=seed,
-        data_seed=seed,
-        train_sampling_strategy="group_by_length",
-        dataloader_num_workers=0,
-        use_cpu=True,
+    """The package's recipe (`recipe_training_arguments`, the defaults of `ehr-transformer pretrain` / `finetune`),
+    seeded, on the CPU, logged every 20 steps and saved only at the end."""
+    return recipe_training_arguments(
+        output_dir,
+        **{
+            "logging_steps": 20,
+            "save_strategy": "no",
+            "seed": seed,
+            "data_seed": seed,
+            "dataloader_num_workers": 0,
+            "use_cpu": True,
+            **overrides,
+        },
     )
-    kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
 
 
 def run_quickstart(
@@ -76,9 +76,7 @@ def run_quickstart(
         DataArguments(data_dir=str(data_dir), max_length=256, min_code_count=5),
         ModelArguments(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
         PretrainingArguments(),
-        quickstart_training_arguments(
-            output_dir / "pretrained", seed, num_train_epochs=4, eval_strategy="epoch"
-        ),
+        quickstart_training_arguments(output_dir / "pretrained", seed, eval_strategy="epoch"),
     )
 
     _step(f"3/5 fine-tuning for {TASK} from {output_dir / 'pretrained'}", started)
@@ -86,9 +84,7 @@ def run_quickstart(
         DataArguments(data_dir=str(data_dir), labels=str(labels)),
         ModelArguments(model_name_or_path=str(output_dir / "pretrained")),
         FinetuningArguments(),
-        quickstart_training_arguments(
-            output_dir / "finetuned", seed, num_train_epochs=4, learning_rate=1e-3, eval_strategy="epoch"
-        ),
+        quickstart_training_arguments(output_dir / "finetuned", seed, eval_strategy="epoch"),
     )
 
     _step("4/5 evaluating on held-out subjects beside a logistic regression on code counts", started)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -36,6 +37,8 @@ import numpy as np
 import polars as pl
 
 from .utils import atomic_path
+
+logger = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "event_tokenizer.json"
 FORMAT_NAME = "ehr_event_tokenizer"
@@ -519,6 +522,59 @@ class EHREventTokenizer:
         row = rows.row(0, named=True)
         return {key: row[key] for key in ("input_ids", "values", "times", "ages")}
 
+    def __call__(
+        self,
+        events: Any,
+        prediction_time: Any = None,
+        return_tensors: str | None = "pt",
+        pad_to_multiple_of: int | None = None,
+    ):
+        """Model inputs for one patient or a batch, as a `transformers` tokenizer gives them.
+
+        `events` is one subject's MEDS event frame (polars or pandas, columns `subject_id` (optional for one
+        subject), `time`, `code`, `numeric_value`) or a list of such frames, one per sample. `prediction_time`
+        is None (every event), one time (a `datetime`, used for every sample) or a list of one time (or None) per
+        frame: a sample holds only static events and events at or before its prediction time, exactly as
+        `encode_events` builds the rows of a labelled dataset. Returns a `transformers.BatchEncoding` with
+        `input_ids`, `attention_mask`, `values`, `times` and `ages`, padded by the classification collator
+        (`DataCollatorForEventClassification`), shape `(B, L)` with `B = 1` for a single frame, so that
+        `model(**tokenizer(events, prediction_time))` scores it directly. `return_tensors` is `"pt"` (default),
+        `"np"` or None (nested Python lists, padded as the tensors are).
+        """
+        from transformers import BatchEncoding
+
+        from .data.collators import DataCollatorForEventClassification
+
+        if return_tensors not in ("pt", "np", None):
+            raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
+        frames = list(events) if isinstance(events, (list, tuple)) else [events]
+        if not frames:
+            raise ValueError("no event frame given: pass one subject's events or a list of frames")
+        if isinstance(prediction_time, (list, tuple)):
+            if len(prediction_time) != len(frames):
+                raise ValueError(
+                    f"{len(prediction_time)} prediction times for {len(frames)} event frames; give one per frame"
+                )
+            times = [_as_time(t) for t in prediction_time]
+        else:
+            times = [_as_time(prediction_time)] * len(frames)
+        features = [
+            self.encode(_one_subject_frame(frame, i), cut)
+            for i, (frame, cut) in enumerate(zip(frames, times, strict=True))
+        ]
+        empty = [i for i, feature in enumerate(features) if len(feature["input_ids"]) == 1]
+        if empty:  # the labelled datasets leave such rows out; here the caller asked for them, so say it
+            logger.warning(
+                "%d of %d samples (frame(s) %s) hold no event at or before their prediction time: only [CLS]",
+                len(empty),
+                len(features),
+                empty[:10],
+            )
+        batch = DataCollatorForEventClassification(self, pad_to_multiple_of=pad_to_multiple_of)(features)
+        if return_tensors is None:
+            return BatchEncoding({key: value.tolist() for key, value in batch.items()})
+        return BatchEncoding(dict(batch), tensor_type=return_tensors)
+
     # ------------------------------------------------------------------------------ save and load
     def _settings(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in _SETTINGS_TYPES}
@@ -665,6 +721,37 @@ def _validate_stats(code: Any, entry: Any, vocab: Mapping[str, int], source: str
         raise ValueError(f"{where}: median must be a finite number and scale a finite positive number")
     if not _is_int(entry["count"]) or entry["count"] < 0:
         raise ValueError(f"{where}: count must be a non-negative integer")
+
+
+def _as_time(value: Any) -> Any:
+    """A prediction time as `encode` takes it: None, a datetime, or an ISO 8601 string parsed to one."""
+    if isinstance(value, str):
+        import datetime as dt
+
+        return dt.datetime.fromisoformat(value)
+    return value
+
+
+def _one_subject_frame(frame: Any, index: int = 0) -> pl.DataFrame:
+    """One subject's events as a polars frame (from polars or pandas); `subject_id` added (0) when absent."""
+    if isinstance(frame, pl.LazyFrame):
+        frame = frame.collect()
+    if not isinstance(frame, pl.DataFrame):
+        if type(frame).__module__.split(".")[0] != "pandas":
+            raise TypeError(
+                f"event frame {index}: expected a polars or pandas DataFrame of MEDS events, got {type(frame).__name__}"
+            )
+        frame = pl.from_pandas(frame)
+    if "subject_id" not in frame.columns:
+        frame = frame.with_columns(pl.lit(0, pl.Int64).alias("subject_id"))
+    _check_columns(frame, ("subject_id", "time", "code", "numeric_value"), f"event frame {index}")
+    n_subjects = frame["subject_id"].n_unique()
+    if n_subjects > 1:
+        raise ValueError(
+            f"event frame {index} holds {n_subjects} subjects; pass one frame per subject "
+            "(e.g. `[frame for _, frame in events.group_by('subject_id', maintain_order=True)]`)"
+        )
+    return frame
 
 
 def _is_meds_sorted(frame: pl.DataFrame) -> bool:

@@ -197,9 +197,13 @@ def test_adapt_writes_a_loadable_folder_whose_predictions_use_the_temperature(
         :, 0
     ]
     np.testing.assert_allclose(
-        adapted["probability"].to_numpy(), 1 / (1 + np.exp(-raw / result.temperature)), atol=1e-5
+        adapted["predicted_boolean_probability"].to_numpy(),
+        1 / (1 + np.exp(-raw / result.temperature)),
+        atol=1e-5,
     )
-    tuning = calibration_metrics(adapted["label"].to_numpy(), adapted["probability"].to_numpy())
+    tuning = calibration_metrics(
+        adapted["boolean_value"].to_numpy(), adapted["predicted_boolean_probability"].to_numpy()
+    )
     assert tuning == pytest.approx(result.after["tuning"])
 
     with pytest.raises(FileExistsError, match="overwrite"):

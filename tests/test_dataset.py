@@ -184,3 +184,109 @@ def test_multitask_labels_joined_with_nan_where_a_task_has_none(meds_dir, tokeni
     twice = pl.concat([death, death])
     with pytest.raises(ValueError, match="subject_id 0 .* prediction_time"):
         join_task_labels({"death": twice, "stay": stay})
+
+
+def test_drop_warnings_are_emitted_again_when_the_dataset_comes_from_the_cache(
+    meds_dir, tokenizer, tmp_path, caplog
+):
+    labels = pl.DataFrame(
+        {"subject_id": [0, 99], "prediction_time": [hours(30), hours(30)], "boolean_value": [True, False]},
+        schema=LABEL_SCHEMA,
+    )
+    with caplog.at_level(logging.WARNING, logger="ehr_transformer.data.dataset"):
+        first = build_labeled_dataset(meds_dir, labels, tokenizer, split="train", cache_dir=tmp_path)
+    built = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert built and "subject without events" in built[0]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ehr_transformer.data.dataset"):
+        again = build_labeled_dataset(meds_dir, labels, tokenizer, split="train", cache_dir=tmp_path)
+    assert "loaded cached" in caplog.text
+    assert [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()] == built
+    assert build_stats(again) == build_stats(first)
+    # the same usable rows (same cache) plus rows of a subject without a split: that warning is this call's
+    caplog.clear()
+    more = pl.concat([labels, labels.with_columns(pl.lit(500, dtype=pl.Int64).alias("subject_id"))])
+    with caplog.at_level(logging.INFO, logger="ehr_transformer.data.dataset"):
+        third = build_labeled_dataset(meds_dir, more, tokenizer, split="train", cache_dir=tmp_path)
+    assert "loaded cached" in caplog.text
+    assert "2 label rows belong to subjects absent from subject_splits" in caplog.text
+    assert (
+        build_stats(third)["n_labels_total"] == 4
+        and build_stats(third)["n_labels_subject_without_split"] == 2
+    )
+    assert [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()] == built
+
+
+def test_prediction_times_before_birth_or_first_event_are_counted_and_warned(
+    meds_dir, tokenizer, tmp_path, caplog
+):
+    labels = pl.DataFrame(
+        {
+            "subject_id": [0, 3, 6],
+            # before MEDS_BIRTH (1950); before the first timed event (ADMISSION at T0, birth aside); fine
+            "prediction_time": [dt.datetime(1940, 1, 1), dt.datetime(1960, 1, 1), hours(30)],
+            "boolean_value": [True, False, True],
+        },
+        schema=LABEL_SCHEMA,
+    )
+    with caplog.at_level(logging.WARNING, logger="ehr_transformer.data.dataset"):
+        ds = build_labeled_dataset(meds_dir, labels, tokenizer, split="train", cache_dir=tmp_path)
+    stats = build_stats(ds)
+    assert stats["n_prediction_time_before_birth"] == 1
+    # both precede the first timed event other than MEDS_BIRTH (ADMISSION)
+    assert stats["n_prediction_time_before_first_event"] == 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("before the subject's MEDS_BIRTH" in m for m in messages) == 1
+    assert any(
+        "1 of 3 label rows have a prediction_time before the subject's MEDS_BIRTH" in m for m in messages
+    )
+
+
+def test_no_usable_row_stops_with_the_counts(meds_dir, tokenizer, tmp_path):
+    from ehr_transformer.data.dataset import NoUsableRowsError
+
+    labels = pl.DataFrame(
+        {
+            "subject_id": [99, 500, 1],
+            "prediction_time": [hours(30)] * 3,
+            "boolean_value": [True, False, True],
+        },
+        schema=LABEL_SCHEMA,
+    )
+    path = tmp_path / "absent.parquet"
+    labels.write_parquet(path)
+    for _ in range(2):  # built, then from the cache
+        with pytest.raises(NoUsableRowsError) as err:
+            build_labeled_dataset(meds_dir, path, tokenizer, split="train", cache_dir=tmp_path / "c")
+        message = str(err.value)
+        assert message.startswith(f"{path}: no usable label row is left in split 'train'")
+        assert "3 rows read, 2 not in split 'train'" in message
+        assert "1 of subjects not in the data" in message and "0 with no event at or before" in message
+
+
+def test_split_none_uses_every_subject_without_a_splits_file(tmp_path, tokenizer):
+    events, _ = make_cohort(4)
+    meds = write_meds(
+        tmp_path / "m", events, pl.DataFrame({"subject_id": [0, 1, 2, 3], "split": ["a", "b", "c", "d"]})
+    )
+    labels = pl.DataFrame(
+        {"subject_id": [0, 1, 2, 3, 7], "prediction_time": [hours(30)] * 5, "boolean_value": [True] * 5},
+        schema=LABEL_SCHEMA,
+    )
+    # any split name of the data
+    assert build_labeled_dataset(meds, labels, tokenizer, split="c", cache_dir=tmp_path / "c")[
+        "subject_id"
+    ] == [2]
+    (meds / "metadata" / "subject_splits.parquet").unlink()
+    for split in (None, ""):
+        ds = build_labeled_dataset(meds, labels, tokenizer, split=split, cache_dir=tmp_path / "c")
+        assert sorted(ds["subject_id"]) == [0, 1, 2, 3]
+        assert build_stats(ds)["n_dropped_subject_not_in_data"] == 1
+    assert build_pretraining_dataset(meds, tokenizer, split=None, cache_dir=tmp_path / "c")["subject_id"] == [
+        0,
+        1,
+        2,
+        3,
+    ]
+    with pytest.raises(FileNotFoundError, match="pass --split ''"):
+        build_labeled_dataset(meds, labels, tokenizer, split="held_out", cache_dir=tmp_path / "c")

@@ -242,6 +242,44 @@ def test_unsorted_times_are_sorted_stably():
     assert got["code"].to_list() == ["S", "A", "B", "C", "E"]  # static first; A before B (file order kept)
 
 
+def test_unsorted_shard_is_sorted_with_one_warning_naming_file_and_count(tmp_path, caplog):
+    import logging
+
+    meds_dir = write_meds(tmp_path / "meds", _events(), _splits())
+    shard = sorted((meds_dir / "data").glob("**/*.parquet"))[0]
+    frame = pl.read_parquet(shard)
+    frame.reverse().write_parquet(shard)  # rows in reverse: out of order
+    with caplog.at_level(logging.WARNING, logger="ehr_transformer.data.meds"):
+        (_, events), *_ = list(iter_shards(meds_dir))
+    assert events.equals(validate_events(frame))
+    warnings = [r.getMessage() for r in caplog.records if "not sorted" in r.getMessage()]
+    assert len(warnings) == 1
+    out_of_order = meds._rows_out_of_order(frame.reverse())
+    assert (
+        out_of_order > 0
+        and str(shard) in warnings[0]
+        and f"{out_of_order} of {frame.height} rows" in warnings[0]
+    )
+    caplog.clear()
+    frame.write_parquet(shard)  # sorted: no warning
+    with caplog.at_level(logging.WARNING, logger="ehr_transformer.data.meds"):
+        list(iter_shards(meds_dir))
+        read_events(meds_dir)
+    assert "not sorted" not in caplog.text
+
+
+def test_time_zone_aware_event_times_are_refused_not_converted(tmp_path):
+    aware = _events().with_columns(pl.col("time").dt.replace_time_zone("America/New_York"))
+    with pytest.raises(MEDSValidationError, match="column 'time' is time-zone aware") as err:
+        validate_events(aware, source="shard_0.parquet")
+    assert "shard_0.parquet" in str(err.value) and ".dt.replace_time_zone(None)" in str(err.value)
+    meds_dir = write_meds(tmp_path / "meds", _events(), _splits())
+    shard = sorted((meds_dir / "data").glob("**/*.parquet"))[0]
+    pl.read_parquet(shard).with_columns(pl.col("time").dt.replace_time_zone("UTC")).write_parquet(shard)
+    with pytest.raises(MEDSValidationError, match=f"{shard}: column 'time' is time-zone aware"):
+        list(iter_shards(meds_dir))
+
+
 def test_duplicate_rows_are_kept():
     df = pl.concat([_events(), _events().head(2)])
     assert validate_events(df).height == _events().height + 2
@@ -285,8 +323,11 @@ def test_labels_need_exactly_one_value_per_row():
 
 
 def test_splits_are_validated(tmp_path):
-    with pytest.raises(MEDSValidationError, match="value 'test' for subject_id 2"):
-        meds.validate_subject_splits(pl.DataFrame({"subject_id": [1, 2], "split": ["train", "test"]}))
+    # MEDS allows any split name; a null or empty one is refused
+    any_name = meds.validate_subject_splits(pl.DataFrame({"subject_id": [1, 2], "split": ["train", "test"]}))
+    assert any_name["split"].to_list() == ["train", "test"]
+    with pytest.raises(MEDSValidationError, match="null or empty for subject_id 2"):
+        meds.validate_subject_splits(pl.DataFrame({"subject_id": [1, 2], "split": ["train", " "]}))
     with pytest.raises(MEDSValidationError, match="subject_id 1 more than once"):
         meds.validate_subject_splits(pl.DataFrame({"subject_id": [1, 1], "split": ["train", "tuning"]}))
     with pytest.raises(MEDSValidationError, match="subject_id 3 has events but is not in subject_splits"):

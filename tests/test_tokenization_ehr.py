@@ -319,3 +319,102 @@ def test_property_labels_equal_encoding_of_the_past(rows, max_length, cut_hours)
     for a, b in zip(labelled.iter_rows(named=True), past.iter_rows(named=True), strict=True):
         assert a["input_ids"] == b["input_ids"] and a["times"] == b["times"]
         assert np.array_equal(np.array(a["values"]), np.array(b["values"]), equal_nan=True)
+
+
+# ------------------------------------------------------------------------ calling the tokenizer (transformers style)
+def test_call_gives_padded_tensors_that_the_model_takes(tokenizer):
+    import torch
+    from transformers import BatchEncoding
+
+    from ehr_transformer import EHRTransformerConfig, EHRTransformerForSequenceClassification
+
+    events = cohort()
+    one = events.filter(pl.col("subject_id") == 3)
+    encoding = tokenizer(one, prediction_time=hours(4.5), return_tensors="pt")
+    assert isinstance(encoding, BatchEncoding)
+    assert set(encoding) == {"input_ids", "attention_mask", "values", "times", "ages"}
+    assert encoding["input_ids"].shape == (1, 4) and encoding["input_ids"].dtype == torch.long
+    # events after the prediction time (the glucose at 5 h) are left out, as in encode()
+    assert encoding["input_ids"][0].tolist() == tokenizer.encode(one, hours(4.5))["input_ids"]
+    batch = tokenizer(
+        [one, events.filter(pl.col("subject_id") == 4)],
+        prediction_time=[hours(3.5), None],
+        return_tensors="pt",
+    )
+    assert batch["input_ids"].shape == (2, 5) and batch["attention_mask"].sum(1).tolist() == [3, 5]
+    assert torch.isnan(batch["values"][0, 3:]).all()  # padding carries no value, as the collator pads
+    config = EHRTransformerConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=1,
+        problem_type="multi_label_classification",
+    )
+    logits = EHRTransformerForSequenceClassification(config).eval()(**batch).logits
+    assert logits.shape == (2, 1) and torch.isfinite(logits).all()
+    # pandas in, no subject_id column, an ISO string for the time, lists out
+    as_lists = tokenizer(one.drop("subject_id").to_pandas(), "2020-01-01T04:30", return_tensors=None)
+    assert as_lists["input_ids"] == encoding["input_ids"].tolist()
+    assert tokenizer(one, return_tensors="np")["values"].dtype == np.float32
+
+
+def test_call_refuses_several_subjects_in_one_frame_and_mismatched_times(tokenizer, caplog):
+    timed_only = cohort().filter((pl.col("subject_id") == 1) & pl.col("time").is_not_null())
+    with caplog.at_level("WARNING", logger="ehr_transformer.tokenization_ehr"):
+        assert tokenizer(timed_only, prediction_time=hours(-1))["input_ids"].tolist() == [
+            [tokenizer.cls_token_id]
+        ]
+    assert "hold no event at or before their prediction time" in caplog.text
+    with pytest.raises(ValueError, match="holds 10 subjects; pass one frame per subject"):
+        tokenizer(cohort())
+    with pytest.raises(ValueError, match="2 prediction times for 1 event frames"):
+        tokenizer([cohort().filter(pl.col("subject_id") == 1)], prediction_time=[None, None])
+    with pytest.raises(TypeError, match="polars or pandas DataFrame"):
+        tokenizer({"code": ["A"]})
+
+
+def test_call_gives_the_logits_of_the_dataset_and_collator_path(synthetic_meds):
+    """`model(**tokenizer(events, prediction_time))` equals what `build_labeled_dataset` -> the classification
+    collator -> the model gives for the same label rows (the path of `finetune` and `predict`)."""
+    import torch
+
+    from ehr_transformer import EHRTransformerConfig, EHRTransformerForSequenceClassification
+    from ehr_transformer.data.collators import DataCollatorForEventClassification
+    from ehr_transformer.data.dataset import build_labeled_dataset
+    from ehr_transformer.data.meds import read_events
+    from ehr_transformer.data.splits import iter_split_events
+
+    tok = EHREventTokenizer.fit(iter_split_events(synthetic_meds, "train"), min_code_count=3, max_length=48)
+    labels = pl.read_parquet(synthetic_meds / "labels" / "in_hospital_mortality.parquet")
+    dataset = build_labeled_dataset(synthetic_meds, labels, tok, split="held_out").select(range(6))
+    columns = ["input_ids", "values", "times", "ages"]
+    features = [{name: dataset[i][name] for name in columns} for i in range(len(dataset))]
+    torch.manual_seed(0)
+    config = EHRTransformerConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=1,
+        problem_type="multi_label_classification",
+    )
+    model = EHRTransformerForSequenceClassification(config).eval()
+    with torch.no_grad():
+        expected = model(**DataCollatorForEventClassification(tok)(features)).logits
+        events = read_events(synthetic_meds, subject_ids=sorted(set(dataset["subject_id"])))
+        frames = [events.filter(pl.col("subject_id") == s) for s in dataset["subject_id"]]
+        encoding = tok(frames, prediction_time=list(dataset["prediction_time"]), return_tensors="pt")
+        got = model(**encoding).logits
+        one_by_one = torch.cat(
+            [
+                model(**tok(f, prediction_time=t)).logits
+                for f, t in zip(frames, dataset["prediction_time"], strict=True)
+            ]
+        )
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(
+        one_by_one, expected, rtol=1e-5, atol=1e-6
+    )  # unpadded: other kernels' rounding

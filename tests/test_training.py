@@ -106,8 +106,14 @@ def test_finetune_from_pretrained_evaluate_and_predict(pretrained, synthetic_med
     assert (tmp_path / "finetuned" / "event_tokenizer.json").exists()
 
     predictions = predict(tmp_path / "finetuned", synthetic_meds, labels, split="held_out")
-    assert predictions.columns == ["subject_id", "prediction_time", "probability", "label"]
-    assert predictions["probability"].is_between(0, 1).all()
+    assert predictions.columns == [
+        "subject_id",
+        "prediction_time",
+        "boolean_value",
+        "predicted_boolean_value",
+        "predicted_boolean_probability",
+    ]
+    assert predictions["predicted_boolean_probability"].is_between(0, 1).all()
     held_out = pl.read_parquet(synthetic_meds / "metadata" / "subject_splits.parquet").filter(
         pl.col("split") == "held_out"
     )
@@ -274,7 +280,7 @@ def test_multitask_finetune_and_predict_one_column_per_task(synthetic_meds, tmp_
     model = finetune(
         DataArguments(
             data_dir=str(synthetic_meds),
-            labels=f"{mortality},{stay}",
+            task=[f"in_hospital_mortality={mortality}", f"stay_days={stay}"],
             cache_dir=str(tmp_path / "cache"),
             max_length=64,
             min_code_count=3,
@@ -286,20 +292,26 @@ def test_multitask_finetune_and_predict_one_column_per_task(synthetic_meds, tmp_
     assert model.config.task_names == ["in_hospital_mortality", "stay_days"]
     assert model.config.task_types == ["binary", "regression"]
 
-    predictions = predict(tmp_path / "multi", synthetic_meds, f"{mortality},{stay}", split="held_out")
+    tasks = [f"in_hospital_mortality={mortality}", f"stay_days={stay}"]
+    predictions = predict(tmp_path / "multi", synthetic_meds, None, split="held_out", tasks=tasks)
     assert predictions.columns == [
         "subject_id",
         "prediction_time",
-        "in_hospital_mortality",
-        "stay_days",
-        "in_hospital_mortality_label",
-        "stay_days_label",
+        "in_hospital_mortality/boolean_value",
+        "in_hospital_mortality/predicted_boolean_value",
+        "in_hospital_mortality/predicted_boolean_probability",
+        "stay_days/float_value",
+        "stay_days/predicted_float_value",
     ]
-    assert predictions["in_hospital_mortality"].is_between(0, 1).all()
-    assert predictions["stay_days_label"].is_nan().sum() > 0  # the rows without a stay label are still scored
-    assert predictions["stay_days"].is_finite().all()
+    assert predictions["in_hospital_mortality/predicted_boolean_probability"].is_between(0, 1).all()
+    # the rows without a stay label are still scored
+    assert predictions["stay_days/float_value"].null_count() > 0
+    assert predictions["stay_days/predicted_float_value"].is_finite().all()
     only_mortality = predict(tmp_path / "multi", synthetic_meds, mortality, split="held_out")
-    assert only_mortality.columns[2:] == ["in_hospital_mortality", "stay_days", "in_hospital_mortality_label"]
+    assert only_mortality["stay_days/float_value"].null_count() == only_mortality.height  # no stay file given
+    assert only_mortality["in_hospital_mortality/boolean_value"].null_count() == 0
+    with pytest.raises(ValueError, match="--task"):
+        predict(tmp_path / "multi", synthetic_meds, f"{mortality},{stay}", split="held_out")
 
 
 def test_multitask_metrics_score_each_task_on_its_labelled_rows():
@@ -406,7 +418,7 @@ def test_linear_probe_checkpoint_predicts_as_the_sklearn_probe(pretrained, synth
     np.testing.assert_allclose(predict_dataset(reloaded, held_out, tokenizer), expected, atol=1e-4)
     predictions = predict(tmp_path / "probe", synthetic_meds, labels, split="held_out")
     assert predictions["subject_id"].to_list() == held_out["subject_id"]
-    np.testing.assert_allclose(predictions["probability"].to_numpy(), expected, atol=1e-4)
+    np.testing.assert_allclose(predictions["predicted_boolean_probability"].to_numpy(), expected, atol=1e-4)
 
 
 def test_finetune_linear_probe_saves_a_checkpoint_with_its_card(pretrained, synthetic_meds, tmp_path):
@@ -462,7 +474,7 @@ def test_finetune_linear_probe_saves_a_checkpoint_with_its_card(pretrained, synt
     reloaded = AutoModelForSequenceClassification.from_pretrained(output)
     torch.testing.assert_close(reloaded.classifier.weight, same_rows.classifier.weight)
     predictions = predict(output, synthetic_meds, labels, split="held_out")
-    assert predictions["probability"].is_between(0, 1).all()
+    assert predictions["predicted_boolean_probability"].is_between(0, 1).all()
 
 
 def test_linear_probe_refuses_what_is_not_one_binary_label(pretrained, synthetic_meds, tmp_path):
@@ -476,10 +488,13 @@ def test_linear_probe_refuses_what_is_not_one_binary_label(pretrained, synthetic
     with pytest.raises(ValueError, match="multitask"):
         linear_probe_classifier(pretrained_dir, None, Dataset.from_dict({"labels": [[1.0, 0.0], [0.0, 1.0]]}))
     label_dir = synthetic_meds / "labels"
-    two_files = f"{label_dir / 'in_hospital_mortality.parquet'},{label_dir / 'long_length_of_stay.parquet'}"
+    two_tasks = [
+        f"mortality={label_dir / 'in_hospital_mortality.parquet'}",
+        f"stay={label_dir / 'long_length_of_stay.parquet'}",
+    ]
     with pytest.raises(ValueError, match="one binary label file"):
         finetune(
-            DataArguments(data_dir=str(synthetic_meds), labels=two_files),
+            DataArguments(data_dir=str(synthetic_meds), task=two_tasks),
             ModelArguments(model_name_or_path=str(pretrained_dir)),
             FinetuningArguments(linear_probe=True),
             training_args(tmp_path),
@@ -532,9 +547,14 @@ def test_finetune_from_a_linear_probe_starts_at_the_probe_then_trains_every_weig
     assert len(moved) > len(backbone) // 2, f"only {moved} of the backbone trained"
     assert "from a linear probe (LP-FT" in (tmp_path / "lpft" / "README.md").read_text()
 
-    two_files = f"{labels},{labels.parent / 'long_length_of_stay.parquet'}"
+    two_tasks = [f"death={labels}", f"stay={labels.parent / 'long_length_of_stay.parquet'}"]
     with pytest.raises(ValueError, match="--linear_probe_init.*one binary label file"):
-        finetune(dataclasses.replace(data, labels=two_files), model_args, lpft, training_args(tmp_path / "x"))
+        finetune(
+            dataclasses.replace(data, labels=None, task=two_tasks),
+            model_args,
+            lpft,
+            training_args(tmp_path / "x"),
+        )
     with pytest.raises(ValueError, match="--linear_probe_init.*--model_name_or_path"):
         finetune(data, ModelArguments(), lpft, training_args(tmp_path / "y"))
 
@@ -555,3 +575,31 @@ def test_a_one_label_head_on_a_two_label_config_reports_no_mismatch(caplog):
         hf_logging.disable_propagation()
     assert "incompatible" not in caplog.text
     assert config.num_labels == 1 and config.id2label == {0: "LABEL_0"}
+
+
+def test_finetune_on_labels_of_absent_subjects_stops_with_the_counts(synthetic_meds, tmp_path):
+    """Was a numpy reshape error in `init_bias_to_prevalence`; now one sentence naming the file and the counts."""
+    import datetime as dt
+
+    from ehr_transformer.data.dataset import NoUsableRowsError
+
+    absent = tmp_path / "absent.parquet"
+    pl.DataFrame(
+        {
+            "subject_id": [10**9, 10**9 + 1],
+            "prediction_time": [dt.datetime(2020, 1, 1)] * 2,
+            "boolean_value": [True, False],
+        }
+    ).write_parquet(absent)
+    with pytest.raises(
+        NoUsableRowsError,
+        match=r"absent\.parquet: no usable label row is left in split 'train': 2 rows read, 2 not in split 'train'",
+    ):
+        finetune(
+            DataArguments(
+                data_dir=str(synthetic_meds), labels=str(absent), cache_dir=str(tmp_path / "cache")
+            ),
+            ModelArguments(**TINY),
+            FinetuningArguments(),
+            training_args(tmp_path / "out"),
+        )

@@ -29,7 +29,7 @@ from datasets.arrow_writer import ArrowWriter
 
 from ..tokenization_ehr import EHREventTokenizer
 from .labels import _read_label_source, _resolve_label_column, join_task_labels
-from .meds import iter_shards
+from .meds import _collect, _scan_shard, _shard_paths, iter_shards
 from .splits import read_subject_splits
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,30 @@ def _write_cached(folder: Path, schema: pa.Schema, tables, stats_fn) -> datasets
     return dataset
 
 
-def _split_subjects(meds_dir: Path, split: str) -> tuple[pl.Series, pl.DataFrame]:
+class NoUsableRowsError(ValueError):
+    """No label row is left to train, evaluate or predict on; the message names the label source and the counts."""
+
+
+def _all_subjects(meds_dir: Path) -> pl.Series:
+    """Every subject with an event in the data (the `subject_id` column of each shard, one shard at a time)."""
+    ids = [_collect(_scan_shard(p).select("subject_id").unique(), str(p)) for p in _shard_paths(meds_dir)]
+    return pl.concat(ids)["subject_id"].drop_nulls().unique().sort()
+
+
+def _split_subjects(meds_dir: Path, split: str | None) -> tuple[pl.Series, pl.DataFrame]:
+    """The subjects of `split` and the split table. `split` None or "" means every subject with events; then
+    `metadata/subject_splits.parquet` is not needed."""
+    if not split:
+        subjects = _all_subjects(meds_dir)
+        return subjects, pl.DataFrame(
+            {"subject_id": subjects, "split": pl.Series([""] * subjects.len(), dtype=pl.String)}
+        )
+    splits_file = meds_dir / "metadata" / "subject_splits.parquet"
+    if not splits_file.is_file():
+        raise FileNotFoundError(
+            f"{splits_file}: not found, so split {split!r} cannot be selected; pass --split '' (split=None) to use "
+            "every subject of the data"
+        )
     splits = read_subject_splits(meds_dir)
     known = sorted(splits["split"].unique().to_list())
     subjects = splits.filter(pl.col("split") == split)["subject_id"]
@@ -169,7 +192,7 @@ def build_pretraining_dataset(
     key = _fingerprint(
         meds_dir, {"kind": "pretraining", "split": split, "tokenizer": tokenizer.content_hash()}
     )
-    folder = Path(cache_dir or _default_cache_dir()) / f"pretraining-{split}-{key}"
+    folder = Path(cache_dir or _default_cache_dir()) / f"pretraining-{split or 'all'}-{key}"
     cached = _load_cached(folder)
     if cached is not None:
         logger.info("loaded cached pretraining dataset from %s", folder)
@@ -213,9 +236,11 @@ def build_labeled_dataset(
     meds_dir: str | os.PathLike,
     labels: pl.DataFrame | str | os.PathLike | Mapping[str, pl.DataFrame | str | os.PathLike],
     tokenizer: EHREventTokenizer,
-    split: str = "train",
+    split: str | None = "train",
     label_column: str | None = None,
     cache_dir: str | os.PathLike | None = None,
+    allow_unlabeled: bool = False,
+    source_name: str | None = None,
 ) -> datasets.Dataset:
     """One row per label row of a subject in `split`, built only from events at or before its
     prediction_time (static events included) — never anything later.
@@ -230,9 +255,17 @@ def build_labeled_dataset(
     Dropped label rows are counted by reason (`n_dropped_missing_label`, `n_dropped_subject_not_in_data`,
     `n_dropped_no_events_before_prediction_time`), logged as warnings, and available via
     `build_stats(dataset)`. Label rows of subjects in other splits (`n_labels_other_split`) or without
-    a split (`n_labels_subject_without_split`) are filtered out, not dropped.
+    a split (`n_labels_subject_without_split`) are filtered out, not dropped. `split` None or "" uses every subject
+    with events (no `subject_splits.parquet` needed). Prediction times before the subject's `MEDS_BIRTH` or before
+    their first timed event are counted (`n_prediction_time_before_birth`, `n_prediction_time_before_first_event`)
+    and logged. `labels` may be a file, a folder of label shards or a glob (`read_labels`).
+
+    `allow_unlabeled=True` (prediction): rows without a label value are kept, `labels` is float32 with NaN where a
+    row has no label (integer labels included). When no row is left, raises `NoUsableRowsError` naming the source
+    (`source_name`, e.g. the file a label frame was read from) and the counts.
     """
     meds_dir = Path(meds_dir)
+    split = split or None
     tasks = task_types = None
     if isinstance(labels, Mapping):  # multitask: one float per task, NaN where missing
         labels, tasks, task_types = join_task_labels(labels)
@@ -240,18 +273,28 @@ def build_labeled_dataset(
         label_expr = pl.concat_list([pl.col(t).cast(pl.Float32).fill_null(float("nan")) for t in tasks])
         label_type, label_dtype = pa.list_(pa.float32()), pl.List(pl.Float32)
     else:
-        labels, source = _read_label_source(labels, "<labels>")
-        column = _resolve_label_column(labels, label_column)
-        label_expr = pl.col(column)
-        label_type = pa.int64() if column == "integer_value" else pa.float32()
-        label_dtype = pl.Int64 if column == "integer_value" else pl.Float32
+        labels, source = _read_label_source(
+            labels, source_name or "<labels>", require_value=not allow_unlabeled
+        )
+        column = _resolve_label_column(labels, label_column, allow_none=allow_unlabeled)
+        if allow_unlabeled:
+            label_expr = pl.lit(None, dtype=pl.Float32) if column is None else pl.col(column).cast(pl.Float32)
+            label_expr = label_expr.fill_null(float("nan"))
+            label_type, label_dtype = pa.float32(), pl.Float32
+        else:
+            label_expr = pl.col(column)
+            label_type = pa.int64() if column == "integer_value" else pa.float32()
+            label_dtype = pl.Int64 if column == "integer_value" else pl.Float32
     subjects, splits = _split_subjects(meds_dir, split)
 
     schema = _schema(labelled=True, label_type=label_type)
     with_split = labels.select("subject_id", "prediction_time", label_expr.alias("labels")).join(
         splits, on="subject_id", how="left", maintain_order="left"
     )
-    in_split = with_split.filter(pl.col("split") == split).drop("split")
+    if split is None:
+        # every subject: a label row of a subject without events is "not in data", not "no split"
+        with_split = with_split.with_columns(pl.col("split").fill_null(""))
+    in_split = with_split.filter(pl.col("split") == (split or "")).drop("split")
     valid = in_split.filter(pl.col("labels").is_not_null()).with_columns(pl.col("labels").cast(label_dtype))
     stats: dict[str, Any] = {
         "kind": "labeled",
@@ -259,9 +302,9 @@ def build_labeled_dataset(
         "label_source": source,
         "label_column": column,
         "n_labels_total": labels.height,
-        "n_labels_other_split": with_split.filter(
-            pl.col("split").is_not_null() & (pl.col("split") != split)
-        ).height,
+        "n_labels_other_split": 0
+        if split is None
+        else with_split.filter(pl.col("split").is_not_null() & (pl.col("split") != split)).height,
         "n_labels_subject_without_split": with_split.filter(pl.col("split").is_null()).height,
         "n_labels_in_split": in_split.height,
         "n_dropped_missing_label": in_split.height - valid.height,
@@ -276,17 +319,36 @@ def build_labeled_dataset(
             "split": split,
             "tokenizer": tokenizer.content_hash(),
             "column": column,
+            "allow_unlabeled": allow_unlabeled,
             "labels": [label_hash, valid.height],
         },
     )
-    folder = Path(cache_dir or _default_cache_dir()) / f"labeled-{split}-{key}"
+    folder = Path(cache_dir or _default_cache_dir()) / f"labeled-{split or 'all'}-{key}"
     cached = _load_cached(folder)
     if cached is not None:
         logger.info("loaded cached labeled dataset from %s", folder)
-        _warn_drops(build_stats(cached))
+        # The cache is keyed by the usable rows only: the counts of this label source's other rows (other splits,
+        # no split, no value) are this call's, the build counts (not in data, no event in time) the cache's.
+        merged = {**build_stats(cached), **stats}
+        merged["n_dropped"] = sum(
+            merged.get(name, 0)
+            for name in (
+                "n_dropped_missing_label",
+                "n_dropped_subject_not_in_data",
+                "n_dropped_no_events_before_prediction_time",
+            )
+        )
+        cached.info.description = json.dumps({"ehr_transformer_build_stats": merged})
+        _warn_drops(merged)  # the drop warnings, also when the rows come from the cache
+        _refuse_empty(cached, merged)
         return cached
 
-    counts = {"n_labels_with_data": 0, "n_samples": 0}
+    counts = {
+        "n_labels_with_data": 0,
+        "n_samples": 0,
+        "n_prediction_time_before_birth": 0,
+        "n_prediction_time_before_first_event": 0,
+    }
 
     def tables():
         guard = _ShardGuard()
@@ -297,6 +359,7 @@ def build_labeled_dataset(
                 continue
             guard.check(path, shard["subject_id"])
             shard_labels = valid.filter(pl.col("subject_id").is_in(shard["subject_id"].unique().implode()))
+            _count_early_prediction_times(shard, shard_labels, counts)
             encoded = tokenizer.encode_events(shard, labels=shard_labels)
             counts["n_labels_with_data"] += shard_labels.height
             counts["n_samples"] += encoded.height
@@ -307,6 +370,8 @@ def build_labeled_dataset(
             n_samples=counts["n_samples"],
             n_dropped_subject_not_in_data=valid.height - counts["n_labels_with_data"],
             n_dropped_no_events_before_prediction_time=counts["n_labels_with_data"] - counts["n_samples"],
+            n_prediction_time_before_birth=counts["n_prediction_time_before_birth"],
+            n_prediction_time_before_first_event=counts["n_prediction_time_before_first_event"],
         )
         stats["n_dropped"] = (
             stats["n_dropped_missing_label"]
@@ -316,7 +381,43 @@ def build_labeled_dataset(
         _warn_drops(stats)
         return stats
 
-    return _write_cached(folder, schema, tables(), final_stats)
+    dataset = _write_cached(folder, schema, tables(), final_stats)
+    _refuse_empty(dataset, build_stats(dataset))
+    return dataset
+
+
+def _count_early_prediction_times(shard: pl.DataFrame, labels: pl.DataFrame, counts: dict[str, int]) -> None:
+    """Add to `counts` the label rows whose prediction_time is before the subject's MEDS_BIRTH, or before their
+    first timed event other than MEDS_BIRTH (no history to predict from; often an error in the label definition,
+    e.g. a time-zone or unit shift)."""
+    if labels.height == 0:
+        return
+    per_subject = shard.group_by("subject_id").agg(
+        pl.col("time").filter(pl.col("code") == "MEDS_BIRTH").min().alias("_birth"),
+        pl.col("time").filter(pl.col("code") != "MEDS_BIRTH").min().alias("_first"),
+    )
+    joined = labels.select("subject_id", "prediction_time").join(per_subject, on="subject_id", how="inner")
+    counts["n_prediction_time_before_birth"] += joined.filter(
+        pl.col("prediction_time") < pl.col("_birth")
+    ).height
+    counts["n_prediction_time_before_first_event"] += joined.filter(
+        pl.col("prediction_time") < pl.col("_first")
+    ).height
+
+
+def _refuse_empty(dataset: datasets.Dataset, stats: dict[str, Any]) -> None:
+    """Stop with one sentence naming the label source and the counts when no usable row is left."""
+    if len(dataset):
+        return
+    split = stats.get("split")
+    where = f"split {split!r}" if split else "the data"
+    raise NoUsableRowsError(
+        f"{stats.get('label_source')}: no usable label row is left in {where}: {stats.get('n_labels_total', 0)} rows "
+        f"read, {stats.get('n_labels_other_split', 0) + stats.get('n_labels_subject_without_split', 0)} not in "
+        f"{where}, {stats.get('n_dropped_missing_label', 0)} without a label value, "
+        f"{stats.get('n_dropped_subject_not_in_data', 0)} of subjects not in the data, "
+        f"{stats.get('n_dropped_no_events_before_prediction_time', 0)} with no event at or before prediction_time"
+    )
 
 
 def _warn_drops(stats: dict[str, Any]) -> None:
@@ -339,6 +440,20 @@ def _warn_drops(stats: dict[str, Any]) -> None:
             "%d label rows belong to subjects absent from subject_splits and were ignored",
             stats["n_labels_subject_without_split"],
         )
+    early = {
+        "n_prediction_time_before_birth": "before the subject's MEDS_BIRTH",
+        "n_prediction_time_before_first_event": "before the subject's first timed event",
+    }
+    for name, why in early.items():
+        if stats.get(name):
+            logger.warning(
+                "split %r: %d of %d label rows have a prediction_time %s (check the label times: a time-zone or "
+                "unit shift?)",
+                stats.get("split"),
+                stats[name],
+                stats.get("n_labels_in_split"),
+                why,
+            )
 
 
 def subsample_labels(dataset: datasets.Dataset, fraction: float, seed: int) -> datasets.Dataset:
@@ -349,4 +464,10 @@ def subsample_labels(dataset: datasets.Dataset, fraction: float, seed: int) -> d
     return dataset.shuffle(seed=seed).select(range(n))
 
 
-__all__ = ["build_pretraining_dataset", "build_labeled_dataset", "build_stats", "subsample_labels"]
+__all__ = [
+    "NoUsableRowsError",
+    "build_pretraining_dataset",
+    "build_labeled_dataset",
+    "build_stats",
+    "subsample_labels",
+]

@@ -1,14 +1,18 @@
 """MEDS label files: reading and validating them, and the mapping from tasks to label files and columns.
 
-A label file has `subject_id`, `prediction_time` and exactly one value per row in `boolean_value`,
-`integer_value` or `float_value`. Several files make a multitask set, one task per file named by its stem.
+A label source is a MEDS label file, a folder of label shards (read recursively, as ACES writes them) or a glob;
+:func:`read_labels` reads all three. Labels follow the MEDS 0.4 label schema: `subject_id`, `prediction_time`
+and exactly one non-null value per row among `boolean_value`, `integer_value`, `float_value` and
+`categorical_value` (the unused columns may be absent or all null). Several tasks are named explicitly,
+`NAME=SOURCE` (`--task`), never by commas.
 """
 
 from __future__ import annotations
 
+import glob as _glob
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +21,8 @@ import polars as pl
 from .meds import MEDSValidationError, _collect, _first_subject, _schema_exprs
 
 LABEL_SCHEMA_TEXT = (
-    "MEDS 0.3 / 0.4 label schema: subject_id int64, prediction_time timestamp[us], and exactly one of "
-    "boolean_value bool / integer_value int64 / float_value float64 per row"
+    "MEDS 0.4 label schema: subject_id int64, prediction_time timestamp[us], and exactly one of "
+    "boolean_value bool / integer_value int64 / float_value float64 / categorical_value string per row"
 )
 
 
@@ -28,22 +32,26 @@ LABEL_SCHEMA: dict[str, pl.DataType] = {
     "boolean_value": pl.Boolean(),
     "integer_value": pl.Int64(),
     "float_value": pl.Float64(),
+    "categorical_value": pl.String(),
 }
 
 
-LABEL_VALUE_COLUMNS = ("boolean_value", "integer_value", "float_value")
+LABEL_VALUE_COLUMNS = ("boolean_value", "integer_value", "float_value", "categorical_value")
+TRAINABLE_VALUE_COLUMNS = ("boolean_value", "integer_value", "float_value")
 
 
-def validate_labels(df: pl.DataFrame, source: str = "<frame>") -> pl.DataFrame:
+def validate_labels(df: pl.DataFrame, source: str = "<frame>", require_value: bool = True) -> pl.DataFrame:
     """Return labels in :data:`LABEL_SCHEMA` (absent value columns filled with null), sorted by subject
     and prediction time, or raise :class:`MEDSValidationError`.
 
-    ``subject_id`` and ``prediction_time`` are required and non-null; at least one value column must be
-    present and each row has exactly one non-null value (NaN ``float_value`` counts as null).
+    ``subject_id`` and ``prediction_time`` are required and non-null; a time-zone aware ``prediction_time`` is
+    refused. At least one value column must be present and each row has exactly one non-null value (NaN
+    ``float_value`` counts as null). With ``require_value=False`` (prediction times for `predict`), value columns
+    may be absent and a row may have no value, but never more than one.
     """
     schema = df.collect_schema()
     present = [c for c in LABEL_VALUE_COLUMNS if c in schema]
-    if not present and "subject_id" in schema:
+    if not present and "subject_id" in schema and require_value:
         raise MEDSValidationError(
             f"{source}: no label value column: expected one of columns {list(LABEL_VALUE_COLUMNS)} "
             f"(found {list(schema)}; expected {LABEL_SCHEMA_TEXT})"
@@ -62,7 +70,7 @@ def validate_labels(df: pl.DataFrame, source: str = "<frame>") -> pl.DataFrame:
             f"(row {row['_row']}; {n_null} null(s) in all)"
         )
     n_values = pl.sum_horizontal([pl.col(c).is_not_null().cast(pl.Int8) for c in LABEL_VALUE_COLUMNS])
-    n_bad, row = _first_subject(out, n_values != 1)
+    n_bad, row = _first_subject(out, (n_values != 1) if require_value else (n_values > 1))
     if n_bad:
         n = sum(row[c] is not None for c in LABEL_VALUE_COLUMNS)
         what = "no value" if n == 0 else f"{n} values"
@@ -74,15 +82,55 @@ def validate_labels(df: pl.DataFrame, source: str = "<frame>") -> pl.DataFrame:
     return out.sort(["subject_id", "prediction_time"], maintain_order=True)
 
 
-def read_labels(path: str | Path) -> pl.DataFrame:
-    """Read and validate one MEDS label file (``labels/<task>.parquet``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: label file not found")
-    return validate_labels(pl.read_parquet(path), source=str(path))
+def label_files(source: str | os.PathLike) -> list[Path]:
+    """The parquet files of a label source: a file, a folder (every ``*.parquet`` below it, sorted) or a glob
+    (``**`` allowed)."""
+    text = os.fspath(source)
+    path = Path(text)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
+        if not files:
+            raise FileNotFoundError(f"{path}: label folder holds no *.parquet file (searched recursively)")
+        return files
+    refuse_comma(text)
+    if _glob.has_magic(text):
+        files = sorted(Path(p) for p in _glob.glob(text, recursive=True) if Path(p).is_file())
+        if not files:
+            raise FileNotFoundError(f"{text}: no label file matches this glob")
+        return files
+    raise FileNotFoundError(
+        f"{path}: label file not found (expected a parquet file, a folder of them or a glob)"
+    )
 
 
-def _resolve_label_column(labels: pl.DataFrame, label_column: str | None) -> str:
+def read_labels(source: str | os.PathLike, require_value: bool = True) -> pl.DataFrame:
+    """Read and validate MEDS labels from a file (``labels/<task>.parquet``), a folder of label shards (as ACES
+    writes them, nested folders included) or a glob. Every file is validated on its own, so errors name it; the
+    rows of all files are concatenated and sorted by (subject_id, prediction_time). ``require_value=False``
+    accepts prediction times without a label (see :func:`validate_labels`)."""
+    frames = []
+    for path in label_files(source):
+        try:
+            frame = pl.read_parquet(path)
+        except (pl.exceptions.PolarsError, OSError) as err:
+            raise MEDSValidationError(f"{path}: not a readable parquet label file: {err}") from err
+        frames.append(validate_labels(frame, source=str(path), require_value=require_value))
+    out = pl.concat(frames, how="vertical") if len(frames) > 1 else frames[0]
+    return out.sort(["subject_id", "prediction_time"], maintain_order=True)
+
+
+def label_source_name(source) -> str:
+    """The name of a label source in messages: the path or glob, or ``<frame>``."""
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<frame>"
+
+
+def _resolve_label_column(
+    labels: pl.DataFrame, label_column: str | None, allow_none: bool = False
+) -> str | None:
+    """The value column of a label frame: `label_column`, or the one column with values. With `allow_none`,
+    None when no column has a value (prediction times without labels)."""
     if label_column is not None:
         if label_column not in LABEL_VALUE_COLUMNS or label_column not in labels.columns:
             raise ValueError(
@@ -93,6 +141,13 @@ def _resolve_label_column(labels: pl.DataFrame, label_column: str | None) -> str
     present = [
         c for c in LABEL_VALUE_COLUMNS if c in labels.columns and labels[c].null_count() < labels.height
     ]
+    if not present and allow_none:
+        return None
+    if present == ["categorical_value"]:
+        raise ValueError(
+            "labels in categorical_value are read but cannot be trained or scored by this model; map the categories "
+            "to integer_value (multi-class) or boolean_value (one task per category) first"
+        )
     if len(present) != 1:
         raise ValueError(
             f"cannot auto-detect the label column: columns with values {present} (expected exactly one of "
@@ -101,11 +156,13 @@ def _resolve_label_column(labels: pl.DataFrame, label_column: str | None) -> str
     return present[0]
 
 
-def _read_label_source(labels: pl.DataFrame | str | os.PathLike, source: str) -> tuple[pl.DataFrame, str]:
+def _read_label_source(
+    labels: pl.DataFrame | str | os.PathLike, source: str, require_value: bool = True
+) -> tuple[pl.DataFrame, str]:
     if isinstance(labels, (str, os.PathLike)):
-        return read_labels(labels), str(labels)
+        return read_labels(labels, require_value=require_value), os.fspath(labels)
     if isinstance(labels, pl.DataFrame):
-        return validate_labels(labels, source=source), source
+        return validate_labels(labels, source=source, require_value=require_value), source
     raise TypeError(f"labels must be a polars DataFrame or a path, got {type(labels).__name__}")
 
 
@@ -147,20 +204,61 @@ def join_task_labels(
     return joined.sort(["subject_id", "prediction_time"]), names, types
 
 
-def label_sources(labels) -> dict[str, str | os.PathLike | pl.DataFrame]:
-    """Task name -> label source for multitask use: "a.parquet,b.parquet", a list of paths/frames, or a mapping.
-    Paths are named by their file stem, frames `labels_<i>`."""
-    if isinstance(labels, dict):
+def refuse_comma(labels) -> None:
+    """Refuse the old comma-separated `--labels a,b` (a path may contain a comma, so tasks are never split on it)."""
+    if isinstance(labels, str) and "," in labels and not Path(labels).exists():
+        raise ValueError(
+            f"--labels {labels!r} contains a comma: several tasks are no longer given by commas, name each one with "
+            "--task NAME=PATH (e.g. --task mortality=a.parquet stay=b.parquet)"
+        )
+
+
+def parse_tasks(tasks: Sequence[str]) -> dict[str, str]:
+    """`["NAME=PATH", ...]` (the `--task` arguments) -> {name: path}, in order."""
+    out: dict[str, str] = {}
+    for item in tasks:
+        name, sep, path = str(item).partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise ValueError(
+                f"--task {item!r}: expected NAME=PATH (a label file, folder of label shards or glob)"
+            )
+        if name in out:
+            raise ValueError(f"--task names {name!r} twice; each task needs its own name")
+        out[name] = path
+    return out
+
+
+def label_sources(labels, tasks: Sequence[str] | None = None) -> dict[str, str | os.PathLike | pl.DataFrame]:
+    """Task name -> label source. `labels` is one source (a file, a folder of label shards, a glob or a frame), a
+    list of them, or a mapping; `tasks` is a list of "NAME=PATH" (`--task`). A file is named by its stem, a folder
+    by its name, a frame `labels_<i>`; a glob must be named with NAME=. A comma in a `labels` string is refused:
+    several tasks are given with `tasks`."""
+    if tasks:
+        if labels:
+            raise ValueError(
+                "give the label files either with --labels (one task) or with --task (several), not both"
+            )
+        return dict(parse_tasks(tasks))
+    if isinstance(labels, Mapping):
         return dict(labels)
-    if isinstance(labels, str):
-        labels = [part.strip() for part in labels.split(",") if part.strip()]
-    elif isinstance(labels, (os.PathLike, pl.DataFrame)):
+    if labels is None:
+        raise ValueError("no labels given: pass --labels PATH (one task) or --task NAME=PATH ... (several)")
+    refuse_comma(labels)
+    if isinstance(labels, (str, os.PathLike, pl.DataFrame)):
         labels = [labels]
     sources: dict[str, str | os.PathLike | pl.DataFrame] = {}
     for i, source in enumerate(labels):
-        name = f"labels_{i}" if isinstance(source, pl.DataFrame) else Path(source).name.split(".")[0]
+        if isinstance(source, pl.DataFrame):
+            name = f"labels_{i}"
+        elif _glob.has_magic(os.fspath(source)) and not Path(source).exists():
+            raise ValueError(
+                f"{os.fspath(source)}: name the task of a glob with --task NAME={os.fspath(source)}"
+            )
+        else:
+            name = Path(source).name.split(".")[0]
         if name in sources:
-            raise ValueError(f"two label files are named {name!r}; each task needs its own file name")
+            raise ValueError(f"two label sources are named {name!r}; name each task with --task NAME=PATH")
         sources[name] = source
     return sources
 
@@ -179,7 +277,11 @@ def task_label_matrix(dataset, sources: dict, task_names: list[str]) -> np.ndarr
 def label_fingerprint(labels: pl.DataFrame) -> str:
     """SHA-256 of a validated label frame's rows in a fixed order and text form: equal for the same labels
     however the file was written (row order, parquet settings, column order)."""
-    columns = ["subject_id", "prediction_time", *[c for c in LABEL_VALUE_COLUMNS if c in labels.columns]]
+    columns = ["subject_id", "prediction_time", *[c for c in TRAINABLE_VALUE_COLUMNS if c in labels.columns]]
+    if "categorical_value" in labels.columns and labels["categorical_value"].null_count() < labels.height:
+        columns.append(
+            "categorical_value"
+        )  # only when used, so fingerprints of older label files do not change
     text = labels.select(columns).sort(["subject_id", "prediction_time"]).write_csv()
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -197,6 +299,10 @@ __all__ = [
     "LABEL_VALUE_COLUMNS",
     "validate_labels",
     "read_labels",
+    "label_files",
+    "label_source_name",
+    "parse_tasks",
+    "refuse_comma",
     "join_task_labels",
     "label_sources",
     "task_label_matrix",

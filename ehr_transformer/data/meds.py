@@ -19,8 +19,7 @@ message names the file, the column and, where one subject is at fault, the ``sub
 - extra columns -> dropped (not read at all from parquet files).
 - ``text_value`` absent -> added, all null.
 - castable dtypes are cast silently: any integer dtype -> Int64 for ``subject_id``; any datetime unit
-  -> Datetime("us") for ``time`` (time-zone aware times are converted to UTC and made naive; a Date
-  becomes midnight); String / Categorical / Enum -> String for ``code`` and ``text_value``; any numeric
+  -> Datetime("us") for ``time`` (a Date becomes midnight); String / Categorical / Enum -> String for ``code`` and ``text_value``; any numeric
   dtype -> Float32 for ``numeric_value``; an all-null column of dtype Null -> the target dtype.
   Anything else (e.g. a string ``subject_id`` such as "abc" or "17", a string ``time``) -> error naming
   the column, its dtype and the expected dtype. We never parse strings: convert them yourself so the
@@ -29,9 +28,11 @@ message names the file, the column and, where one subject is at fault, the ``sub
 - null or empty (whitespace only) ``code`` -> error naming the subject.
 - +-inf ``numeric_value`` (including float64 values outside the float32 range) -> error naming the subject.
 - NaN ``numeric_value`` -> treated as "no value" and set to null (many exports write NaN for missing).
+- time-zone aware ``time`` / ``prediction_time`` -> error naming the file and column, with the polars
+  conversion to use (``.dt.convert_time_zone(zone).dt.replace_time_zone(None)``); never converted silently.
 - rows are sorted by ``subject_id`` then ``time`` with static (null time) events first. MEDS requires
-  this order; we do not reject unsorted input but sort it *stably*, so events sharing a timestamp
-  keep their file order.
+  this order; like the MEDS tools we do not reject unsorted shards but sort them *stably* (events sharing a
+  timestamp keep their file order) and log one warning naming the file and the number of rows out of order.
 - duplicate identical rows are kept (MEDS allows them).
 - subjects listed in ``subject_splits`` but without any event are not an error: they are counted
   and listed by :func:`check_split_coverage` (and in :func:`summarize`).
@@ -43,10 +44,13 @@ by shard. Only :func:`read_events` without ``subject_ids`` loads a whole dataset
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
 import polars as pl
+
+logger = logging.getLogger(__name__)
 
 MEDS_VERSION = "0.3.3"
 EXPECTED_SCHEMA_TEXT = (
@@ -92,7 +96,7 @@ def _castable(column: str, dtype: pl.DataType) -> bool:
         return dtype.is_integer()
     if column in ("time", "prediction_time"):
         return isinstance(dtype, pl.Datetime) or dtype == pl.Date
-    if column in ("code", "text_value"):
+    if column in ("code", "text_value", "categorical_value"):
         return dtype == pl.String or isinstance(dtype, pl.Categorical | pl.Enum)
     if column in ("numeric_value", "float_value"):
         return dtype.is_numeric()
@@ -105,8 +109,6 @@ def _castable(column: str, dtype: pl.DataType) -> bool:
 
 def _cast_expr(column: str, dtype: pl.DataType, target: pl.DataType) -> pl.Expr:
     expr = pl.col(column)
-    if isinstance(dtype, pl.Datetime) and dtype.time_zone is not None:
-        expr = expr.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
     if dtype == target:
         return expr
     return expr.cast(target)
@@ -137,6 +139,12 @@ def _schema_exprs(
             exprs.append(pl.lit(None, dtype=target).alias(column))
             continue
         dtype = schema[column]
+        if isinstance(dtype, pl.Datetime) and dtype.time_zone is not None:
+            raise MEDSValidationError(
+                f"{source}: column '{column}' is time-zone aware ({dtype}), but MEDS times are naive local times "
+                f"and are never converted silently; convert it yourself, e.g. with polars "
+                f"`pl.col('{column}').dt.convert_time_zone('<the zone your events use>').dt.replace_time_zone(None)`"
+            )
         if not _castable(column, dtype):
             raise MEDSValidationError(
                 f"{source}: column '{column}' has dtype {dtype} which cannot be used as {target} "
@@ -170,8 +178,23 @@ def _events_lazy(lf: pl.LazyFrame, source: str) -> pl.LazyFrame:
     return lf.select(exprs)
 
 
-def _check_events(df: pl.DataFrame, source: str) -> pl.DataFrame:
-    """Value checks and normalisation of a frame already in the MEDS dtypes."""
+def _rows_out_of_order(df: pl.DataFrame) -> int:
+    """Rows that sort before the row above them by (subject_id, time), static (null time) events first."""
+    if df.height < 2:
+        return 0
+    key = df.select(
+        pl.col("subject_id"),
+        pl.col("time").dt.epoch("us").fill_null(-(2**63)).alias("_t"),
+    )
+    prev_s, prev_t = pl.col("subject_id").shift(1), pl.col("_t").shift(1)
+    bad = (pl.col("subject_id") < prev_s) | ((pl.col("subject_id") == prev_s) & (pl.col("_t") < prev_t))
+    return int(key.select(bad.fill_null(False).sum()).item())
+
+
+def _check_events(df: pl.DataFrame, source: str, warn_unsorted: bool = False) -> pl.DataFrame:
+    """Value checks and normalisation of a frame already in the MEDS dtypes. With ``warn_unsorted`` (shards read
+    from disk), a frame not sorted by (subject_id, time) is sorted with one warning naming ``source`` and the number
+    of rows out of order, as the MEDS tools do."""
     n_null, row = _first_subject(df, pl.col("subject_id").is_null())
     if n_null:
         raise MEDSValidationError(
@@ -194,6 +217,17 @@ def _check_events(df: pl.DataFrame, source: str) -> pl.DataFrame:
             "finite float32, use null for 'no value')"
         )
     df = df.with_columns(pl.col("numeric_value").fill_nan(None))
+    if warn_unsorted:
+        n_out = _rows_out_of_order(df)
+        if n_out == 0:
+            return df
+        logger.warning(
+            "%s: %d of %d rows are not sorted by (subject_id, time) as MEDS requires; sorted them in memory "
+            "(stable, static events first)",
+            source,
+            n_out,
+            df.height,
+        )
     return df.sort(["subject_id", "time"], nulls_last=False, maintain_order=True)
 
 
@@ -241,7 +275,7 @@ def iter_shards(
         source = str(path)
         if wanted is not None and not _may_hold(path, wanted):
             continue
-        events = _check_events(_collect(_scan_shard(path), source), source)
+        events = _check_events(_collect(_scan_shard(path), source), source, warn_unsorted=True)
         if wanted is not None:
             events = events.filter(pl.col("subject_id").is_in(wanted.implode()))
         yield path, events
@@ -269,7 +303,7 @@ def read_events(meds_dir: str | Path, subject_ids: Collection[int] | None = None
         lf = _scan_shard(path)
         if ids is not None:
             lf = lf.filter(pl.col("subject_id").is_in(ids.implode()) | pl.col("subject_id").is_null())
-        frames.append(_check_events(_collect(lf, source), source))
+        frames.append(_check_events(_collect(lf, source), source, warn_unsorted=True))
     out = pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema=DATA_SCHEMA)
     if len(frames) > 1:
         out = out.sort(["subject_id", "time"], nulls_last=False, maintain_order=True)
@@ -281,8 +315,8 @@ def read_events(meds_dir: str | Path, subject_ids: Collection[int] | None = None
 
 
 def validate_subject_splits(df: pl.DataFrame, source: str = "<frame>") -> pl.DataFrame:
-    """Return ``(subject_id Int64, split String)`` sorted by subject; one split per subject, split names
-    in ``train`` / ``tuning`` / ``held_out``."""
+    """Return ``(subject_id Int64, split String)`` sorted by subject; one split per subject. Any non-empty split
+    name is allowed (MEDS allows any); ``train`` / ``tuning`` / ``held_out`` are the usual ones."""
     exprs = _schema_exprs(
         df.collect_schema(),
         SPLIT_SCHEMA,
@@ -294,11 +328,11 @@ def validate_subject_splits(df: pl.DataFrame, source: str = "<frame>") -> pl.Dat
     n_null, row = _first_subject(out, pl.col("subject_id").is_null())
     if n_null:
         raise MEDSValidationError(f"{source}: column 'subject_id' has {n_null} null value(s)")
-    n_bad, row = _first_subject(out, ~pl.col("split").is_in(list(SPLITS)) | pl.col("split").is_null())
+    n_bad, row = _first_subject(out, pl.col("split").is_null() | (pl.col("split").str.strip_chars() == ""))
     if n_bad:
         raise MEDSValidationError(
-            f"{source}: column 'split' has value {row['split']!r} for subject_id {row['subject_id']}; "
-            f"expected one of {list(SPLITS)}"
+            f"{source}: column 'split' is null or empty for subject_id {row['subject_id']}; every subject listed "
+            f"needs a split name (MEDS allows any name; {list(SPLITS)} are the usual ones)"
         )
     dup = out.filter(pl.col("subject_id").is_duplicated())
     if dup.height:

@@ -960,6 +960,7 @@ def _labels_by_task(labels: pl.DataFrame) -> dict[str, pl.DataFrame]:
                 pl.col(task).alias("boolean_value"),
                 pl.lit(None, dtype=pl.Int64).alias("integer_value"),
                 pl.lit(None, dtype=pl.Float64).alias("float_value"),
+                pl.lit(None, dtype=pl.String).alias("categorical_value"),
             )
             .select(list(LABEL_SCHEMA))
             .sort("subject_id", "prediction_time")

@@ -96,8 +96,10 @@ class MEDSWriter:
         Every subject must be complete in this shard (a subject never spans shards). Empty frames write
         nothing. ``validated=True`` skips validation for frames that come out of :func:`validate_events`.
         """
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+        if not split or "/" in split or "\\" in split or split in (".", ".."):
+            raise ValueError(
+                f"split {split!r} cannot name a folder data/<split>/ (MEDS allows any other name)"
+            )
         if not validated:
             events = validate_events(events, source=f"<events for {split} shard>")
         if events.height == 0:
@@ -236,7 +238,8 @@ def write_meds(
     with MEDSWriter(
         output_dir, overwrite=overwrite, dataset_name=dataset_name, dataset_version=dataset_version
     ) as w:
-        for split in SPLITS:
+        present = set(splits["split"].to_list())
+        for split in [*(s for s in SPLITS if s in present), *sorted(present - set(SPLITS))]:
             part = events.filter(pl.col("split") == split).drop("split")
             if part.height == 0:
                 continue

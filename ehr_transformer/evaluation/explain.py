@@ -228,7 +228,9 @@ def explain_checkpoint(
     check_checkpoint_folder(checkpoint)  # refuse pickle-only/absurd folders before loading
     tokenizer = EHREventTokenizer.from_pretrained(checkpoint)
     model = AutoModelForSequenceClassification.from_pretrained(checkpoint, use_safetensors=True)
-    dataset = build_labeled_dataset(data_dir, labels, tokenizer, split=split)
+    dataset = build_labeled_dataset(
+        data_dir, labels, tokenizer, split=split, allow_unlabeled=True
+    )  # as predict
     top = explain(model, tokenizer, dataset, top_k=top_k, steps=steps, batch_size=batch_size)
     dtype = pl.List(
         pl.Struct(

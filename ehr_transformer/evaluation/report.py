@@ -164,13 +164,27 @@ def evaluate_checkpoint(
     if baseline_labels not in ("same", "all"):
         raise ValueError(f"baseline_labels must be 'same' or 'all', got {baseline_labels!r}")
     predictions = predict(checkpoint, data_dir, labels, split)
-    if "label" not in predictions.columns:
+    if "predicted_boolean_probability" not in predictions.columns:
         raise ValueError(
-            f"{checkpoint} is a multitask checkpoint (columns {predictions.columns[2:]}); evaluate_checkpoint reports "
-            "one binary task: score it with predict() and ehr_transformer.evaluation per task"
+            f"{checkpoint} is not a one-task binary checkpoint (columns {predictions.columns[2:]}); "
+            "evaluate_checkpoint reports one binary task: score it with predict() and ehr_transformer.evaluation "
+            "per task"
         )
-    y = predictions["label"].to_numpy().astype(int)
-    p = predictions["probability"].to_numpy()
+    unlabeled = predictions["boolean_value"].null_count()
+    if unlabeled:
+        logger.warning(
+            "%s: %d of %d scored rows have no label and are left out of the report",
+            labels,
+            unlabeled,
+            predictions.height,
+        )
+        predictions = predictions.filter(pl.col("boolean_value").is_not_null())
+    if predictions.height == 0:
+        raise ValueError(
+            f"{labels}: no scored row has a label (boolean_value), so there is nothing to evaluate"
+        )
+    y = predictions["boolean_value"].to_numpy().astype(int)
+    p = predictions["predicted_boolean_probability"].to_numpy()
     subjects = predictions["subject_id"].to_numpy()
     groups, notes = subgroups_for(data_dir, predictions, sex_code_prefix, group_codes)
     report = {
@@ -271,7 +285,8 @@ def fit_baseline_and_predict(
     train_labels: pl.DataFrame | None = None,
 ) -> np.ndarray:
     """Fit a tabular baseline (`gbm` on per-code aggregates, or `logistic` on code counts) on `train_labels`
-    (default: every label of `train_split`) and score exactly `rows` (subject_id, prediction_time, label), with
+    (default: every label of `train_split`) and score exactly `rows` (subject_id, prediction_time, boolean_value:
+    `predict`'s columns), with
     the same visible history."""
     if train_labels is None:
         labels = read_labels(labels) if not isinstance(labels, pl.DataFrame) else labels
@@ -279,9 +294,7 @@ def fit_baseline_and_predict(
         train_labels = labels.filter(pl.col("subject_id").is_in(train_subjects.implode()))
     train_events = read_events(data_dir, subject_ids=train_labels["subject_id"].unique().to_list())
     baseline = TabularBaseline(kind=kind, seed=seed).fit(train_events, train_labels)
-    test_rows = rows.select(
-        "subject_id", "prediction_time", pl.col("label").cast(pl.Boolean).alias("boolean_value")
-    )
+    test_rows = rows.select("subject_id", "prediction_time", pl.col("boolean_value").cast(pl.Boolean))
     test_events = read_events(data_dir, subject_ids=test_rows["subject_id"].unique().to_list())
     return baseline.predict_proba(test_events, test_rows)
 

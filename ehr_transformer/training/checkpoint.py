@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,8 @@ from transformers import TrainingArguments
 from ..configuration_ehr import EHRTransformerConfig
 from ..data.labels import label_fingerprint, rows_fingerprint
 from ..data.splits import iter_split_events, read_subject_splits
-from ..model_card import data_summary, render_model_card, write_model_card
+from ..loading import quiet_transformers
+from ..model_card import data_summary, read_dataset_name, render_model_card, write_model_card
 from ..tokenization_ehr import EHREventTokenizer
 from .arguments import DataArguments, ModelArguments
 
@@ -51,11 +54,31 @@ def save_checkpoint(
     """Write model (safetensors + config + modeling code), tokenizer and model card (README.md) into one folder.
     `card` holds the keyword arguments of `model_card.render_model_card` other than the config."""
     output_dir = Path(output_dir)
-    model.save_pretrained(output_dir)
+    with quiet_transformers():  # no "Writing model shards" bar
+        model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     if card is not None:
         write_model_card(output_dir, render_model_card(model.config, **card))
     return output_dir
+
+
+# The Trainer's resume folders (`transformers.trainer_utils.PREFIX_CHECKPOINT_DIR` + "-" + global step).
+_TRAINER_CHECKPOINT = re.compile(r"checkpoint-\d+")
+
+
+def remove_trainer_checkpoints(output_dir: str | os.PathLike) -> list[str]:
+    """Delete the `Trainer`'s `checkpoint-N/` folders (weights, optimizer, scheduler and RNG pickles) directly under
+    `output_dir`, once a run has finished and its final folder is saved. They exist only to resume a run that was
+    interrupted; a finished folder holds the model, tokenizer, config, card and the package's JSON records. Other
+    folders and files are left alone. Returns the names removed."""
+    folder = Path(output_dir)
+    removed = []
+    if folder.is_dir():
+        for path in sorted(folder.iterdir()):
+            if path.is_dir() and not path.is_symlink() and _TRAINER_CHECKPOINT.fullmatch(path.name):
+                shutil.rmtree(path)
+                removed.append(path.name)
+    return removed
 
 
 def card_for_training(
@@ -65,7 +88,8 @@ def card_for_training(
     training_args: TrainingArguments,
     **details,
 ) -> dict:
-    """Model-card fields of a training run: counts of the data (never identifiers) and the settings used."""
+    """Model-card fields of a training run: the dataset's name (`metadata/dataset.json`), counts of the data (never
+    identifiers) and the settings used."""
     counts = read_subject_splits(data_args.data_dir).group_by("split").len()
     subjects = dict(zip(counts["split"].to_list(), counts["len"].to_list(), strict=True))
     events = int(sum(train_dataset["length"])) if "length" in train_dataset.column_names else None
@@ -80,10 +104,18 @@ def card_for_training(
         "events per sequence (max_length)": tokenizer.max_length,
         **details,
     }
-    return {"data": data_summary(subjects, events, tokenizer), "training": training}
+    data = data_summary(subjects, events, tokenizer, dataset_name=read_dataset_name(data_args.data_dir))
+    return {"data": data, "training": training}
 
 
 # The config fields of a one-binary-outcome classifier: one logit, BCE (as `finetune` builds for one label file).
+# The binary convention: `num_labels=1` with `problem_type="multi_label_classification"`. In `transformers`,
+# `problem_type` picks the loss: "multi_label_classification" is its BCE-with-logits path, the only one that trains
+# a single logit for a 0/1 label (one logit with problem_type None or "regression" is MSE, and
+# "single_label_classification" is a softmax over >= 2 logits, another layout and another loss). Read it as "each
+# output is an independent binary outcome", here one: the probability is sigmoid(logit), which `predict` and the
+# `ehr-risk` pipeline return. Kept unchanged since 0.1.0 so that every saved classifier loads and scores alike
+# (docs/checkpoints.md, "The binary convention").
 BINARY_HEAD = {
     "task_names": None,
     "task_types": None,
@@ -141,5 +173,6 @@ __all__ = [
     "fit_tokenizer",
     "config_for",
     "save_checkpoint",
+    "remove_trainer_checkpoints",
     "card_for_training",
 ]

@@ -13,9 +13,10 @@ from transformers import TrainingArguments
 from ..checkpoint_safety import check_checkpoint_folder
 from ..configuration_ehr import EHRTransformerConfig
 from ..data.collators import DataCollatorForEventClassification
-from ..data.dataset import build_labeled_dataset, subsample_labels
+from ..data.dataset import NoUsableRowsError, build_labeled_dataset, subsample_labels
 from ..data.labels import join_task_labels, label_sources, read_labels
 from ..evaluation.metrics import compute_classification_metrics
+from ..loading import ANY_HEAD, CLASSIFIER_LAYERS, load_pretrained
 from ..modeling_ehr import EHRTransformerForSequenceClassification, EHRTransformerModel
 from ..tokenization_ehr import EHREventTokenizer
 from ..utils import write_json
@@ -26,6 +27,7 @@ from .checkpoint import (
     card_for_training,
     config_for,
     fit_tokenizer,
+    remove_trainer_checkpoints,
     save_checkpoint,
     training_labels_record,
     with_tasks,
@@ -70,7 +72,7 @@ def finetune(
 ) -> EHRTransformerForSequenceClassification:
     """Fine-tune a classifier on one binary label (BCE on one logit), from a pretrained folder or from scratch.
 
-    With several label files (`data_args.labels = "a.parquet,b.parquet"`) or `data_args.task_types`, multitask
+    With several tasks (`data_args.task = ["a=a.parquet", "b=b_folder"]`) or `data_args.task_types`, multitask
     fine-tuning: one output per task over the shared backbone (`config.task_names`/`task_types`), loss = mean of
     the tasks' BCE / MSE, each ignoring rows where its task has no label. Binary outputs start at the training
     prevalence (`init_bias_to_prevalence`).
@@ -79,13 +81,15 @@ def finetune(
     (`finetune_linear_probe`). With `finetuning_args.linear_probe_init` (LP-FT), that probe is the starting head
     (`linear_probe_classifier`, `classifier_head="linear"`) and every weight trains from there."""
 
-    if data_args.labels is None:
+    tasks = getattr(data_args, "task", None)
+    if data_args.labels is None and not tasks:
         raise ValueError(
-            "fine-tuning needs --labels: a MEDS label file with subject_id, prediction_time, *_value"
+            "fine-tuning needs --labels (a MEDS label file, folder of label shards or glob with subject_id, "
+            "prediction_time, *_value) or --task NAME=PATH ... for several tasks"
         )
     if finetuning_args.linear_probe:
         return finetune_linear_probe(data_args, model_args, finetuning_args, training_args)
-    sources = label_sources(data_args.labels)
+    sources = label_sources(data_args.labels, tasks)
     if finetuning_args.linear_probe_init:
         check_probe_inputs("--linear_probe_init", sources, data_args, model_args)
     if len(sources) > 1 or data_args.task_types:
@@ -101,9 +105,10 @@ def finetune(
         objective = "multitask: mean over tasks of BCE (binary) / MSE (regression), missing labels ignored"
         described = ", ".join(f"{n} ({t})" for n, t in zip(names, types, strict=True))
     else:
-        names = [Path(data_args.labels).stem]
+        ((name, label_source),) = sources.items()
+        names = [name]
         head = BINARY_HEAD
-        labels, compute_metrics = read_labels(data_args.labels), compute_classification_metrics
+        labels, compute_metrics = read_labels(label_source), compute_classification_metrics
         objective, described = "binary cross entropy on one logit", names[0]
     seed_before_model_init(training_args)
     if model_args.model_name_or_path:
@@ -114,15 +119,20 @@ def finetune(
         if (
             finetuning_args.linear_probe_init
         ):  # the backbone only: `linear_probe_classifier` builds the classifier
-            model = EHRTransformerModel.from_pretrained(
+            model = load_pretrained(
+                EHRTransformerModel,
                 model_args.model_name_or_path,
+                expected_unexpected=ANY_HEAD,
                 attn_implementation=model_args.attn_implementation,
                 use_safetensors=True,
             )
         else:
             base = EHRTransformerConfig.from_pretrained(model_args.model_name_or_path)
-            model = EHRTransformerForSequenceClassification.from_pretrained(
+            model = load_pretrained(
+                EHRTransformerForSequenceClassification,
                 model_args.model_name_or_path,
+                expected_missing=CLASSIFIER_LAYERS,
+                expected_unexpected=ANY_HEAD,
                 config=with_tasks(base, classifier_pooling=finetuning_args.classifier_pooling, **head),
                 attn_implementation=model_args.attn_implementation,
                 ignore_mismatched_sizes=True,  # another checkpoint's classifier rows need not fit these tasks
@@ -137,17 +147,33 @@ def finetune(
             config, attn_implementation=model_args.attn_implementation
         )
     train_dataset = build_labeled_dataset(
-        data_args.data_dir, labels, tokenizer, data_args.train_split, cache_dir=data_args.cache_dir
+        data_args.data_dir,
+        labels,
+        tokenizer,
+        data_args.train_split,
+        cache_dir=data_args.cache_dir,
+        source_name=None if isinstance(labels, dict) else str(label_source),
     )
     train_dataset = subsample_labels(train_dataset, finetuning_args.label_fraction, training_args.seed)
-    eval_dataset = build_labeled_dataset(
-        data_args.data_dir, labels, tokenizer, data_args.eval_split, cache_dir=data_args.cache_dir
-    )
+    try:
+        eval_dataset = build_labeled_dataset(
+            data_args.data_dir,
+            labels,
+            tokenizer,
+            data_args.eval_split,
+            cache_dir=data_args.cache_dir,
+            source_name=None if isinstance(labels, dict) else str(label_source),
+        )
+    except NoUsableRowsError:
+        if training_args.eval_strategy != "no":
+            raise
+        # not evaluated during training: an eval split without labels is no reason to stop
+        eval_dataset = None
     logger.info(
         "fine-tuning (%s) on %d labelled samples, evaluating on %d",
         described,
         len(train_dataset),
-        len(eval_dataset),
+        len(eval_dataset) if eval_dataset is not None else 0,
     )
     if finetuning_args.linear_probe_init:
         model, probe = linear_probe_classifier(
@@ -189,13 +215,15 @@ def finetune(
         if len(names) == 1:  # one label file: `evaluate` fits its baseline on exactly these rows
             record = training_labels_record(
                 labels,
-                data_args.labels,
+                data_args.labels if data_args.labels is not None else str(next(iter(sources.values()))),
                 train_dataset,
                 data_args.train_split,
                 finetuning_args.label_fraction,
                 training_args.seed,
             )
             write_json(Path(training_args.output_dir) / TRAINING_LABELS_FILE, record)
+        trainer.save_state()  # trainer_state.json: the run's log history, kept once its checkpoints go
+        remove_trainer_checkpoints(training_args.output_dir)  # a finished run needs no resume folders
     return trainer.model
 
 

@@ -20,6 +20,7 @@ from ..data.dataset import build_labeled_dataset, subsample_labels
 from ..data.labels import label_sources, read_labels
 from ..evaluation.metrics import compute_classification_metrics
 from ..inference import embed_sequences, predict_logits
+from ..loading import ANY_HEAD, load_pretrained
 from ..modeling_ehr import EHRTransformerForSequenceClassification, EHRTransformerModel
 from ..tokenization_ehr import EHREventTokenizer
 from ..utils import write_json
@@ -69,17 +70,25 @@ def finetune_linear_probe(
     writes the folded `classifier_head="linear"` classifier, the checkpoint's tokenizer and a model card to
     `output_dir`, as `finetune` does. With `eval_strategy` other than "no", logs the metrics on `eval_split`."""
 
-    sources = label_sources(data_args.labels)
+    sources = label_sources(data_args.labels, getattr(data_args, "task", None))
     check_probe_inputs("--linear_probe", sources, data_args, model_args)
     check_checkpoint_folder(model_args.model_name_or_path)  # refuse pickle-only/absurd folders before loading
     tokenizer = EHREventTokenizer.from_pretrained(model_args.model_name_or_path)
-    labels, name = read_labels(data_args.labels), Path(data_args.labels).stem
+    ((name, label_source),) = sources.items()
+    labels = read_labels(label_source)
     train_dataset = build_labeled_dataset(
-        data_args.data_dir, labels, tokenizer, data_args.train_split, cache_dir=data_args.cache_dir
+        data_args.data_dir,
+        labels,
+        tokenizer,
+        data_args.train_split,
+        cache_dir=data_args.cache_dir,
+        source_name=str(label_source),
     )
     train_dataset = subsample_labels(train_dataset, finetuning_args.label_fraction, training_args.seed)
     logger.info("fitting a linear probe (%s) on %d labelled samples", name, len(train_dataset))
-    backbone = EHRTransformerModel.from_pretrained(model_args.model_name_or_path, use_safetensors=True)
+    backbone = load_pretrained(
+        EHRTransformerModel, model_args.model_name_or_path, expected_unexpected=ANY_HEAD, use_safetensors=True
+    )
     model, probe = linear_probe_classifier(
         backbone.to(training_args.device),
         tokenizer,
@@ -91,7 +100,12 @@ def finetune_linear_probe(
     )
     if training_args.eval_strategy != "no":
         eval_dataset = build_labeled_dataset(
-            data_args.data_dir, labels, tokenizer, data_args.eval_split, cache_dir=data_args.cache_dir
+            data_args.data_dir,
+            labels,
+            tokenizer,
+            data_args.eval_split,
+            cache_dir=data_args.cache_dir,
+            source_name=str(label_source),
         )
         logits = predict_logits(model, eval_dataset, tokenizer, training_args.per_device_eval_batch_size)
         metrics = compute_classification_metrics((logits, np.asarray(eval_dataset["labels"])))
@@ -121,7 +135,7 @@ def finetune_linear_probe(
         write_json(Path(training_args.output_dir) / "model_card_fields.json", card)
         record = training_labels_record(
             labels,
-            data_args.labels,
+            str(label_source),
             train_dataset,
             data_args.train_split,
             finetuning_args.label_fraction,
@@ -183,7 +197,9 @@ def linear_probe_classifier(
         )
     if isinstance(model, (str, os.PathLike)):
         check_checkpoint_folder(model)  # refuse pickle-only/absurd folders before loading
-        model = EHRTransformerModel.from_pretrained(model, use_safetensors=True)
+        model = load_pretrained(
+            EHRTransformerModel, model, expected_unexpected=ANY_HEAD, use_safetensors=True
+        )
     backbone = model.base_model
     config = with_tasks(
         backbone.config,

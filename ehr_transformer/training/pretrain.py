@@ -41,12 +41,19 @@ from transformers import TrainingArguments
 from ..checkpoint_safety import check_checkpoint_folder
 from ..data.collators import DataCollatorForMaskedEventModeling
 from ..data.dataset import build_pretraining_dataset
+from ..loading import OBJECTIVE_HEADS, load_pretrained
 from ..modeling_ehr import EHRTransformerForMaskedEventModeling
 from ..selection.prototypes import write_population_summary
 from ..tokenization_ehr import EHREventTokenizer
 from ..utils import write_json
 from .arguments import DataArguments, ModelArguments, PretrainingArguments
-from .checkpoint import card_for_training, config_for, fit_tokenizer, save_checkpoint
+from .checkpoint import (
+    card_for_training,
+    config_for,
+    fit_tokenizer,
+    remove_trainer_checkpoints,
+    save_checkpoint,
+)
 from .objectives import LOSS_BALANCING_STRATEGIES, TEACHER_FILE, EMATeacherCallback, PCGrad, all_reduce
 from .trainer import ReproducibleMasking, ResumableTrainer, seed_before_model_init
 
@@ -298,11 +305,16 @@ def pretrain(
         tokenizer = tokenizer or fit_tokenizer(data_args)
     seed_before_model_init(training_args)
     if model_args.model_name_or_path:
-        model = EHRTransformerForMaskedEventModeling.from_pretrained(
-            model_args.model_name_or_path,
-            **objective_fields,
-            attn_implementation=model_args.attn_implementation,
-            use_safetensors=True,
+        model = (
+            load_pretrained(  # heads of objectives the checkpoint lacks start fresh: no LOAD REPORT for them
+                EHRTransformerForMaskedEventModeling,
+                model_args.model_name_or_path,
+                expected_missing=OBJECTIVE_HEADS,
+                expected_unexpected=OBJECTIVE_HEADS,
+                **objective_fields,
+                attn_implementation=model_args.attn_implementation,
+                use_safetensors=True,
+            )
         )
         if model.config.vocab_size != tokenizer.vocab_size:
             raise ValueError(
@@ -364,6 +376,8 @@ def pretrain(
             training_args.seed,
         )
         save_checkpoint(trainer.model, tokenizer, training_args.output_dir, {"kind": "pretrained", **card})
+        trainer.save_state()  # trainer_state.json: the run's log history, kept once its checkpoints go
+        remove_trainer_checkpoints(training_args.output_dir)  # a finished run needs no resume folders
     return trainer.model
 
 
