@@ -43,7 +43,7 @@ from .inference import predict_logits
 from .model_card import data_summary
 from .tokenization_ehr import EHREventTokenizer
 from .training.arguments import DataArguments, ModelArguments, PretrainingArguments
-from .training.checkpoint import save_checkpoint
+from .training.checkpoint import save_classifier_checkpoint
 from .training.pretrain import pretrain
 from .utils import write_json
 
@@ -416,9 +416,8 @@ def adapt_checkpoint(
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would make the shared folder private
     try:
-        save_checkpoint(model, tokenizer, staging, card)
+        save_classifier_checkpoint(model, tokenizer, staging, card)
         write_json(staging / "adaptation.json", result.to_dict())
-        write_json(staging / "model_card_fields.json", card)
         if output_dir.exists():  # overwrite: move the old folder aside, then swap
             old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old.", dir=output_dir.parent))
             os.replace(output_dir, old / output_dir.name)

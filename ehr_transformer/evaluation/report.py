@@ -24,7 +24,7 @@ from ..data.splits import split_subjects
 from ..inference import predict
 from ..model_card import render_model_card, write_model_card
 from ..tokenization_ehr import EHREventTokenizer
-from ..training.checkpoint import read_training_labels
+from ..training.checkpoint import CARD_FIELDS_FILE, read_training_labels
 from ..utils import write_json
 from .baselines import TabularBaseline
 from .metrics import (
@@ -211,7 +211,7 @@ def evaluate_checkpoint(
             metric: paired_bootstrap_difference(y, p, baseline_probabilities, fn, subjects, n_bootstrap)
             for metric, fn in (("auroc", auroc), ("auprc", average_precision), ("brier", brier_score))
         }
-    fields = Path(checkpoint) / "model_card_fields.json"
+    fields = Path(checkpoint) / CARD_FIELDS_FILE
     if update_card and split == "held_out" and fields.exists():
         card = json.loads(fields.read_text())
         write_model_card(

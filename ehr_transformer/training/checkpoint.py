@@ -19,6 +19,7 @@ from ..data.splits import iter_split_events, read_subject_splits
 from ..loading import quiet_transformers
 from ..model_card import data_summary, read_dataset_name, render_model_card, write_model_card
 from ..tokenization_ehr import EHREventTokenizer
+from ..utils import write_json
 from .arguments import DataArguments, ModelArguments
 
 
@@ -136,6 +137,23 @@ def with_tasks(config: EHRTransformerConfig, **changes) -> EHRTransformerConfig:
 
 # What a fine-tuned folder records of its training labels, so that `evaluate` can fit its baseline on the same rows.
 TRAINING_LABELS_FILE = "training_labels.json"
+# The model card's fields of a classifier folder, so that `evaluate --update_card` can re-render the card.
+CARD_FIELDS_FILE = "model_card_fields.json"
+
+
+def save_classifier_checkpoint(
+    model,
+    tokenizer: EHREventTokenizer,
+    output_dir: str | os.PathLike,
+    card: dict,
+    training_labels: dict | None = None,
+) -> Path:
+    """`save_checkpoint` for a classifier: also the card's fields and, where given, the training-label record."""
+    output_dir = save_checkpoint(model, tokenizer, output_dir, card)
+    write_json(output_dir / CARD_FIELDS_FILE, card)
+    if training_labels is not None:
+        write_json(output_dir / TRAINING_LABELS_FILE, training_labels)
+    return output_dir
 
 
 def training_labels_record(
@@ -166,6 +184,8 @@ def read_training_labels(folder: str | os.PathLike) -> dict | None:
 
 __all__ = [
     "TRAINING_LABELS_FILE",
+    "CARD_FIELDS_FILE",
+    "save_classifier_checkpoint",
     "training_labels_record",
     "read_training_labels",
     "BINARY_HEAD",

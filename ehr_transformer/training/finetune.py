@@ -19,16 +19,14 @@ from ..evaluation.metrics import compute_classification_metrics
 from ..loading import ANY_HEAD, CLASSIFIER_LAYERS, load_pretrained
 from ..modeling_ehr import EHRTransformerForSequenceClassification, EHRTransformerModel
 from ..tokenization_ehr import EHREventTokenizer
-from ..utils import write_json
 from .arguments import DataArguments, FinetuningArguments, ModelArguments
 from .checkpoint import (
     BINARY_HEAD,
-    TRAINING_LABELS_FILE,
     card_for_training,
     config_for,
     fit_tokenizer,
     remove_trainer_checkpoints,
-    save_checkpoint,
+    save_classifier_checkpoint,
     training_labels_record,
     with_tasks,
 )
@@ -210,8 +208,7 @@ def finetune(
             else "random init",
         )
         card = {"kind": "fine-tuned", "task": "+".join(names), **card}
-        save_checkpoint(trainer.model, tokenizer, training_args.output_dir, card)
-        write_json(Path(training_args.output_dir) / "model_card_fields.json", card)
+        record = None
         if len(names) == 1:  # one label file: `evaluate` fits its baseline on exactly these rows
             record = training_labels_record(
                 labels,
@@ -221,7 +218,7 @@ def finetune(
                 finetuning_args.label_fraction,
                 training_args.seed,
             )
-            write_json(Path(training_args.output_dir) / TRAINING_LABELS_FILE, record)
+        save_classifier_checkpoint(trainer.model, tokenizer, training_args.output_dir, card, record)
         trainer.save_state()  # trainer_state.json: the run's log history, kept once its checkpoints go
         remove_trainer_checkpoints(training_args.output_dir)  # a finished run needs no resume folders
     return trainer.model

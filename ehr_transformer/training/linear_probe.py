@@ -23,13 +23,11 @@ from ..inference import embed_sequences, predict_logits
 from ..loading import ANY_HEAD, load_pretrained
 from ..modeling_ehr import EHRTransformerForSequenceClassification, EHRTransformerModel
 from ..tokenization_ehr import EHREventTokenizer
-from ..utils import write_json
 from .arguments import DataArguments, FinetuningArguments, ModelArguments
 from .checkpoint import (
     BINARY_HEAD,
-    TRAINING_LABELS_FILE,
     card_for_training,
-    save_checkpoint,
+    save_classifier_checkpoint,
     training_labels_record,
     with_tasks,
 )
@@ -131,8 +129,6 @@ def finetune_linear_probe(
             "started_from": Path(model_args.model_name_or_path).name,
         }
         card = {"kind": "linear-probe", "task": name, **card}
-        save_checkpoint(model, tokenizer, training_args.output_dir, card)
-        write_json(Path(training_args.output_dir) / "model_card_fields.json", card)
         record = training_labels_record(
             labels,
             str(label_source),
@@ -141,7 +137,7 @@ def finetune_linear_probe(
             finetuning_args.label_fraction,
             training_args.seed,
         )
-        write_json(Path(training_args.output_dir) / TRAINING_LABELS_FILE, record)
+        save_classifier_checkpoint(model, tokenizer, training_args.output_dir, card, record)
     return model
 
 
