@@ -92,8 +92,10 @@ Columns of `predict` (the MEDS prediction schema that `meds-evaluation` reads):
   (probability >= 0.5), predicted_boolean_probability Float64;
 - regression task: float_value Float64 (the label, integer labels cast; null where none), predicted_float_value
   Float64;
-- multi-class task (one label in integer_value, several logits): integer_value Int64 (the label),
-  predicted_integer_value Int64 (the most probable class), predicted_integer_probabilities List(Float64) (softmax);
+- multi-class task with whole-number classes: integer_value Int64 (the label), predicted_integer_value Int64 (the
+  most probable class), predicted_integer_probabilities List(Float64) (softmax, in the order of the config's
+  `id2label`); with named classes (categorical_value labels): categorical_value String, predicted_categorical_value
+  String, predicted_categorical_probabilities List(Float64);
 - multitask checkpoint: the columns above for each task, prefixed by `<task>/` (e.g.
   `mortality/predicted_boolean_probability`); a task whose label file was not given has a null label column.
 """
@@ -110,10 +112,13 @@ def _label_column(values, dtype: pl.DataType) -> pl.Series:
     return series.cast(dtype)
 
 
-def prediction_columns(kind: str, scores: np.ndarray, labels, prefix: str = "") -> dict[str, pl.Series]:
+def prediction_columns(
+    kind: str, scores: np.ndarray, labels, prefix: str = "", classes: list[str] | None = None
+) -> dict[str, pl.Series]:
     """The MEDS prediction columns of one task (see `PREDICTION_COLUMNS_DOC`): `kind` is "binary" (`scores` (N,)
-    probabilities), "regression" ((N,) values) or "multiclass" ((N, C) probabilities); `labels` (N,) floats, NaN
-    where a row has no label. Always typed, also for N = 0."""
+    probabilities), "regression" ((N,) values) or "multiclass" ((N, C) probabilities, class i = `classes[i]`);
+    `labels` (N,) floats (class indices for multi-class), NaN where a row has no label. Always typed, also for
+    N = 0."""
     if kind == "binary":
         p = pl.Series(np.asarray(scores, dtype=np.float64).reshape(-1), dtype=pl.Float64)
         return {
@@ -129,14 +134,22 @@ def prediction_columns(kind: str, scores: np.ndarray, labels, prefix: str = "") 
             ),
         }
     if kind == "multiclass":
-        probs = np.asarray(scores, dtype=np.float64)
-        n = len(labels)
+        probs = np.asarray(scores, dtype=np.float64)  # (N, C)
+        classes = list(classes) if classes is not None else [str(c) for c in range(probs.shape[-1])]
+        named = not all(c.lstrip("-").isdigit() for c in classes)
+        dtype, column = (pl.String, "categorical") if named else (pl.Int64, "integer")
+        values = pl.Series(classes if named else [int(c) for c in classes], dtype=dtype)
+        y = np.asarray(labels, dtype=np.float64).reshape(-1)  # class indices, NaN = no label
+        known = ~np.isnan(y)
+        label = pl.Series([None] * y.size, dtype=dtype)
+        if known.any():
+            label = label.scatter(np.flatnonzero(known), values.gather(y[known].astype(np.int64)))
         return {
-            f"{prefix}integer_value": _label_column(labels, pl.Int64),
-            f"{prefix}predicted_integer_value": pl.Series(
-                probs.argmax(axis=1) if n else np.zeros(0, dtype=np.int64), dtype=pl.Int64
-            ),
-            f"{prefix}predicted_integer_probabilities": pl.Series(
+            f"{prefix}{column}_value": label,
+            f"{prefix}predicted_{column}_value": values.gather(probs.argmax(axis=1).astype(np.int64))
+            if y.size
+            else pl.Series([], dtype=dtype),
+            f"{prefix}predicted_{column}_probabilities": pl.Series(
                 [row.tolist() for row in probs], dtype=pl.List(pl.Float64)
             ),
         }
@@ -170,7 +183,10 @@ def predict(
         return _predict_multitask(model, tokenizer, data_dir, labels, tasks, split, batch_size)
     if tasks:
         raise ValueError(f"{checkpoint} has one task; give its labels with --labels, not --task")
-    dataset = build_labeled_dataset(data_dir, labels, tokenizer, split=split, allow_unlabeled=True)
+    classes = checkpoint_classes(model.config)
+    dataset = build_labeled_dataset(
+        data_dir, labels, tokenizer, split=split, allow_unlabeled=True, classes=classes
+    )
     head = {
         "subject_id": pl.Series(dataset["subject_id"], dtype=pl.Int64),
         "prediction_time": pl.Series(dataset["prediction_time"], dtype=pl.Datetime("us")),
@@ -182,7 +198,30 @@ def predict(
         kind, scores = "multiclass", softmax(logits.astype(np.float64), axis=1)
     else:
         kind, scores = "binary", predict_dataset(model, dataset, tokenizer, batch_size)
-    return pl.DataFrame({**head, **prediction_columns(kind, scores, dataset["labels"])})
+    return pl.DataFrame({**head, **prediction_columns(kind, scores, dataset["labels"], classes=classes)})
+
+
+def checkpoint_task_type(config) -> str:
+    """ "binary", "regression" or "multiclass" for a one-task checkpoint's config ("multitask" with task_names)."""
+    if config.task_names is not None:
+        return "multitask"
+    if config.problem_type == "regression":
+        return "regression"
+    return "multiclass" if config.problem_type == "single_label_classification" else "binary"
+
+
+def checkpoint_classes(config) -> list[str] | None:
+    """The class names of a multi-class checkpoint in output order (`config.id2label`; "0", "1", ... for
+    `transformers`' default names), else None."""
+    if config.problem_type != "single_label_classification" or config.task_names is not None:
+        return None
+    names = [str(config.id2label[i]) for i in range(config.num_labels)]
+    # transformers' default names (LABEL_0, ...) stand for the class indices themselves
+    return (
+        [str(i) for i in range(config.num_labels)]
+        if names == [f"LABEL_{i}" for i in range(len(names))]
+        else names
+    )
 
 
 def _predict_multitask(model, tokenizer, data_dir, labels, tasks, split, batch_size) -> pl.DataFrame:
@@ -205,5 +244,7 @@ __all__ = [
     "predict_dataset",
     "predict",
     "prediction_columns",
+    "checkpoint_classes",
+    "checkpoint_task_type",
     "PREDICTION_COLUMNS_DOC",
 ]

@@ -39,14 +39,14 @@ def _step(message: str, started: float) -> None:
     print(f"\n[{time.perf_counter() - started:6.0f}s] {message}", flush=True)
 
 
-def quickstart_training_arguments(output_dir: Path, seed: int, **overrides) -> TrainingArguments:
-    """The package's recipe (`recipe_training_arguments`, the defaults of `ehr-transformer pretrain` / `finetune`),
-    seeded, on the CPU, logged every 20 steps and saved only at the end."""
+def quickstart_training_arguments(output_dir: Path, seed: int, stage: str, **overrides) -> TrainingArguments:
+    """The package's recipe for `stage` (`recipe_training_arguments`, the defaults of `ehr-transformer pretrain` /
+    `finetune`), seeded, on the CPU, logged every 20 steps."""
     return recipe_training_arguments(
         output_dir,
+        stage,
         **{
             "logging_steps": 20,
-            "save_strategy": "no",
             "seed": seed,
             "data_seed": seed,
             "dataloader_num_workers": 0,
@@ -76,7 +76,7 @@ def run_quickstart(
         DataArguments(data_dir=str(data_dir), max_length=256, min_code_count=5),
         ModelArguments(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
         PretrainingArguments(),
-        quickstart_training_arguments(output_dir / "pretrained", seed, eval_strategy="epoch"),
+        quickstart_training_arguments(output_dir / "pretrained", seed, "pretrain", eval_strategy="epoch"),
     )
 
     _step(f"3/5 fine-tuning for {TASK} from {output_dir / 'pretrained'}", started)
@@ -84,7 +84,7 @@ def run_quickstart(
         DataArguments(data_dir=str(data_dir), labels=str(labels)),
         ModelArguments(model_name_or_path=str(output_dir / "pretrained")),
         FinetuningArguments(),
-        quickstart_training_arguments(output_dir / "finetuned", seed, eval_strategy="epoch"),
+        quickstart_training_arguments(output_dir / "finetuned", seed, "finetune"),
     )
 
     _step("4/5 evaluating on held-out subjects beside a logistic regression on code counts", started)

@@ -178,15 +178,20 @@ def test_training_commands_default_to_the_package_recipe(command, tmp_path):
     """`pretrain` / `finetune` without training flags train with the package's recipe (the quickstart's), not
     `transformers`' 5e-5; a flag still overrides it."""
     from ehr_transformer.cli import _parse_training
-    from ehr_transformer.training.arguments import TRAINING_RECIPE, ModelArguments, recipe_training_arguments
+    from ehr_transformer.training.arguments import RECIPES, ModelArguments, recipe_training_arguments
 
     argv = ["--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")]
     *_, model_args, _, training_args = _parse_training(command, argv)
-    recipe = recipe_training_arguments(tmp_path / "out")
-    for name in (*TRAINING_RECIPE, "report_to"):
+    recipe = recipe_training_arguments(tmp_path / "out", command)
+    for name in (*RECIPES[command], "report_to"):
         assert getattr(training_args, name) == getattr(recipe, name), name
-    assert training_args.learning_rate == 1e-3 and training_args.num_train_epochs == 4
-    assert training_args.per_device_train_batch_size == 32 and training_args.warmup_steps == 0.05
+    assert training_args.learning_rate == 1e-3 and training_args.per_device_train_batch_size == 32
+    if command == "pretrain":
+        assert training_args.num_train_epochs == 4 and training_args.warmup_steps == 0.05
+    else:  # a budget with early stopping on the tuning loss, the best epoch restored
+        assert training_args.num_train_epochs == 20 and training_args.warmup_steps == 0.1
+        assert training_args.load_best_model_at_end and training_args.eval_strategy == "epoch"
+        assert training_args.metric_for_best_model == "loss"
     assert model_args == ModelArguments()
     assert (ModelArguments().hidden_size, ModelArguments().num_hidden_layers) == (64, 2)
     *_, overridden = _parse_training(command, [*argv, "--learning_rate", "3e-4"])
@@ -205,7 +210,7 @@ def test_a_bare_default_finetune_learns(tmp_path, capsys):
     labels = str(data / "labels" / "in_hospital_mortality.parquet")
     assert main(["synthetic", "--num_subjects", "1000", "--output_dir", str(data)]) == 0
     argv = ["finetune", "--data_dir", str(data), "--labels", labels, "--output_dir", str(tmp_path / "f")]
-    assert main([*argv, "--use_cpu", "--save_strategy", "no"]) == 0
+    assert main([*argv, "--use_cpu"]) == 0
     predictions = predict(tmp_path / "f", data, labels, split="held_out")
     auroc = roc_auc_score(
         predictions["boolean_value"].to_numpy(), predictions["predicted_boolean_probability"].to_numpy()

@@ -56,7 +56,7 @@ def _outc_mort():
 
 def test_round_trip_mortality24():
     dyn = _dyn()
-    events, labels = wide_to_meds(dyn, _sta(), _outc_mort(), task="mortality24", anchor=ANCHOR)
+    events, labels = wide_to_meds(dyn, _sta(), _outc_mort(), prediction_hours=24, anchor=ANCHOR)
     measured = events.filter(pl.col("code").is_in(["YAIB//hr", "YAIB//crea"]))
     n_values = sum(dyn[c].is_not_null().sum() for c in ("hr", "crea"))
     assert measured.height == n_values  # every non-null value is exactly one event
@@ -92,7 +92,7 @@ def test_round_trip_mortality24():
 def test_los_labels_see_no_future():
     dyn = _dyn()
     outc = dyn.select("stay_id", "time", pl.Series("label", [3.0, 2.0, 1.0, 5.0, 4.0, 3.0]))
-    events, labels = wide_to_meds(dyn, _sta(), outc, task="los", anchor=ANCHOR)
+    events, labels = wide_to_meds(dyn, _sta(), outc, anchor=ANCHOR)
     assert labels.height == 6 and labels["float_value"].to_list() == [3.0, 2.0, 1.0, 5.0, 4.0, 3.0]
     assert labels["prediction_time"].to_list()[:3] == [ANCHOR + timedelta(hours=h) for h in range(3)]
     # visible history = events at or before prediction_time: contains that hour's row and nothing later
@@ -122,11 +122,13 @@ def test_errors_name_file_column_and_stay():
         wide_to_meds(_dyn(), _sta(), _outc_mort().rename({"label": "y"}), sources=src)
     orphan = pl.DataFrame({"stay_id": [10, 20, 30], "label": [0, 1, 0]})
     with pytest.raises(WideTableError, match=r"cohort/outc.parquet: column 'stay_id': stay_id 30"):
-        wide_to_meds(_dyn(), _sta(), orphan, sources=src)
-    with pytest.raises(WideTableError, match="time column"):
+        wide_to_meds(_dyn(), _sta(), orphan, sources=src, prediction_hours=24)
+    with pytest.raises(WideTableError, match="per-time outcome: the prediction times are its time column"):
         wide_to_meds(
-            _dyn(), _sta(), _dyn().select("stay_id", "time", pl.lit(1.0).alias("label")), task="mortality24"
+            _dyn(), _sta(), _dyn().select("stay_id", "time", pl.lit(1.0).alias("label")), prediction_hours=24
         )
+    with pytest.raises(WideTableError, match=r"cohort/outc.parquet: column 'label': .*prediction_hours"):
+        wide_to_meds(_dyn(), _sta(), _outc_mort(), sources=src)
 
 
 def test_convert_wide_writes_meds(tmp_path):

@@ -15,17 +15,17 @@ few-label choice, one binary label file) and saves it as a checkpoint that `ehr-
 from transformers import HfArgumentParser, TrainingArguments
 
 from ehr_transformer.training.arguments import (
-    TRAINING_DEFAULTS,
     DataArguments,
     FinetuningArguments,
     ModelArguments,
+    command_defaults,
 )
 from ehr_transformer.training.finetune import finetune
 from ehr_transformer.training.trainer import finish_distributed
 
 if __name__ == "__main__":
     parser = HfArgumentParser((DataArguments, ModelArguments, FinetuningArguments, TrainingArguments))
-    parser.set_defaults(**TRAINING_DEFAULTS)
+    parser.set_defaults(**command_defaults("finetune"))
     data_args, model_args, finetuning_args, training_args = parser.parse_args_into_dataclasses()
     finetune(data_args, model_args, finetuning_args, training_args)  # --linear_probe: finetune_linear_probe
     finish_distributed()

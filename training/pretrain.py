@@ -15,17 +15,17 @@ Objectives (PretrainingArguments): --objectives --objective_weights "code=1,valu
 from transformers import HfArgumentParser, TrainingArguments
 
 from ehr_transformer.training.arguments import (
-    TRAINING_DEFAULTS,
     DataArguments,
     ModelArguments,
     PretrainingArguments,
+    command_defaults,
 )
 from ehr_transformer.training.pretrain import pretrain
 from ehr_transformer.training.trainer import finish_distributed
 
 if __name__ == "__main__":
     parser = HfArgumentParser((DataArguments, ModelArguments, PretrainingArguments, TrainingArguments))
-    parser.set_defaults(**TRAINING_DEFAULTS)
+    parser.set_defaults(**command_defaults("pretrain"))
     data_args, model_args, pretraining_args, training_args = parser.parse_args_into_dataclasses()
     pretrain(data_args, model_args, pretraining_args, training_args)
     finish_distributed()

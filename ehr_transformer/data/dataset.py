@@ -23,12 +23,20 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import polars as pl
 import pyarrow as pa
 from datasets.arrow_writer import ArrowWriter
 
 from ..tokenization_ehr import EHREventTokenizer
-from .labels import _read_label_source, _resolve_label_column, join_task_labels
+from .labels import (
+    _read_label_source,
+    _resolve_label_column,
+    class_index,
+    infer_task_type,
+    join_task_labels,
+    label_classes,
+)
 from .meds import _collect, _scan_shard, _shard_paths, iter_shards
 from .splits import read_subject_splits
 
@@ -241,13 +249,17 @@ def build_labeled_dataset(
     cache_dir: str | os.PathLike | None = None,
     allow_unlabeled: bool = False,
     source_name: str | None = None,
+    task_type: str | None = None,
+    classes: list[str] | None = None,
 ) -> datasets.Dataset:
     """One row per label row of a subject in `split`, built only from events at or before its
     prediction_time (static events included) — never anything later.
 
     `labels` is a label frame or a path to a MEDS label parquet. The label column (boolean_value,
-    integer_value or float_value) is auto-detected unless given and stored as `labels`: float32 for
-    boolean/float labels (BCE/MSE), int64 for integer labels (cross entropy).
+    integer_value, float_value or categorical_value) is auto-detected unless given and stored as `labels`: float32
+    for binary and regression tasks (BCE/MSE), the int64 class index for multi-class tasks (cross entropy), with
+    the task type from the column (`infer_task_type`, `task_type` overrides) and the class order `classes`
+    (default: the sorted values of the labels, `label_classes`).
     Multitask: `labels` maps task names to label frames/paths (see `join_task_labels`); there is one row per
     (subject_id, prediction_time) of any task and `labels` is a list<float32> of one value per task, in the
     mapping's order, NaN where a task has no label (`build_stats(...)["tasks"]` names them).
@@ -278,13 +290,19 @@ def build_labeled_dataset(
         )
         column = _resolve_label_column(labels, label_column, allow_none=allow_unlabeled)
         if allow_unlabeled:
-            label_expr = pl.lit(None, dtype=pl.Float32) if column is None else pl.col(column).cast(pl.Float32)
+            if column is None:
+                label_expr = pl.lit(None, dtype=pl.Float32)
+            elif classes is not None:
+                label_expr = class_index(column, classes).cast(pl.Float32)
+            else:
+                label_expr = pl.col(column).cast(pl.Float32)
             label_expr = label_expr.fill_null(float("nan"))
             label_type, label_dtype = pa.float32(), pl.Float32
+        elif infer_task_type(labels, column, task_type, source) == "multiclass":
+            classes = classes if classes is not None else label_classes(labels, column)
+            label_expr, label_type, label_dtype = class_index(column, classes), pa.int64(), pl.Int64
         else:
-            label_expr = pl.col(column)
-            label_type = pa.int64() if column == "integer_value" else pa.float32()
-            label_dtype = pl.Int64 if column == "integer_value" else pl.Float32
+            label_expr, label_type, label_dtype = pl.col(column), pa.float32(), pl.Float32
     subjects, splits = _split_subjects(meds_dir, split)
 
     schema = _schema(labelled=True, label_type=label_type)
@@ -319,6 +337,8 @@ def build_labeled_dataset(
             "split": split,
             "tokenizer": tokenizer.content_hash(),
             "column": column,
+            "label_type": str(label_type),
+            "classes": classes,
             "allow_unlabeled": allow_unlabeled,
             "labels": [label_hash, valid.height],
         },
@@ -457,11 +477,30 @@ def _warn_drops(stats: dict[str, Any]) -> None:
 
 
 def subsample_labels(dataset: datasets.Dataset, fraction: float, seed: int) -> datasets.Dataset:
-    """A seeded random `fraction` of a labelled dataset's rows (at least one): the few-label setting of `finetune`."""
+    """The label rows of a seeded random `fraction` of the dataset's subjects (at least one subject), all their
+    prediction times kept: the few-label setting of `finetune` (a label share means fewer labelled patients)."""
     if fraction >= 1.0:
         return dataset
-    n = max(1, round(len(dataset) * fraction))
-    return dataset.shuffle(seed=seed).select(range(n))
+    subject_ids = np.asarray(dataset["subject_id"])
+    subjects = np.unique(subject_ids)
+    n = max(1, round(subjects.size * fraction))
+    chosen = np.random.default_rng(seed).choice(subjects, n, replace=False)
+    return dataset.select(np.flatnonzero(np.isin(subject_ids, chosen)))
+
+
+def limit_labels_per_subject(dataset: datasets.Dataset, k: int, seed: int) -> datasets.Dataset:
+    """At most `k` label rows per subject, drawn at random (seeded), in the dataset's order; `k` 0 keeps all."""
+    subject_ids = np.asarray(dataset["subject_id"])
+    if not k or subject_ids.size == 0 or np.unique(subject_ids).size * k >= subject_ids.size:
+        return dataset
+    order = np.random.default_rng(seed).permutation(subject_ids.size)
+    shuffled = subject_ids[order]
+    by_subject = np.argsort(shuffled, kind="stable")  # rows of one subject together, in random order
+    sorted_ids = shuffled[by_subject]
+    starts = np.r_[0, np.flatnonzero(sorted_ids[1:] != sorted_ids[:-1]) + 1]
+    rank = np.arange(sorted_ids.size) - np.repeat(starts, np.diff(np.r_[starts, sorted_ids.size]))
+    keep = np.sort(order[by_subject[rank < k]])
+    return dataset.select(keep)
 
 
 __all__ = [
@@ -470,4 +509,5 @@ __all__ = [
     "build_labeled_dataset",
     "build_stats",
     "subsample_labels",
+    "limit_labels_per_subject",
 ]

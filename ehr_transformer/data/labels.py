@@ -143,11 +143,6 @@ def _resolve_label_column(
     ]
     if not present and allow_none:
         return None
-    if present == ["categorical_value"]:
-        raise ValueError(
-            "labels in categorical_value are read but cannot be trained or scored by this model; map the categories "
-            "to integer_value (multi-class) or boolean_value (one task per category) first"
-        )
     if len(present) != 1:
         raise ValueError(
             f"cannot auto-detect the label column: columns with values {present} (expected exactly one of "
@@ -173,8 +168,8 @@ def join_task_labels(
 
     `labels` maps a task name to a label frame or MEDS label file. Returns the joined frame (subject_id,
     prediction_time, one Float64 column per task, null where that task has no label at that time, sorted), the
-    task names (in the mapping's order) and their types: "binary" for a `boolean_value` file, "regression" for
-    `float_value` / `integer_value`. A (subject_id, prediction_time) repeated within one file is an error.
+    task names (in the mapping's order) and their types: "binary" for a `boolean_value` file or 0/1 integers,
+    "regression" for `float_value` and other `integer_value` files (`infer_task_type`). A (subject_id, prediction_time) repeated within one file is an error.
     """
     if not labels:
         raise ValueError("join_task_labels needs at least one task")
@@ -198,10 +193,134 @@ def join_task_labels(
             if joined is None
             else joined.join(task, on=["subject_id", "prediction_time"], how="full", coalesce=True)
         )
+        kind = infer_task_type(frame, column, source=where)
+        if kind == "multiclass":
+            if column == "integer_value":
+                kind = "regression"  # counts: one output per task, so whole numbers are regressed
+            else:
+                raise ValueError(
+                    f"{where}: task {name!r} is multi-class (categorical_value); multitask fine-tuning takes binary "
+                    "and regression tasks: fine-tune it on its own (--labels)"
+                )
         names.append(name)
-        types.append("binary" if column == "boolean_value" else "regression")
+        types.append(kind)
     assert joined is not None
     return joined.sort(["subject_id", "prediction_time"]), names, types
+
+
+TASK_TYPES = ("binary", "multiclass", "regression")
+
+
+def infer_task_type(
+    labels: pl.DataFrame, column: str, task_type: str | None = None, source: str = "<labels>"
+) -> str:
+    """What a label column asks the model to learn: "binary", "multiclass" or "regression".
+
+    By the column: `boolean_value` is binary, `float_value` regression, `categorical_value` multi-class, and
+    `integer_value` binary when its values are 0/1, else multi-class (one class per value). `task_type` overrides,
+    but never against the values: binary needs 0/1 (or boolean) labels, multi-class whole numbers or categories,
+    regression numbers; a mismatch raises a `ValueError` naming the source, the column and a value."""
+    values = labels[column].drop_nulls()
+    if column == "boolean_value":
+        natural = "binary"
+    elif column == "float_value":
+        natural = "regression"
+    elif column == "categorical_value":
+        natural = "multiclass"
+    else:
+        natural = "binary" if values.cast(pl.Float64).is_in([0.0, 1.0]).all() else "multiclass"
+    if task_type is None:
+        return natural
+    if task_type not in TASK_TYPES:
+        raise ValueError(f"task type {task_type!r} is not one of {list(TASK_TYPES)}")
+    bad = None
+    if task_type == "binary" and column != "boolean_value":
+        bad = (
+            values.filter(~values.cast(pl.Float64).is_in([0.0, 1.0]))
+            if column != "categorical_value"
+            else values
+        )
+        why = "binary needs 0/1 or boolean labels (use task type regression or multiclass)"
+    elif task_type == "multiclass" and column in ("float_value", "boolean_value"):
+        if column == "float_value":
+            bad = values.filter((values != values.round(0)) | (values < 0))
+            why = "multi-class needs whole, non-negative class numbers (integer_value) or categorical_value"
+    elif task_type == "regression" and column == "categorical_value":
+        bad = values
+        why = "regression needs numeric labels"
+    if bad is not None and bad.len():
+        raise ValueError(f"{source}: column {column!r} holds {bad[0]!r} ({bad.len()} such rows): {why}")
+    return task_type
+
+
+def label_classes(labels: pl.DataFrame, column: str) -> list[str]:
+    """The classes of a multi-class label column, sorted (numerically for numbers), as strings: the model's
+    `id2label`; class index i stands for `classes[i]`."""
+    values = labels[column].drop_nulls().unique().sort()
+    if column != "categorical_value":
+        values = values.cast(pl.Int64)
+    return [str(v) for v in values.to_list()]
+
+
+def class_index(column: str, classes: Sequence[str]) -> pl.Expr:
+    """Polars expression mapping a multi-class label column to class indices (null for an unknown class)."""
+    values = (
+        pl.col(column).cast(pl.String) if column == "categorical_value" else pl.col(column).cast(pl.Int64)
+    )
+    keys = list(classes) if column == "categorical_value" else [int(c) for c in classes]
+    return values.replace_strict(keys, list(range(len(keys))), default=None, return_dtype=pl.Int64)
+
+
+LABEL_TYPES = ("auto", "boolean", "integer", "float", "categorical")
+
+
+def outcome_labels(
+    frame: pl.DataFrame, value: str, label_type: str = "auto", source: str = "<outcome>"
+) -> pl.DataFrame:
+    """A MEDS label frame from an outcome table's `subject_id`, `prediction_time` and `value` column.
+
+    `label_type` picks the MEDS value column: "boolean" (0/1 or true/false), "integer", "float", "categorical"
+    (strings), or "auto": boolean when every value is 0/1 (or boolean), float for other numbers, categorical for
+    strings. Converters (`convert-wide`, `convert-long`) use it, so that a per-hour 0/1 outcome becomes a binary
+    task and a length of stay a regression target. Values that do not fit the type raise a `ValueError` naming
+    `source`, the column and the subject."""
+    if label_type not in LABEL_TYPES:
+        raise ValueError(f"label type {label_type!r} is not one of {list(LABEL_TYPES)}")
+    dtype = frame.schema[value]
+    is_text = dtype in (pl.String, pl.Categorical) or isinstance(dtype, pl.Enum)
+    column = pl.col(value)
+    if label_type == "auto":
+        if is_text:
+            label_type = "categorical"
+        elif dtype == pl.Boolean or frame[value].drop_nulls().cast(pl.Float64).is_in([0.0, 1.0]).all():
+            label_type = "boolean"
+        else:
+            label_type = "float"
+    if label_type == "categorical":
+        out = column.cast(pl.String).alias("categorical_value")
+    elif is_text:
+        raise ValueError(f"{source}: column {value!r} holds text, so it can only be a categorical label")
+    elif label_type == "boolean":
+        bad = frame.filter(~column.cast(pl.Float64).is_in([0.0, 1.0]) & column.is_not_null())
+        if bad.height:
+            raise ValueError(
+                f"{source}: column {value!r}: subject {bad['subject_id'][0]} has {bad[value][0]}, not 0/1, so "
+                "the outcome cannot be a boolean label (use label type float or integer)"
+            )
+        out = (column.cast(pl.Float64) == 1.0).alias("boolean_value")
+    elif label_type == "integer":
+        bad = frame.filter(
+            (column.cast(pl.Float64) != column.cast(pl.Float64).round(0)) & column.is_not_null()
+        )
+        if bad.height:
+            raise ValueError(
+                f"{source}: column {value!r}: subject {bad['subject_id'][0]} has {bad[value][0]}, not a whole "
+                "number, so the outcome cannot be an integer label"
+            )
+        out = column.cast(pl.Int64).alias("integer_value")
+    else:
+        out = column.cast(pl.Float64).alias("float_value")
+    return frame.select("subject_id", "prediction_time", out)
 
 
 def refuse_comma(labels) -> None:
@@ -297,6 +416,12 @@ def rows_fingerprint(subject_ids, prediction_times) -> str:
 __all__ = [
     "LABEL_SCHEMA",
     "LABEL_VALUE_COLUMNS",
+    "TASK_TYPES",
+    "LABEL_TYPES",
+    "outcome_labels",
+    "infer_task_type",
+    "label_classes",
+    "class_index",
     "validate_labels",
     "read_labels",
     "label_files",

@@ -8,8 +8,9 @@ Input (one cohort, e.g. ``yaib_demo/mortality24/eicu_demo``):
 - ``sta.parquet``: one row per stay; ``age`` (years), ``sex`` ("Male"/"Female"), ``height``,
   ``weight`` (further numeric columns become numeric static events, further string columns coded
   static events).
-- ``outc.parquet``: the label, column ``label``. ``mortality24``: one row per stay (0/1: death after
-  the first 24 h). ``los``: one row per stay and hour (``time``) with the remaining length of stay in hours.
+- ``outc.parquet``: the outcome, column ``label`` (or ``label_column``): one row per stay (e.g. YAIB
+  ``mortality24``, 0/1 death after the first 24 h), or one row per stay and ``time`` (e.g. YAIB ``los``, the
+  remaining length of stay in hours, or a per-hour 0/1 label such as sepsis onset).
 
 Output (MEDS event frame and label frame, see ``ehr_transformer.data.meds``):
 
@@ -21,11 +22,11 @@ Output (MEDS event frame and label frame, see ``ehr_transformer.data.meds``):
   ``"YAIB//weight"`` with their values; null static values give no event.
 - ``MEDS_BIRTH`` at ``anchor - age * 365.25 days``: the age at admission is reproduced to about a day
   (YAIB ages are whole years in eICU, years with decimals in MIMIC, capped at 90). No age -> no birth event.
-- labels: ``mortality24`` -> one row per stay, ``boolean_value``, ``prediction_time = anchor + 24 h``.
-  The cohort has 25 hourly rows (hours 0..24) and MEDS samples see events *at or before* the
-  prediction time, so all 25 provided rows are visible (the hour-24 row starts at 24 h).
-  ``los`` -> one row per stay-hour, ``float_value`` = remaining LOS in hours,
-  ``prediction_time = anchor + time``: the history up to and including that hour's row is visible.
+- labels, written as ``labels/<task>.parquet`` under the user's task name: a per-stay outcome is predicted at
+  ``anchor + prediction_hours`` (YAIB's ``mortality24``: 24 h; the cohort has 25 hourly rows, hours 0..24, and
+  MEDS samples see events *at or before* the prediction time, so all 25 rows are visible); a per-time outcome at
+  ``anchor + time`` (the history up to and including that hour's row is visible). The MEDS value column follows
+  the values (``outcome_labels``): ``boolean_value`` for 0/1, ``float_value`` for other numbers, or as asked.
 
 Validation errors (:class:`WideTableError`, a ``MEDSValidationError``) name the file, the column and
 the stay: missing ``stay_id``/``time``/``label``, null ids or times, non-numeric variable columns,
@@ -43,14 +44,14 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from .labels import validate_labels
+from .labels import outcome_labels, validate_labels
 from .meds import MEDSValidationError, validate_events
 from .writer import write_meds
 
-TASKS = ("mortality24", "los")
+# prediction time of YAIB's per-stay tasks, in hours after ICU admission
+YAIB_PREDICTION_HOURS = {"mortality24": 24}
 DEFAULT_ANCHOR = datetime(2000, 1, 1)
 DEFAULT_CODE_PREFIX = "YAIB//"
-MORTALITY_PREDICTION_HOURS = 24
 DAYS_PER_YEAR = 365.25
 SPLIT_FRACTIONS = (("train", 0.70), ("tuning", 0.15), ("held_out", 0.15))
 
@@ -119,19 +120,21 @@ def wide_to_meds(
     dyn: pl.DataFrame,
     sta: pl.DataFrame,
     outc: pl.DataFrame,
-    task: str = "mortality24",
     anchor: datetime = DEFAULT_ANCHOR,
     code_prefix: str = DEFAULT_CODE_PREFIX,
     label_column: str = "label",
     sources: Mapping[str, str] | None = None,
+    prediction_hours: float | None = None,
+    label_type: str = "auto",
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Convert YAIB/ricu wide tables to a MEDS event frame and a label frame (see the module docstring).
 
-    `sources` names the frames in error messages (default {"dyn": "dyn", "sta": "sta", "outc": "outc"};
-    `convert_wide` passes the file paths). Returns `(events, labels)`, both validated and sorted.
+    The outcome table holds `label_column` once per stay (predicted `prediction_hours` after admission) or once
+    per stay and `time` (predicted at that time); its MEDS value column follows `label_type`
+    (`data.labels.outcome_labels`: "auto" = boolean for 0/1, float otherwise). `sources` names the frames in
+    error messages (default {"dyn": "dyn", "sta": "sta", "outc": "outc"}; `convert_wide` passes the file paths).
+    Returns `(events, labels)`, both validated and sorted.
     """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     names = {"dyn": "dyn", "sta": "sta", "outc": "outc", **(sources or {})}
 
     dyn = _check_time(_check_stay_id(dyn, names["dyn"]), names["dyn"])
@@ -166,7 +169,7 @@ def wide_to_meds(
     )
     events = validate_events(events, source=f"<converted from {names['dyn']}>")
 
-    labels = _labels(outc, task, label_column, names["outc"], anchor)
+    labels = _labels(outc, label_column, names["outc"], anchor, prediction_hours, label_type)
     known = pl.concat([dyn.select("stay_id"), sta.select("stay_id")]).unique()
     orphan = labels.join(known, left_on="subject_id", right_on="stay_id", how="anti")
     if orphan.height:
@@ -244,42 +247,44 @@ def _static_events(sta: pl.DataFrame, source: str, anchor: datetime, code_prefix
     return pl.concat(parts, how="vertical_relaxed")
 
 
-def _labels(outc: pl.DataFrame, task: str, label_column: str, source: str, anchor: datetime) -> pl.DataFrame:
+def _labels(
+    outc: pl.DataFrame,
+    label_column: str,
+    source: str,
+    anchor: datetime,
+    prediction_hours: float | None,
+    label_type: str,
+) -> pl.DataFrame:
     label = pl.col(label_column)
     nulls = outc.filter(label.is_null())
     if nulls.height:
         raise _error(source, label_column, "null label", stay=nulls["stay_id"][0])
     anchor_lit = pl.lit(anchor, dtype=pl.Datetime("us"))
-    if task == "mortality24":
-        if "time" in outc.columns:
+    if "time" in outc.columns:  # one label per stay and time: predicted at that time
+        if prediction_hours is not None:
             raise _error(
                 source,
                 "time",
-                "mortality24 expects one label per stay, but the outcome table has a "
-                "time column (is this a los cohort?)",
+                "per-time outcome: the prediction times are its time column, not prediction_hours",
             )
-        _check_unique(outc, ["stay_id"], source)
-        bad = outc.filter(~label.cast(pl.Float64).is_in([0.0, 1.0]))
-        if bad.height:
+        outc = _check_time(outc, source)
+        _check_unique(outc, ["stay_id", "time"], source)
+        times = anchor_lit + pl.col("time")
+    else:  # one label per stay, predicted `prediction_hours` after admission
+        if prediction_hours is None:
             raise _error(
                 source,
                 label_column,
-                f"binary label expected, got {bad[label_column][0]}",
-                stay=bad["stay_id"][0],
+                "one label per stay (no time column), so the prediction time must be given: prediction_hours "
+                "(--prediction_hours, hours after ICU admission; YAIB's mortality24 uses 24)",
             )
-        labels = outc.select(
-            pl.col("stay_id").alias("subject_id"),
-            (anchor_lit + pl.duration(hours=MORTALITY_PREDICTION_HOURS)).alias("prediction_time"),
-            (label.cast(pl.Float64) == 1.0).alias("boolean_value"),
-        )
-    else:
-        outc = _check_time(outc, source)
-        _check_unique(outc, ["stay_id", "time"], source)
-        labels = outc.select(
-            pl.col("stay_id").alias("subject_id"),
-            (anchor_lit + pl.col("time")).alias("prediction_time"),
-            label.cast(pl.Float64).alias("float_value"),
-        )
+        _check_unique(outc, ["stay_id"], source)
+        times = anchor_lit + pl.duration(microseconds=round(prediction_hours * 3_600_000_000))
+    frame = outc.select(pl.col("stay_id").alias("subject_id"), times.alias("prediction_time"), label)
+    try:
+        labels = outcome_labels(frame, label_column, label_type, source)
+    except ValueError as err:
+        raise WideTableError(str(err)) from err
     return validate_labels(labels.sort("subject_id", "prediction_time"), source=source)
 
 
@@ -342,6 +347,9 @@ def convert_wide(
     output_dir,
     task: str,
     splits: pl.DataFrame | None = None,
+    prediction_hours: float | None = None,
+    label_column: str = "label",
+    label_type: str = "auto",
     seed: int = 0,
     anchor: datetime = DEFAULT_ANCHOR,
     code_prefix: str = DEFAULT_CODE_PREFIX,
@@ -352,19 +360,29 @@ def convert_wide(
     """Read YAIB/ricu ``dyn``/``sta``/``outc`` parquet files, convert them and write a MEDS folder.
 
     Writes ``output_dir/data/<split>/*.parquet``, ``metadata/{codes,subject_splits}.parquet``,
-    ``metadata/dataset.json`` and ``labels/<task>.parquet`` (atomically, via ``meds.write_meds``).
-    Splits: the given ``(subject_id, split)`` frame, or 70/15/15 by subject, seeded, stratified by the
-    label for mortality24 (see :func:`make_subject_splits`). Returns a summary dict (output_dir,
-    task, n_subjects, n_events, n_labels, n_positive (binary), subjects per split, seconds).
+    ``metadata/dataset.json`` and ``labels/<task>.parquet`` (atomically, via ``meds.write_meds``); `task` is the
+    user's name for the outcome. A per-stay outcome needs `prediction_hours` (YAIB's ``mortality24`` defaults to
+    24); a per-time outcome (a ``time`` column) is predicted at each of its times. Splits: the given
+    ``(subject_id, split)`` frame, or 70/15/15 by subject, seeded, stratified by a binary label (see
+    :func:`make_subject_splits`). Returns a summary dict (output_dir, task, label_column, n_subjects, n_events,
+    n_labels, n_positive (binary), subjects per split, seconds).
     """
+    if (
+        prediction_hours is None
+        and task in YAIB_PREDICTION_HOURS
+        and "time" not in pl.read_parquet_schema(outc_path)
+    ):
+        prediction_hours = YAIB_PREDICTION_HOURS[task]
     start = _time.perf_counter()
     dyn, sta, outc = read_wide_tables(dyn_path, sta_path, outc_path)
     events, labels = wide_to_meds(
         dyn,
         sta,
         outc,
-        task=task,
         anchor=anchor,
+        label_column=label_column,
+        prediction_hours=prediction_hours,
+        label_type=label_type,
         code_prefix=code_prefix,
         sources={"dyn": str(dyn_path), "sta": str(sta_path), "outc": str(outc_path)},
     )
@@ -389,7 +407,8 @@ def convert_wide(
         "splits": dict(splits.group_by("split").len().sort("split").iter_rows()),
         "seconds": round(_time.perf_counter() - start, 3),
     }
-    if task == "mortality24":
+    summary["label_column"] = next(c for c in labels.columns[2:] if labels[c].null_count() < labels.height)
+    if summary["label_column"] == "boolean_value":
         summary["n_positive"] = int(labels["boolean_value"].sum())
     return summary
 
@@ -397,7 +416,7 @@ def convert_wide(
 __all__ = [
     "DEFAULT_ANCHOR",
     "DEFAULT_CODE_PREFIX",
-    "TASKS",
+    "YAIB_PREDICTION_HOURS",
     "WideTableError",
     "convert_wide",
     "make_subject_splits",

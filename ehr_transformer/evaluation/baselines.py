@@ -325,6 +325,11 @@ class TabularBaseline:
             raise RuntimeError("predict_proba is for classification; use predict()")
         return self.model.predict_proba(self.featurize(events, labels))[:, 1]
 
+    def predict_class_probabilities(self, events: pl.DataFrame, labels: pl.DataFrame) -> np.ndarray:
+        """Probabilities of every class seen in training, shape (n_labels, len(model.classes_))."""
+        self._check_fitted()
+        return self.model.predict_proba(self.featurize(events, labels))
+
     def predict(self, events: pl.DataFrame, labels: pl.DataFrame) -> np.ndarray:
         """Regression predictions (or 0/1 class predictions for classification), shape (n_labels,)."""
         self._check_fitted()

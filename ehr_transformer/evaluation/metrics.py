@@ -1,14 +1,16 @@
-"""The package's one implementation of its metrics: AUROC, AUPRC, Brier score, expected calibration error, their
-bootstrap intervals, and the `compute_metrics` the Trainer calls.
+"""The package's one implementation of its metrics: AUROC, AUPRC, Brier score, expected calibration error for
+binary tasks; MAE, RMSE, R² and calibration slope for regression; accuracy, macro AUROC and log loss for
+multi-class tasks; their bootstrap intervals, and the `compute_metrics` the Trainer calls.
 
 Conventions
 - Binary labels are 0/1 (booleans are accepted); probabilities are in [0, 1].
 - AUROC and average precision are computed from ranks in numpy and equal scikit-learn's `roc_auc_score` and
   `average_precision_score` (the tests check it); they are 10-20 times faster per call, which a bootstrap of
   1,000 resamples per subgroup needs.
-- Confidence intervals are percentile intervals over `n_bootstrap` *stratified* bootstrap resamples:
-  positives and negatives are resampled separately (with replacement) so that every resample keeps the
-  observed prevalence and both classes. The point estimate is the metric on the full sample.
+- Confidence intervals are percentile intervals over `n_bootstrap` bootstrap resamples. Reports resample
+  subjects (every row of a drawn subject, `clusters`), so that many prediction times of one subject do not
+  narrow the interval; without subjects, positives and negatives are resampled separately (stratified). The
+  point estimate is the metric on the full sample.
 - Undefined values (AUROC with one class, AUPRC without positives) are NaN.
 - Expected calibration error (ECE) uses 10 equal-width probability bins [0, 0.1), [0.1, 0.2), ...,
   [0.9, 1.0] (the last bin includes 1.0): ECE = sum_b (n_b / n) * |mean(y in b) - mean(p in b)|,
@@ -134,37 +136,44 @@ def bootstrap_ci(
     n_bootstrap: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
+    clusters=None,
 ) -> dict:
     """Point estimate and percentile bootstrap confidence interval of `metric_fn(y_true, y_score)`.
 
-    Resampling is stratified by class (positives and negatives drawn separately with replacement), so
-    resamples keep the observed class counts; any resample that still has one class, or where the metric
-    is NaN, is skipped. Returns {"estimate", "ci_lower", "ci_upper", "alpha", "n_bootstrap" (resamples
-    used)}; the interval bounds are NaN when the input has a single class or no valid resample remains.
+    With `clusters` (one subject id per row), each resample draws subjects with replacement and keeps every row of
+    a drawn subject: the interval of per-hour labels, where rows of one subject are alike. `y_true` may then be any
+    numbers (regression) and `y_score` `(N,)` or `(N, C)`. Without `clusters`, rows are resampled stratified by
+    class (binary `y_true`: positives and negatives drawn separately), so resamples keep the observed class counts.
+    A resample where the metric is NaN (one class) is skipped. Returns {"estimate", "ci_lower", "ci_upper",
+    "alpha", "n_bootstrap" (resamples used)}; the bounds are NaN when no valid resample remains.
     """
-    y = _as_binary(y_true)
-    s = np.asarray(y_score, dtype=np.float64).reshape(-1)
-    if s.shape[0] != y.shape[0]:
-        raise ValueError(f"y_score has {s.shape[0]} values but y_true has {y.shape[0]}")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    estimate = float(metric_fn(y, s)) if y.size else float("nan")
-    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    values: list[float] = []
-    if pos.size and neg.size and n_bootstrap > 0:
-        rng = np.random.default_rng(seed)
-        for _ in range(n_bootstrap):
-            idx = np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)])
-            yb = y[idx]
-            if yb.min() == yb.max():
-                continue
-            value = float(metric_fn(yb, s[idx]))
-            if not np.isnan(value):
-                values.append(value)
-    if values:
-        lower, upper = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0])
+    if clusters is None:
+        y = _as_binary(y_true)
+        s = np.asarray(y_score, dtype=np.float64).reshape(-1)
     else:
-        lower = upper = float("nan")
+        y = np.asarray(y_true, dtype=np.float64).reshape(-1)
+        s = np.asarray(y_score, dtype=np.float64)
+        s = s.reshape(-1) if s.ndim == 1 or s.shape[1:] == (1,) else s
+    if s.shape[0] != y.shape[0]:
+        raise ValueError(f"y_score has {s.shape[0]} values but y_true has {y.shape[0]}")
+    estimate = float(metric_fn(y, s)) if y.size else float("nan")
+    if clusters is None:
+        pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+        rng = np.random.default_rng(seed)
+        draws = (
+            (
+                np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)])
+                for _ in range(n_bootstrap)
+            )
+            if pos.size and neg.size
+            else iter(())
+        )
+    else:
+        draws = cluster_resamples(clusters, y.size, n_bootstrap, seed)
+    values = [v for v in (float(metric_fn(y[idx], s[idx])) for idx in draws) if not np.isnan(v)]
+    lower, upper = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0]) if values else (np.nan, np.nan)
     return {
         "estimate": estimate,
         "ci_lower": float(lower),
@@ -172,6 +181,23 @@ def bootstrap_ci(
         "alpha": alpha,
         "n_bootstrap": len(values),
     }
+
+
+def cluster_resamples(clusters, n: int, n_bootstrap: int, seed: int = 0):
+    """Yield `n_bootstrap` row-index arrays, each the rows of clusters (subjects) drawn with replacement."""
+    clusters = np.asarray(clusters).reshape(-1)
+    if clusters.shape[0] != n:
+        raise ValueError(f"clusters has {clusters.shape[0]} values but there are {n} rows")
+    if n == 0:
+        return
+    _, cluster_index = np.unique(clusters, return_inverse=True)
+    order = np.argsort(cluster_index, kind="stable")
+    starts = np.searchsorted(cluster_index[order], np.arange(cluster_index.max() + 1))
+    lengths = np.diff(np.r_[starts, n])
+    rng = np.random.default_rng(seed)
+    for _ in range(n_bootstrap):
+        drawn = rng.integers(0, starts.size, starts.size)
+        yield order[np.repeat(starts[drawn], lengths[drawn]) + _ranges(lengths[drawn])]
 
 
 def paired_bootstrap_difference(
@@ -189,26 +215,20 @@ def paired_bootstrap_difference(
     Each resample draws clusters (subjects: pass one subject id per row) with replacement and keeps every row of a
     drawn cluster, for both scores at once, so the interval accounts for the two models being scored on the same
     rows and for rows of one subject being alike. Without `clusters` each row is its own cluster. Resamples where
-    the difference is NaN (one class) are skipped. Returns {"estimate", "ci_lower", "ci_upper", "alpha",
+    the difference is NaN (one class) or whose labels are all equal are skipped. Works for any metric: binary
+    (AUROC), regression (MAE, R²) or multi-class (`(N, C)` scores). Returns {"estimate", "ci_lower", "ci_upper", "alpha",
     "n_bootstrap" (resamples used)}.
     """
-    y = _as_binary(y_true)
-    a, b = _as_prob(score_a, y.size, "score_a"), _as_prob(score_b, y.size, "score_b")
+    y = np.asarray(y_true, dtype=np.float64).reshape(-1)  # 0/1 or any numbers; `metric_fn` checks its inputs
+    a, b = np.asarray(score_a, dtype=np.float64), np.asarray(score_b, dtype=np.float64)
+    if a.shape[0] != y.size or b.shape[0] != y.size:
+        raise ValueError(f"score_a has {a.shape[0]} rows and score_b {b.shape[0]} but y_true has {y.size}")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    clusters = np.arange(y.size) if clusters is None else np.asarray(clusters).reshape(-1)
-    if clusters.shape[0] != y.size:
-        raise ValueError(f"clusters has {clusters.shape[0]} values but y_true has {y.size}")
+    clusters = np.arange(y.size) if clusters is None else clusters
     estimate = float(metric_fn(y, a) - metric_fn(y, b)) if y.size else float("nan")
-    _, cluster_index = np.unique(clusters, return_inverse=True)
-    order = np.argsort(cluster_index, kind="stable")
-    starts = np.searchsorted(cluster_index[order], np.arange(cluster_index.max() + 1 if y.size else 0))
-    lengths = np.diff(np.r_[starts, y.size])
-    rng = np.random.default_rng(seed)
     values: list[float] = []
-    for _ in range(n_bootstrap if y.size else 0):
-        drawn = rng.integers(0, starts.size, starts.size)
-        idx = order[np.repeat(starts[drawn], lengths[drawn]) + _ranges(lengths[drawn])]
+    for idx in cluster_resamples(clusters, y.size, n_bootstrap, seed):
         yb = y[idx]
         if yb.min() == yb.max():
             continue
@@ -243,6 +263,83 @@ def logits_to_probabilities(logits) -> np.ndarray:
     raise ValueError(
         f"binary classification logits must have shape (N,), (N, 1) or (N, 2); got {tuple(logits.shape)}"
     )
+
+
+def mean_absolute_error(y_true, y_pred) -> float:
+    return float(np.mean(np.abs(np.asarray(y_pred, np.float64) - np.asarray(y_true, np.float64))))
+
+
+def root_mean_squared_error(y_true, y_pred) -> float:
+    return float(np.sqrt(np.mean((np.asarray(y_pred, np.float64) - np.asarray(y_true, np.float64)) ** 2)))
+
+
+def r2_score(y_true, y_pred) -> float:
+    """1 - SSE/SST: the share of the target's variance explained; NaN for a constant target."""
+    y, f = np.asarray(y_true, np.float64), np.asarray(y_pred, np.float64)
+    sst = float(np.sum((y - y.mean()) ** 2)) if y.size else 0.0
+    return float(1.0 - np.sum((f - y) ** 2) / sst) if sst > 0 else float("nan")
+
+
+def calibration_slope(y_true, y_pred) -> float:
+    """Slope of the least-squares line of the target on the prediction: 1 when predictions are on the target's
+    scale, below 1 when they spread too far (overfitting), above 1 when too little; NaN for constant predictions."""
+    y, f = np.asarray(y_true, np.float64), np.asarray(y_pred, np.float64)
+    var = float(np.var(f)) if f.size else 0.0
+    return float(np.mean((f - f.mean()) * (y - y.mean())) / var) if var > 0 else float("nan")
+
+
+def accuracy(y_true, probabilities) -> float:
+    """Share of rows whose most probable class (`(N, C)` probabilities) is the label (class index)."""
+    y = np.asarray(y_true).astype(np.int64).reshape(-1)
+    return float(np.mean(np.argmax(probabilities, axis=1) == y)) if y.size else float("nan")
+
+
+def multiclass_log_loss(y_true, probabilities) -> float:
+    """Mean negative log probability of the true class (class indices, `(N, C)` probabilities)."""
+    y = np.asarray(y_true).astype(np.int64).reshape(-1)
+    p = np.clip(np.asarray(probabilities, np.float64)[np.arange(y.size), y], 1e-15, 1.0)
+    return float(-np.mean(np.log(p))) if y.size else float("nan")
+
+
+def macro_auroc(y_true, probabilities) -> float:
+    """One-vs-rest AUROC averaged over the classes present with both outcomes; NaN if none."""
+    y = np.asarray(y_true).astype(np.int64).reshape(-1)
+    p = np.asarray(probabilities, np.float64)
+    per_class = [auroc(y == c, p[:, c]) for c in range(p.shape[1]) if 0 < np.sum(y == c) < y.size]
+    return float(np.mean(per_class)) if per_class else float("nan")
+
+
+def _eval_arrays(eval_pred) -> tuple[np.ndarray, np.ndarray]:
+    predictions, labels = (
+        (eval_pred.predictions, eval_pred.label_ids) if hasattr(eval_pred, "predictions") else eval_pred
+    )
+    predictions = predictions[0] if isinstance(predictions, (tuple, list)) else predictions
+    labels = labels[0] if isinstance(labels, (tuple, list)) else labels
+    return np.asarray(predictions, dtype=np.float64), np.asarray(labels)
+
+
+def compute_regression_metrics(eval_pred) -> dict[str, float]:
+    """`compute_metrics` for `transformers.Trainer` on one regression target: mae, rmse, r2, calibration_slope."""
+    predictions, labels = _eval_arrays(eval_pred)
+    f, y = predictions.reshape(-1), labels.astype(np.float64).reshape(-1)
+    return {
+        "mae": mean_absolute_error(y, f),
+        "rmse": root_mean_squared_error(y, f),
+        "r2": r2_score(y, f),
+        "calibration_slope": calibration_slope(y, f),
+    }
+
+
+def compute_multiclass_metrics(eval_pred) -> dict[str, float]:
+    """`compute_metrics` for `transformers.Trainer` on a multi-class task (`(N, C)` logits, class indices):
+    accuracy, macro one-vs-rest AUROC and log loss."""
+    logits, labels = _eval_arrays(eval_pred)
+    p = softmax(logits, axis=1)
+    return {
+        "accuracy": accuracy(labels, p),
+        "macro_auroc": macro_auroc(labels, p),
+        "log_loss": multiclass_log_loss(labels, p),
+    }
 
 
 def compute_classification_metrics(eval_pred) -> dict[str, float]:
@@ -285,4 +382,14 @@ __all__ = [
     "paired_bootstrap_difference",
     "logits_to_probabilities",
     "compute_classification_metrics",
+    "compute_regression_metrics",
+    "compute_multiclass_metrics",
+    "cluster_resamples",
+    "mean_absolute_error",
+    "root_mean_squared_error",
+    "r2_score",
+    "calibration_slope",
+    "accuracy",
+    "multiclass_log_loss",
+    "macro_auroc",
 ]

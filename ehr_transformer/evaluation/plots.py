@@ -1,4 +1,4 @@
-"""ROC and calibration plots, written atomically as PNG files (matplotlib, no display needed)."""
+"""ROC, calibration and regression plots, written atomically as PNG files (matplotlib, no display needed)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,16 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
 from ..utils import atomic_path
-from .metrics import _as_binary, _as_prob, _bin_index, _check_probabilities, auroc, expected_calibration_error
+from .metrics import (
+    _as_binary,
+    _as_prob,
+    _bin_index,
+    _check_probabilities,
+    auroc,
+    calibration_slope,
+    expected_calibration_error,
+    r2_score,
+)
 
 
 # ---------------------------------------------------------------------------------------------- plots
@@ -76,4 +85,33 @@ def plot_roc(y_true, y_prob, path, title: str | None = None) -> Path:
     return _save_figure_atomic(fig, path)
 
 
-__all__ = ["plot_calibration", "plot_roc"]
+def plot_regression(y_true, y_pred, path, n_bins: int = 10, title: str | None = None) -> Path:
+    """Calibration of a regression: each row as a faint dot (prediction, target), the mean target per decile of
+    the prediction as a line, and the identity; R² and calibration slope in the legend. PNG at `path`."""
+    y = np.asarray(y_true, dtype=np.float64).reshape(-1)
+    f = np.asarray(y_pred, dtype=np.float64).reshape(-1)
+    if y.shape != f.shape or y.size == 0:
+        raise ValueError(
+            f"plot_regression needs as many predictions as targets (got {f.size} and {y.size}), > 0"
+        )
+    order = np.argsort(f, kind="stable")
+    parts = [part for part in np.array_split(order, min(n_bins, y.size)) if part.size]
+    fig = _new_figure()
+    ax = fig.subplots()
+    ax.scatter(f, y, s=4, alpha=0.15, color="grey")
+    lo, hi = float(min(f.min(), y.min())), float(max(f.max(), y.max()))
+    ax.plot([lo, hi], [lo, hi], linestyle="--", color="black", label="identity")
+    ax.plot(
+        [f[part].mean() for part in parts],
+        [y[part].mean() for part in parts],
+        marker="o",
+        label=f"mean target per decile (R² {r2_score(y, f):.3f}, slope {calibration_slope(y, f):.2f})",
+    )
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("target")
+    ax.legend(loc="upper left")
+    ax.set_title(title or f"Regression calibration (n={y.size})")
+    return _save_figure_atomic(fig, path)
+
+
+__all__ = ["plot_calibration", "plot_regression", "plot_roc"]

@@ -18,10 +18,10 @@ import polars as pl
 from transformers import AutoConfig
 
 from ..data.dataset import build_labeled_dataset, subsample_labels
-from ..data.labels import label_fingerprint, read_labels, rows_fingerprint
+from ..data.labels import _resolve_label_column, class_index, label_fingerprint, read_labels, rows_fingerprint
 from ..data.meds import read_events
 from ..data.splits import split_subjects
-from ..inference import predict
+from ..inference import checkpoint_classes, checkpoint_task_type, predict
 from ..model_card import render_model_card, write_model_card
 from ..tokenization_ehr import EHREventTokenizer
 from ..training.checkpoint import CARD_FIELDS_FILE, read_training_labels
@@ -31,14 +31,21 @@ from .metrics import (
     _as_binary,
     _as_prob,
     _check_probabilities,
+    accuracy,
     auroc,
     average_precision,
     bootstrap_ci,
     brier_score,
+    calibration_slope,
     expected_calibration_error,
+    macro_auroc,
+    mean_absolute_error,
+    multiclass_log_loss,
     paired_bootstrap_difference,
+    r2_score,
+    root_mean_squared_error,
 )
-from .plots import plot_calibration, plot_roc
+from .plots import plot_calibration, plot_regression, plot_roc
 from .subgroups import subgroups_for
 
 logger = logging.getLogger(__name__)
@@ -59,17 +66,101 @@ def _interval(result: dict) -> dict | None:
     }
 
 
-def _binary_metrics(y: np.ndarray, p: np.ndarray, n_bootstrap: int, seed: int, alpha: float) -> dict:
-    n_pos = int(y.sum())
-    return {
-        "n": int(y.size),
-        "n_positive": n_pos,
-        "prevalence": float(n_pos / y.size) if y.size else None,
-        "auroc": _interval(bootstrap_ci(y, p, auroc, n_bootstrap, alpha, seed)),
-        "auprc": _interval(bootstrap_ci(y, p, average_precision, n_bootstrap, alpha, seed)),
-        "brier": _none_if_nan(brier_score(y, p)),
-        "ece": _none_if_nan(expected_calibration_error(y, p)),
-    }
+# What each task type reports: (name, function, with a bootstrap interval); the first is the headline, the last
+# ones per type are point estimates. Binary functions take (y, p); multi-class (class index, (N, C) probabilities).
+TASK_METRICS = {
+    "binary": (
+        ("auroc", auroc, True),
+        ("auprc", average_precision, True),
+        ("brier", brier_score, False),
+        ("ece", expected_calibration_error, False),
+    ),
+    "regression": (
+        ("r2", r2_score, True),
+        ("mae", mean_absolute_error, True),
+        ("rmse", root_mean_squared_error, True),
+        ("calibration_slope", calibration_slope, False),
+    ),
+    "multiclass": (
+        ("macro_auroc", macro_auroc, True),
+        ("accuracy", accuracy, True),
+        ("log_loss", multiclass_log_loss, False),
+    ),
+}
+# the metrics of the paired difference model - baseline
+PAIRED_METRICS = {
+    "binary": ("auroc", "auprc", "brier"),
+    "regression": ("r2", "mae"),
+    "multiclass": ("macro_auroc",),
+}
+
+
+def _task_metrics(kind, y, scores, clusters, n_bootstrap, seed, alpha) -> dict:
+    out: dict = {"n": int(y.size)}
+    if kind == "binary":
+        n_pos = int(y.sum())
+        out.update(n_positive=n_pos, prevalence=float(n_pos / y.size) if y.size else None)
+    elif kind == "regression":
+        out.update(mean_target=float(y.mean()) if y.size else None)
+    else:
+        out.update(class_counts=np.bincount(y.astype(np.int64), minlength=scores.shape[1]).tolist())
+    for name, fn, with_interval in TASK_METRICS[kind]:
+        if with_interval:
+            if clusters is None and kind == "binary":  # stratified by class
+                result = bootstrap_ci(y, scores, fn, n_bootstrap, alpha, seed)
+            else:
+                ids = np.arange(y.size) if clusters is None else clusters
+                result = bootstrap_ci(y, scores, fn, n_bootstrap, alpha, seed, clusters=ids)
+            out[name] = _interval(result) if y.size else None
+        else:
+            out[name] = _none_if_nan(fn(y, scores)) if y.size else None
+    return out
+
+
+def task_report(
+    kind: str,
+    y_true,
+    scores,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    groups: Mapping[str, object] | None = None,
+    alpha: float = 0.05,
+    clusters=None,
+) -> dict:
+    """Metrics of one task, overall and per subgroup, as a JSON-serialisable dict.
+
+    `kind` "binary" (`scores` (N,) probabilities; AUROC and AUPRC with intervals, Brier, ECE, prevalence),
+    "regression" (`scores` (N,) predictions; R², MAE, RMSE with intervals, calibration slope) or "multiclass"
+    (`y_true` class indices, `scores` (N, C) probabilities; macro AUROC and accuracy with intervals, log loss).
+    Each interval is a percentile bootstrap interval: over `clusters` (one subject id per row: subjects are
+    resampled with all their rows) when given, else over rows (stratified by class for binary). `groups` maps a
+    grouping name to one value per row, e.g. {"age_band": age_band(ages)}; null/NaN values report as "unknown".
+    Keys: "task_type", "n", the metrics, "ci_level", "n_bootstrap", "subgroups": {group: {value: {...}}}.
+    """
+    if kind == "binary":
+        y = _as_binary(y_true)
+        p = _as_prob(scores, y.size)
+        _check_probabilities(p)
+    else:
+        y = np.asarray(y_true, dtype=np.float64).reshape(-1)
+        p = np.asarray(scores, dtype=np.float64)
+        if p.shape[0] != y.size:
+            raise ValueError(f"scores have {p.shape[0]} rows but y_true has {y.size}")
+    c = None if clusters is None else np.asarray(clusters).reshape(-1)
+    report = {"task_type": kind, **_task_metrics(kind, y, p, c, n_bootstrap, seed, alpha)}
+    report["ci_level"] = 1.0 - alpha
+    report["n_bootstrap"] = n_bootstrap
+    report["subgroups"] = {}
+    for group_name, group_values in (groups or {}).items():
+        values = _group_labels(group_values, y.size, group_name)
+        report["subgroups"][group_name] = {
+            value: _task_metrics(
+                kind, y[mask], p[mask], None if c is None else c[mask], n_bootstrap, seed, alpha
+            )
+            for value in sorted(set(values.tolist()))
+            for mask in [values == value]
+        }
+    return report
 
 
 def binary_classification_report(
@@ -79,34 +170,11 @@ def binary_classification_report(
     seed: int = 0,
     groups: Mapping[str, object] | None = None,
     alpha: float = 0.05,
+    clusters=None,
 ) -> dict:
-    """Metrics of a binary classifier, overall and per subgroup.
-
-    Returns a JSON-serialisable dict:
-        {"n", "n_positive", "prevalence",
-         "auroc": {"estimate", "ci_lower", "ci_upper"} | None,   # None when only one class is present
-         "auprc": {...} | None,                                   # None without positives
-         "brier", "ece" (10 equal-width bins), "ci_level" (0.95), "n_bootstrap",
-         "subgroups": {group_name: {group_value: {same keys except subgroups}}}}
-    `groups` maps a grouping name to one value per sample, e.g.
-    {"age_band": age_band(ages), "sex": sexes}; null/NaN group values are reported under "unknown".
-    Bootstrap intervals are stratified percentile intervals (see `bootstrap_ci`).
-    """
-    y = _as_binary(y_true)
-    p = _as_prob(y_prob, y.size)
-    _check_probabilities(p)
-    report = _binary_metrics(y, p, n_bootstrap, seed, alpha)
-    report["ci_level"] = 1.0 - alpha
-    report["n_bootstrap"] = n_bootstrap
-    report["subgroups"] = {}
-    for group_name, group_values in (groups or {}).items():
-        values = _group_labels(group_values, y.size, group_name)
-        per_value = {}
-        for value in sorted(set(values.tolist())):
-            mask = values == value
-            per_value[value] = _binary_metrics(y[mask], p[mask], n_bootstrap, seed, alpha)
-        report["subgroups"][group_name] = per_value
-    return report
+    """`task_report("binary", ...)`: AUROC/AUPRC with bootstrap intervals (None when undefined: one class, no
+    positives), Brier, ECE (10 equal-width bins), n, n_positive, prevalence, overall and per subgroup."""
+    return task_report("binary", y_true, y_prob, n_bootstrap, seed, groups, alpha, clusters)
 
 
 def _group_labels(group_values, n: int, group_name: str) -> np.ndarray:
@@ -164,13 +232,8 @@ def evaluate_checkpoint(
     if baseline_labels not in ("same", "all"):
         raise ValueError(f"baseline_labels must be 'same' or 'all', got {baseline_labels!r}")
     predictions = predict(checkpoint, data_dir, labels, split)
-    if "predicted_boolean_probability" not in predictions.columns:
-        raise ValueError(
-            f"{checkpoint} is not a one-task binary checkpoint (columns {predictions.columns[2:]}); "
-            "evaluate_checkpoint reports one binary task: score it with predict() and ehr_transformer.evaluation "
-            "per task"
-        )
-    unlabeled = predictions["boolean_value"].null_count()
+    kind, label_column, score_column = prediction_task(predictions, checkpoint)
+    unlabeled = predictions[label_column].null_count()
     if unlabeled:
         logger.warning(
             "%s: %d of %d scored rows have no label and are left out of the report",
@@ -178,38 +241,53 @@ def evaluate_checkpoint(
             unlabeled,
             predictions.height,
         )
-        predictions = predictions.filter(pl.col("boolean_value").is_not_null())
+        predictions = predictions.filter(pl.col(label_column).is_not_null())
     if predictions.height == 0:
         raise ValueError(
-            f"{labels}: no scored row has a label (boolean_value), so there is nothing to evaluate"
+            f"{labels}: no scored row has a label ({label_column}), so there is nothing to evaluate"
         )
-    y = predictions["boolean_value"].to_numpy().astype(int)
-    p = predictions["predicted_boolean_probability"].to_numpy()
+    classes = checkpoint_classes(AutoConfig.from_pretrained(checkpoint))
+    y, scores = _targets_and_scores(predictions, kind, label_column, score_column, classes)
     subjects = predictions["subject_id"].to_numpy()
     groups, notes = subgroups_for(data_dir, predictions, sex_code_prefix, group_codes)
     report = {
         "checkpoint": str(checkpoint),
         "split": split,
+        "task_type": kind,
         "n": len(y),
         "n_subjects": int(np.unique(subjects).size),
-        "model": binary_classification_report(y, p, n_bootstrap=n_bootstrap, groups=groups),
+        "model": task_report(kind, y, scores, n_bootstrap=n_bootstrap, groups=groups, clusters=subjects),
         "subgroup_notes": notes,
     }
     if baseline:
+        if kind != "binary" and baseline != "gbm":
+            raise ValueError(
+                f"the {baseline} baseline is for binary tasks; use baseline='gbm' for a {kind} task"
+            )
         train_labels, description = baseline_training_labels(
             checkpoint, data_dir, labels, train_split, baseline_labels
         )
-        baseline_probabilities = fit_baseline_and_predict(
-            data_dir, labels, predictions, kind=baseline, train_split=train_split, train_labels=train_labels
+        baseline_scores = fit_baseline_and_predict(
+            data_dir,
+            labels,
+            predictions,
+            kind=baseline,
+            train_split=train_split,
+            train_labels=train_labels,
+            task_type=kind,
+            classes=classes,
         )
         name = f"{baseline}_baseline"
-        report[name] = binary_classification_report(
-            y, baseline_probabilities, n_bootstrap=n_bootstrap, groups=groups
+        report[name] = task_report(
+            kind, y, baseline_scores, n_bootstrap=n_bootstrap, groups=groups, clusters=subjects
         )
         report[name]["trained_on"] = description
+        functions = {metric: fn for metric, fn, _ in TASK_METRICS[kind]}
         report[f"model_minus_{name}"] = {
-            metric: paired_bootstrap_difference(y, p, baseline_probabilities, fn, subjects, n_bootstrap)
-            for metric, fn in (("auroc", auroc), ("auprc", average_precision), ("brier", brier_score))
+            metric: paired_bootstrap_difference(
+                y, scores, baseline_scores, functions[metric], subjects, n_bootstrap
+            )
+            for metric in PAIRED_METRICS[kind]
         }
     fields = Path(checkpoint) / CARD_FIELDS_FILE
     if update_card and split == "held_out" and fields.exists():
@@ -221,10 +299,39 @@ def evaluate_checkpoint(
     if output_dir is not None:
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        plot_roc(y, p, output_dir / "roc.png")
-        plot_calibration(y, p, output_dir / "calibration.png")
+        if kind == "binary":
+            plot_roc(y, scores, output_dir / "roc.png")
+            plot_calibration(y, scores, output_dir / "calibration.png")
+        elif kind == "regression":
+            plot_regression(y, scores, output_dir / "calibration.png")
         write_json(output_dir / "metrics.json", report)
     return report
+
+
+def prediction_task(predictions: pl.DataFrame, checkpoint="<checkpoint>") -> tuple[str, str, str]:
+    """(task type, label column, score column) of `predict`'s output for a one-task checkpoint."""
+    for kind, label, score in (
+        ("binary", "boolean_value", "predicted_boolean_probability"),
+        ("regression", "float_value", "predicted_float_value"),
+        ("multiclass", "integer_value", "predicted_integer_probabilities"),
+        ("multiclass", "categorical_value", "predicted_categorical_probabilities"),
+    ):
+        if score in predictions.columns:
+            return kind, label, score
+    raise ValueError(
+        f"{checkpoint} is a multitask checkpoint (columns {predictions.columns[2:]}); evaluate reports one task: "
+        "score it with predict() and report each task with ehr_transformer.evaluation.task_report"
+    )
+
+
+def _targets_and_scores(predictions, kind, label_column, score_column, classes):
+    """`(N,)` targets (0/1, numbers or class indices) and the scores `task_report` takes."""
+    if kind == "multiclass":
+        keys = classes if label_column == "categorical_value" else [int(c) for c in classes]
+        y = predictions[label_column].replace_strict(keys, list(range(len(keys))), return_dtype=pl.Int64)
+        return y.to_numpy(), np.asarray(predictions[score_column].to_list(), dtype=np.float64)
+    y = predictions[label_column].to_numpy().astype(int if kind == "binary" else np.float64)
+    return y, predictions[score_column].to_numpy()
 
 
 def baseline_training_labels(
@@ -255,7 +362,11 @@ def baseline_training_labels(
             "(--baseline_labels all) to compare with a baseline on every training label"
         )
     tokenizer = EHREventTokenizer.from_pretrained(checkpoint)
-    dataset = build_labeled_dataset(data_dir, frame, tokenizer, split=record["split"])
+    config = AutoConfig.from_pretrained(checkpoint)
+    kind, classes = checkpoint_task_type(config), checkpoint_classes(config)
+    dataset = build_labeled_dataset(
+        data_dir, frame, tokenizer, split=record["split"], task_type=kind, classes=classes
+    )
     dataset = subsample_labels(dataset, record["label_fraction"], record["seed"])
     if rows_fingerprint(dataset["subject_id"], dataset["prediction_time"]) != record["rows_fingerprint"]:
         raise ValueError(
@@ -263,13 +374,15 @@ def baseline_training_labels(
             "(the row fingerprints differ: the data or its splits changed since fine-tuning); pass "
             "baseline_labels='all' (--baseline_labels all) to compare with a baseline on every training label"
         )
+    y = np.asarray(dataset["labels"], dtype=np.float64)
+    column, value, dtype = {
+        "binary": ("boolean_value", y > 0.5, pl.Boolean),
+        "regression": ("float_value", y, pl.Float64),
+        "multiclass": ("integer_value", y.astype(np.int64), pl.Int64),  # class indices
+    }[kind]
     rows = pl.DataFrame(
-        {
-            "subject_id": dataset["subject_id"],
-            "prediction_time": dataset["prediction_time"],
-            "boolean_value": np.asarray(dataset["labels"], dtype=np.float64) > 0.5,
-        },
-        schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"), "boolean_value": pl.Boolean},
+        {"subject_id": dataset["subject_id"], "prediction_time": dataset["prediction_time"], column: value},
+        schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"), column: dtype},
     )
     share = f"{record['label_fraction']:.0%} of the {record['split']} labels, seed {record['seed']}"
     return rows, f"the model's own {len(rows)} training labels ({share})"
@@ -283,59 +396,99 @@ def fit_baseline_and_predict(
     train_split: str = "train",
     seed: int = 0,
     train_labels: pl.DataFrame | None = None,
+    task_type: str = "binary",
+    classes: list[str] | None = None,
 ) -> np.ndarray:
     """Fit a tabular baseline (`gbm` on per-code aggregates, or `logistic` on code counts) on `train_labels`
-    (default: every label of `train_split`) and score exactly `rows` (subject_id, prediction_time, boolean_value:
-    `predict`'s columns), with
-    the same visible history."""
+    (default: every label of `train_split`) and score exactly `rows` (subject_id, prediction_time: `predict`'s
+    rows) with the same visible history. Returns what `task_report` takes for `task_type`: `(N,)` probabilities
+    (binary), `(N,)` predictions (regression) or `(N, C)` probabilities over `classes` (multi-class; the training
+    labels in `integer_value` as class indices, or the label file's values mapped through `classes`)."""
     if train_labels is None:
         labels = read_labels(labels) if not isinstance(labels, pl.DataFrame) else labels
         train_subjects = pl.Series(sorted(split_subjects(data_dir, train_split)), dtype=pl.Int64)
         train_labels = labels.filter(pl.col("subject_id").is_in(train_subjects.implode()))
+        if task_type == "multiclass":
+            column = _resolve_label_column(train_labels, None)
+            train_labels = train_labels.select(
+                "subject_id", "prediction_time", class_index(column, classes).alias("integer_value")
+            ).drop_nulls()
     train_events = read_events(data_dir, subject_ids=train_labels["subject_id"].unique().to_list())
-    baseline = TabularBaseline(kind=kind, seed=seed).fit(train_events, train_labels)
-    test_rows = rows.select("subject_id", "prediction_time", pl.col("boolean_value").cast(pl.Boolean))
+    task = "regression" if task_type == "regression" else "classification"
+    label_column = {"binary": None, "regression": "float_value", "multiclass": "integer_value"}[task_type]
+    if task_type == "regression":  # integer targets are regressed too
+        column = _resolve_label_column(train_labels, None)
+        train_labels = train_labels.with_columns(pl.col(column).cast(pl.Float64).alias("float_value"))
+    baseline = TabularBaseline(kind=kind, task=task, seed=seed, label_column=label_column)
+    baseline.fit(train_events, train_labels)
+    test_rows = rows.select("subject_id", "prediction_time")
     test_events = read_events(data_dir, subject_ids=test_rows["subject_id"].unique().to_list())
-    return baseline.predict_proba(test_events, test_rows)
+    if task_type == "regression":
+        return baseline.predict(test_events, test_rows)
+    if task_type == "binary":
+        return baseline.predict_proba(test_events, test_rows)
+    present = baseline.predict_class_probabilities(test_events, test_rows)  # (N, classes seen in training)
+    probabilities = np.zeros((test_rows.height, len(classes)))
+    probabilities[:, baseline.model.classes_.astype(np.int64)] = present
+    return probabilities
 
 
 def format_report(report: dict) -> str:
     """Readable lines from `evaluate_checkpoint`'s report: each model, the paired difference, the subgroups."""
+    kind = report.get("task_type", "binary")
     lines = [
-        f"{report['split']} split, {report['n']} predictions of {report.get('n_subjects', '?')} subjects"
+        f"{report['split']} split, {report['n']} predictions of {report.get('n_subjects', '?')} subjects "
+        f"({kind} task; intervals resample subjects)"
     ]
     models = [
         name
         for name, metrics in report.items()
-        if isinstance(metrics, dict) and "auroc" in metrics and not name.startswith("model_minus_")
+        if isinstance(metrics, dict) and "subgroups" in metrics and not name.startswith("model_minus_")
     ]
     for name in models:
         metrics = report[name]
-        lines.append(
-            f"  {name:<18} AUROC {_fmt(metrics['auroc'])}  AUPRC {_fmt(metrics['auprc'])}  "
-            f"Brier {metrics['brier']:.3f}  ECE {metrics['ece']:.3f}"
-        )
+        parts = [
+            f"{_NAMES.get(metric, metric)} {_fmt(metrics[metric]) if interval else _fmt_point(metrics[metric])}"
+            for metric, _, interval in TASK_METRICS[kind]
+        ]
+        lines.append(f"  {name:<18} " + "  ".join(parts))
         if "trained_on" in metrics:
             lines.append(f"  {'':<18} fitted on {metrics['trained_on']}")
     for name, difference in report.items():
         if name.startswith("model_minus_"):
-            parts = [f"{_NAMES[metric]} {_fmt_signed(value)}" for metric, value in difference.items()]
-
+            parts = [
+                f"{_NAMES.get(metric, metric)} {_fmt_signed(value)}" for metric, value in difference.items()
+            ]
             lines.append(f"  model - {name[len('model_minus_') :]} (paired, by subject):")
             lines.append("    " + "  ".join(parts))
+    headline = TASK_METRICS[kind][0][0]
     if models:
-        lines.append("  subgroups (n, positives, AUROC of " + " / ".join(models) + "):")
+        lines.append(f"  subgroups (n, {_NAMES.get(headline, headline)} of " + " / ".join(models) + "):")
         for group_name, per_value in report[models[0]]["subgroups"].items():
             for value, metrics in per_value.items():
-                aurocs = " / ".join(_fmt(report[m]["subgroups"][group_name][value]["auroc"]) for m in models)
-                lines.append(
-                    f"    {group_name:<9} {value:<8} n {metrics['n']:>5}  positives {metrics['n_positive']:>4}  {aurocs}"
-                )
+                scores = " / ".join(_fmt(report[m]["subgroups"][group_name][value][headline]) for m in models)
+                lines.append(f"    {group_name:<9} {value:<8} n {metrics['n']:>5}  {scores}")
     lines += [f"  note: {note}" for note in report.get("subgroup_notes", [])]
     return "\n".join(lines)
 
 
-_NAMES = {"auroc": "AUROC", "auprc": "AUPRC", "brier": "Brier"}
+_NAMES = {
+    "auroc": "AUROC",
+    "auprc": "AUPRC",
+    "brier": "Brier",
+    "ece": "ECE",
+    "r2": "R²",
+    "mae": "MAE",
+    "rmse": "RMSE",
+    "calibration_slope": "slope",
+    "macro_auroc": "macro AUROC",
+    "accuracy": "accuracy",
+    "log_loss": "log loss",
+}
+
+
+def _fmt_point(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _fmt_signed(metric: dict) -> str:
@@ -353,6 +506,9 @@ def _fmt(metric: dict | None) -> str:
 
 
 __all__ = [
+    "TASK_METRICS",
+    "task_report",
+    "prediction_task",
     "binary_classification_report",
     "regression_report",
     "evaluate_checkpoint",

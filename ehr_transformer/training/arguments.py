@@ -32,11 +32,13 @@ class DataArguments:
             "(subject_id, prediction_time)."
         },
     )
-    task_types: str | None = field(
+    task_type: str | None = field(
         default=None,
         metadata={
-            "help": "Multitask only: comma-separated 'binary' or 'regression' per task, in --task order; default from "
-            "each task's value column (boolean_value = binary, float_value / integer_value = regression)."
+            "help": "What the label asks for: binary, multiclass or regression (comma-separated per task with --task). "
+            "Default from the label column: boolean_value = binary, float_value = regression, categorical_value = "
+            "multiclass, integer_value = binary for 0/1, else multiclass (regression in multitask). A type the "
+            "values cannot be (e.g. binary on 3.7) is refused."
         },
     )
     train_split: str = field(
@@ -118,7 +120,24 @@ class FinetuningArguments:
     )
     label_fraction: float = field(
         default=1.0,
-        metadata={"help": "Fraction of training labels used for fine-tuning (low-label experiments)."},
+        metadata={
+            "help": "Fraction of the training subjects whose labels are used (all their prediction times): the "
+            "few-label setting."
+        },
+    )
+    max_labels_per_subject: int = field(
+        default=16,
+        metadata={
+            "help": "At most this many prediction times per subject (drawn at random, seeded) in the training and "
+            "tuning data: per-hour labels of one stay are alike, and 40 of them cost 40 sequences. 0 = all."
+        },
+    )
+    early_stopping_patience: int = field(
+        default=3,
+        metadata={
+            "help": "Stop after this many evaluations without a better tuning loss (needs --eval_strategy and "
+            "--load_best_model_at_end, as in the recipe); 0 = train every epoch."
+        },
     )
     linear_probe: bool = field(
         default=False,
@@ -140,35 +159,53 @@ class FinetuningArguments:
     )
 
 
-# The package's training recipe: what `ehr-transformer quickstart` trains with, and the defaults of `ehr-transformer
-# pretrain` / `finetune` and of `pretrain(...)` / `finetune(...)` called without `training_args`. A small model on
-# a few thousand subjects learns in 4 epochs at 1e-3 (`transformers`' own 5e-5 barely moves it); batches of similar
-# lengths waste little on padding, the biggest speed-up on long-tailed timelines.
-TRAINING_RECIPE = {
+# The package's training recipes: the defaults of `ehr-transformer pretrain` / `finetune`, of `pretrain(...)` /
+# `finetune(...)` through `recipe_training_arguments`, and what `ehr-transformer quickstart` trains with. A small
+# model learns at 1e-3 with AdamW (`transformers`' own 5e-5 barely moves it); batches of similar lengths waste
+# little on padding, the biggest speed-up on long-tailed timelines.
+_SHARED_RECIPE = {
     "learning_rate": 1e-3,
     "per_device_train_batch_size": 32,
     "per_device_eval_batch_size": 64,
     "weight_decay": 0.01,
-    "warmup_steps": 0.05,
     "lr_scheduler_type": "linear",
-    "num_train_epochs": 4,
     "train_sampling_strategy": "group_by_length",
 }
+# Pretraining: 4 epochs after a 5% warm-up; the masked-event loss of a small model does not overfit that soon.
+PRETRAINING_RECIPE = {**_SHARED_RECIPE, "warmup_steps": 0.05, "num_train_epochs": 4}
+# Fine-tuning: a budget of 20 epochs after a 10% warm-up, evaluated on the tuning split every epoch, stopped after
+# `FinetuningArguments.early_stopping_patience` epochs without a lower tuning loss, the best epoch restored. The
+# tuning loss (cross entropy, or squared error in units of the target's spread) serves every task type.
+FINETUNING_RECIPE = {
+    **_SHARED_RECIPE,
+    "warmup_steps": 0.1,
+    "num_train_epochs": 20,
+    "eval_strategy": "epoch",
+    "save_strategy": "epoch",
+    "save_total_limit": 2,
+    "load_best_model_at_end": True,
+    "metric_for_best_model": "loss",
+}
+RECIPES = {"pretrain": PRETRAINING_RECIPE, "finetune": FINETUNING_RECIPE}
 
-# Defaults of the command line that differ from `TrainingArguments`': the recipe, and no reporting integrations
-# unless asked for.
-TRAINING_DEFAULTS = {**TRAINING_RECIPE, "report_to": "none"}
+
+def command_defaults(command: str) -> dict:
+    """The `TrainingArguments` defaults of `ehr-transformer pretrain` or `finetune`: the stage's recipe, and no
+    reporting integrations unless asked for."""
+    return {**RECIPES[command], "report_to": "none"}
 
 
-def recipe_training_arguments(output_dir, **overrides):
-    """`transformers.TrainingArguments` with the package's recipe (`TRAINING_RECIPE`, no reporting integrations);
-    `overrides` replace or add any `TrainingArguments` field.
+def recipe_training_arguments(output_dir, stage: str = "finetune", **overrides):
+    """`transformers.TrainingArguments` with the package's recipe for `stage` ("pretrain" or "finetune": see
+    `PRETRAINING_RECIPE` and `FINETUNING_RECIPE`), no reporting integrations; `overrides` replace or add any
+    `TrainingArguments` field.
 
-        >>> args = recipe_training_arguments("out/finetuned", num_train_epochs=2, eval_strategy="epoch")
+        >>> args = recipe_training_arguments("out/pretrained", stage="pretrain")
+        >>> args = recipe_training_arguments("out/finetuned", num_train_epochs=30)
     """
     from transformers import TrainingArguments  # imported here: this module is read by `--help`
 
-    return TrainingArguments(**{**TRAINING_DEFAULTS, "output_dir": str(output_dir), **overrides})
+    return TrainingArguments(**{**command_defaults(stage), "output_dir": str(output_dir), **overrides})
 
 
 __all__ = [
@@ -176,7 +213,9 @@ __all__ = [
     "ModelArguments",
     "PretrainingArguments",
     "FinetuningArguments",
-    "TRAINING_RECIPE",
-    "TRAINING_DEFAULTS",
+    "PRETRAINING_RECIPE",
+    "FINETUNING_RECIPE",
+    "RECIPES",
+    "command_defaults",
     "recipe_training_arguments",
 ]

@@ -7,15 +7,33 @@ import math
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import torch
 from transformers import TrainingArguments
 
 from ..checkpoint_safety import check_checkpoint_folder
 from ..configuration_ehr import EHRTransformerConfig
 from ..data.collators import DataCollatorForEventClassification
-from ..data.dataset import NoUsableRowsError, build_labeled_dataset, subsample_labels
-from ..data.labels import join_task_labels, label_sources, read_labels
-from ..evaluation.metrics import compute_classification_metrics
+from ..data.dataset import (
+    NoUsableRowsError,
+    build_labeled_dataset,
+    limit_labels_per_subject,
+    subsample_labels,
+)
+from ..data.labels import (
+    _resolve_label_column,
+    infer_task_type,
+    join_task_labels,
+    label_classes,
+    label_source_name,
+    label_sources,
+    read_labels,
+)
+from ..evaluation.metrics import (
+    compute_classification_metrics,
+    compute_multiclass_metrics,
+    compute_regression_metrics,
+)
 from ..loading import ANY_HEAD, CLASSIFIER_LAYERS, load_pretrained
 from ..modeling_ehr import EHRTransformerForSequenceClassification, EHRTransformerModel
 from ..tokenization_ehr import EHREventTokenizer
@@ -31,7 +49,7 @@ from .checkpoint import (
     with_tasks,
 )
 from .linear_probe import check_probe_inputs, finetune_linear_probe, linear_probe_classifier
-from .trainer import ResumableTrainer, seed_before_model_init
+from .trainer import ResumableTrainer, early_stopping, seed_before_model_init
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +80,31 @@ def multitask_metrics(task_names: list[str], task_types: list[str]):
     return compute
 
 
+def task_head(task_type: str, classes: list[str] | None = None) -> tuple[dict, object, str]:
+    """The classifier fields of one task's config, the Trainer's `compute_metrics` and the objective in words.
+
+    binary: one logit, BCE (`problem_type="multi_label_classification"` with `num_labels=1`, the `transformers`
+    convention for a sigmoid output); regression: one output, MSE; multiclass: one logit per class of `classes`
+    (`id2label`), cross entropy."""
+    if task_type == "binary":
+        return BINARY_HEAD, compute_classification_metrics, "binary cross entropy on one logit"
+    if task_type == "regression":
+        head = {**BINARY_HEAD, "problem_type": "regression"}
+        return head, compute_regression_metrics, "mean squared error on one output"
+    if task_type == "multiclass":
+        if not classes or len(classes) < 2:
+            raise ValueError(f"a multi-class task needs at least two classes in the labels, got {classes}")
+        head = {
+            **BINARY_HEAD,
+            "num_labels": len(classes),
+            "problem_type": "single_label_classification",
+            "id2label": dict(enumerate(classes)),
+            "label2id": {c: i for i, c in enumerate(classes)},
+        }
+        return head, compute_multiclass_metrics, f"cross entropy over {len(classes)} classes"
+    raise ValueError(f"unknown task type {task_type!r}")
+
+
 def finetune(
     data_args: DataArguments,
     model_args: ModelArguments,
@@ -90,13 +133,16 @@ def finetune(
     sources = label_sources(data_args.labels, tasks)
     if finetuning_args.linear_probe_init:
         check_probe_inputs("--linear_probe_init", sources, data_args, model_args)
-    if len(sources) > 1 or data_args.task_types:
+    task_type = data_args.task_type
+    classes = None
+    if len(sources) > 1 or (task_type and "," in task_type):
         _, names, types = join_task_labels(sources)
-        if data_args.task_types:
-            types = [t.strip() for t in data_args.task_types.split(",")]
-            if len(types) != len(names):
+        if task_type:
+            types = [t.strip() for t in task_type.split(",")]
+            if len(types) != len(names) or not set(types) <= {"binary", "regression"}:
                 raise ValueError(
-                    f"--task_types gives {len(types)} types for {len(names)} label files {names}"
+                    f"--task_type {task_type!r}: give 'binary' or 'regression' for each of the {len(names)} tasks "
+                    f"{names}, comma-separated in --task order"
                 )
         head = {"task_names": names, "task_types": types, "num_labels": len(names), "problem_type": None}
         labels, compute_metrics = sources, multitask_metrics(names, types)
@@ -105,9 +151,13 @@ def finetune(
     else:
         ((name, label_source),) = sources.items()
         names = [name]
-        head = BINARY_HEAD
-        labels, compute_metrics = read_labels(label_source), compute_classification_metrics
-        objective, described = "binary cross entropy on one logit", names[0]
+        labels = read_labels(label_source) if not isinstance(label_source, pl.DataFrame) else label_source
+        column = _resolve_label_column(labels, None)
+        task_type = infer_task_type(labels, column, task_type, label_source_name(label_source))
+        if task_type == "multiclass":
+            classes = label_classes(labels, column)
+        head, compute_metrics, objective = task_head(task_type, classes)
+        described = f"{name} ({task_type})"
     seed_before_model_init(training_args)
     if model_args.model_name_or_path:
         check_checkpoint_folder(
@@ -150,9 +200,14 @@ def finetune(
         tokenizer,
         data_args.train_split,
         cache_dir=data_args.cache_dir,
-        source_name=None if isinstance(labels, dict) else str(label_source),
+        source_name=None if isinstance(labels, dict) else label_source_name(label_source),
+        task_type=task_type,
+        classes=classes,
     )
     train_dataset = subsample_labels(train_dataset, finetuning_args.label_fraction, training_args.seed)
+    train_dataset = limit_labels_per_subject(
+        train_dataset, finetuning_args.max_labels_per_subject, training_args.seed
+    )
     try:
         eval_dataset = build_labeled_dataset(
             data_args.data_dir,
@@ -160,7 +215,12 @@ def finetune(
             tokenizer,
             data_args.eval_split,
             cache_dir=data_args.cache_dir,
-            source_name=None if isinstance(labels, dict) else str(label_source),
+            source_name=None if isinstance(labels, dict) else label_source_name(label_source),
+            task_type=task_type,
+            classes=classes,
+        )
+        eval_dataset = limit_labels_per_subject(
+            eval_dataset, finetuning_args.max_labels_per_subject, training_args.seed
         )
     except NoUsableRowsError:
         if training_args.eval_strategy != "no":
@@ -186,6 +246,7 @@ def finetune(
         objective += f" from a linear probe (LP-FT; probe C {probe.best_params_['logisticregression__C']:g})"
     else:
         init_bias_to_prevalence(model, train_dataset["labels"])
+    model.config.regression_target_scale = regression_target_scale(model, train_dataset["labels"])
     trainer = ResumableTrainer(
         model=model,
         args=training_args,
@@ -193,6 +254,7 @@ def finetune(
         eval_dataset=eval_dataset,
         data_collator=DataCollatorForEventClassification(tokenizer),
         compute_metrics=compute_metrics,
+        callbacks=early_stopping(training_args, finetuning_args.early_stopping_patience),
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if trainer.is_world_process_zero():
@@ -224,12 +286,37 @@ def finetune(
     return trainer.model
 
 
+def regression_target_scale(
+    model: EHRTransformerForSequenceClassification, labels
+) -> list[list[float]] | None:
+    """`[mean, standard deviation]` of each regression output's training targets (`[0, 1]` for other outputs),
+    the model's `config.regression_target_scale`; None when no output is a regression target."""
+    regression = ~model.binary_task_mask()
+    if model.config.task_types is None and model.config.problem_type != "regression":
+        return None
+    y = np.asarray(labels, dtype=np.float64).reshape(len(labels), -1)  # (N, C), NaN = no label
+    stats = []
+    for column, is_regression in enumerate(regression.tolist()):
+        known = y[:, column][~np.isnan(y[:, column])]
+        if not is_regression or known.size == 0:
+            stats.append([0.0, 1.0])
+        else:
+            stats.append([float(known.mean()), float(known.std()) if known.std() > 0 else 1.0])
+    return stats
+
+
 @torch.no_grad()
 def init_bias_to_prevalence(model: EHRTransformerForSequenceClassification, labels) -> list[float]:
     """Set each binary output's bias to the log-odds of its prevalence in `labels` ((N,) or (N, T), NaN = no
     label), so that fine-tuning starts at the base rate instead of spending its first epochs learning it (with 5%
-    positives the loss otherwise sits at the prevalence entropy for several epochs). Regression and multi-class
-    outputs are left alone. Returns the prevalence of each output set."""
+    positives the loss otherwise sits at the prevalence entropy for several epochs). A multi-class head starts at
+    the log class frequencies; regression outputs start at the targets' mean through
+    `config.regression_target_scale`. Returns the prevalence of each binary output, or the class frequencies."""
+    if model.config.problem_type == "single_label_classification" and model.config.task_types is None:
+        counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=model.num_labels) + 1.0  # (C,)
+        frequencies = counts / counts.sum()
+        model.classifier.bias.copy_(torch.as_tensor(np.log(frequencies), dtype=model.classifier.bias.dtype))
+        return frequencies.tolist()
     binary = model.binary_task_mask().tolist()
     y = np.asarray(labels, dtype=np.float64).reshape(len(labels), -1)  # (N, T), None -> NaN
     if y.shape[1] != len(binary):
@@ -245,4 +332,4 @@ def init_bias_to_prevalence(model: EHRTransformerForSequenceClassification, labe
     return prevalences
 
 
-__all__ = ["finetune", "init_bias_to_prevalence", "multitask_metrics"]
+__all__ = ["finetune", "init_bias_to_prevalence", "multitask_metrics", "regression_target_scale", "task_head"]

@@ -44,9 +44,9 @@ def check_probe_inputs(
 ) -> None:
     """The linear probe (`--linear_probe`, or as the start of `--linear_probe_init`) fits one binary label on a
     pretrained backbone: refuse several label files, task types and a start without a checkpoint, naming `flag`."""
-    if len(sources) > 1 or data_args.task_types:
+    if len(sources) > 1 or data_args.task_type not in (None, "binary"):
         raise ValueError(
-            f"{flag} fits one binary label file, got {list(sources)} (task_types {data_args.task_types}): "
+            f"{flag} fits one binary label file, got {list(sources)} (task type {data_args.task_type}): "
             "multitask and regression heads need fine-tuning from a fresh head"
         )
     if not model_args.model_name_or_path:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
@@ -102,4 +102,18 @@ def finish_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
-__all__ = ["ReproducibleMasking", "ResumableTrainer", "seed_before_model_init", "finish_distributed"]
+def early_stopping(training_args, patience: int) -> list:
+    """`[EarlyStoppingCallback(patience)]` when the run evaluates and restores its best checkpoint (as the
+    fine-tuning recipe does), else `[]` (early stopping without restoring the best epoch keeps a worse model)."""
+    if patience <= 0 or training_args.eval_strategy == "no" or not training_args.load_best_model_at_end:
+        return []
+    return [EarlyStoppingCallback(early_stopping_patience=patience)]
+
+
+__all__ = [
+    "ReproducibleMasking",
+    "ResumableTrainer",
+    "early_stopping",
+    "seed_before_model_init",
+    "finish_distributed",
+]
