@@ -2,7 +2,8 @@
 
     ehr-transformer quickstart [--output_dir DIR]             synthetic cohort -> pretrain -> fine-tune -> evaluate
     ehr-transformer synthetic --output_dir DIR [--num_subjects N]   write a synthetic MEDS cohort
-    ehr-transformer convert-wide --dyn F --sta F --outc F --task mortality24 --output_dir DIR
+    ehr-transformer convert-wide --dyn F --sta F --outc F --task NAME [--prediction_hours H] --output_dir DIR
+    ehr-transformer convert-long --events F [--outcomes F] --output_dir DIR [--preset physionet2012] [--folds K --fold k]
     ehr-transformer pretrain --data_dir MEDS --output_dir DIR [TrainingArguments ...]
     ehr-transformer finetune --data_dir MEDS --labels FILE --model_name_or_path DIR --output_dir DIR [...]
                              [--linear_probe]                 frozen backbone + logistic regression (few labels)
@@ -13,7 +14,7 @@
 
 Every flag is written `--snake_case`, as `transformers`' own. `pretrain` and `finetune` take every
 `transformers.TrainingArguments` flag (`--num_train_epochs`, `--per_device_train_batch_size`, `--learning_rate`,
-...), default to the package's recipe (`training.arguments.TRAINING_RECIPE`) and work under `accelerate launch`.
+...), default to the package's recipes (`training.arguments.PRETRAINING_RECIPE` / `FINETUNING_RECIPE`) and work under `accelerate launch`.
 
 `--help` of every command loads neither torch nor transformers: the package's modules are imported inside each
 command, and the short help of `pretrain` / `finetune` is built with argparse from the package's own dataclasses
@@ -97,14 +98,19 @@ def _training_parser(command: str) -> argparse.ArgumentParser:
     group.add_argument(
         "--output_dir", required=True, metavar="", help="checkpoint folder to write (required)"
     )
-    for name, default in arguments.TRAINING_DEFAULTS.items():
+    for name, default in arguments.command_defaults(command).items():
         group.add_argument(f"--{name}", default=default, metavar="", help=f"default: {default}")
     return parser
 
 
 def _parse_training(command: str, argv: list[str]):
     """(DataArguments, ModelArguments, PretrainingArguments or FinetuningArguments, TrainingArguments) from the
-    command line, with the package's recipe (`TRAINING_DEFAULTS`) as defaults."""
+    command line, with the package's recipe for the command (`arguments.command_defaults`) as defaults."""
+    # transformers 5 folded `warmup_ratio` into `warmup_steps` (a value below 1 is a share of the steps)
+    argv = [
+        "--warmup_steps" if a == "--warmup_ratio" else a.replace("--warmup_ratio=", "--warmup_steps=")
+        for a in argv
+    ]
     light = _training_parser(command)
     if "--help_all" not in argv:
         known, _ = light.parse_known_args(argv)  # --help ends here, as does a missing required flag
@@ -124,7 +130,7 @@ def _parse_training(command: str, argv: list[str]):
         prog=f"ehr-transformer {command}",
         usage=light.usage + " (--help: the package's flags, --help_all: every flag)",
     )
-    parser.set_defaults(**arguments.TRAINING_DEFAULTS)
+    parser.set_defaults(**arguments.command_defaults(command))
     if "--help_all" in argv:
         parser.print_help()
         raise SystemExit(0)
@@ -277,6 +283,59 @@ def _convert_wide(args: argparse.Namespace) -> int:
         task=args.task,
         seed=args.seed,
         overwrite=args.overwrite,
+        prediction_hours=args.prediction_hours,
+        label_column=args.label_column,
+        label_type=args.label_type,
+    )
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def _convert_long(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from .data.long import LongTableLayout, OutcomeSpec, convert_long, parse_offset, preset, replace_layout
+
+    chosen = preset(args.preset) if args.preset else {"layout": LongTableLayout(), "outcomes": ()}
+
+    def names(text: str | None) -> tuple[str, ...] | None:
+        return None if text is None else tuple(n.strip() for n in text.split(",") if n.strip())
+
+    layout = replace_layout(
+        chosen["layout"],
+        id_column=args.id_column,
+        time_column=args.time_column,
+        parameter_column=args.parameter_column,
+        value_column=args.value_column,
+        time_unit=args.time_unit,
+        anchor=datetime.fromisoformat(args.anchor) if args.anchor else None,
+        code_prefix=args.code_prefix,
+        static=names(args.static),
+        categorical=names(args.categorical),
+        age=args.age,
+        drop=names(args.drop),
+        missing_values=None if args.missing is None else tuple(float(v) for v in names(args.missing)),
+        missing_scope=args.missing_scope,
+        outcome_id_column=args.outcome_id_column,
+        outcome_time_column=args.outcome_time_column,
+        prediction_offset=parse_offset(args.prediction_time) if args.prediction_time else None,
+    )
+    outcomes = [OutcomeSpec.parse(o) for o in args.outcome] if args.outcome else chosen["outcomes"]
+    if outcomes and args.outcomes is None:
+        raise ValueError("--outcome names outcome columns but --outcomes gives no outcome table")
+    summary = convert_long(
+        args.events,
+        args.outcomes,
+        args.output_dir,
+        outcomes=outcomes if args.outcomes is not None else (),
+        layout=layout,
+        seed=args.seed,
+        n_folds=args.folds,
+        fold=args.fold,
+        tuning_fraction=args.tuning_fraction,
+        overwrite=args.overwrite,
+        dataset_name=args.dataset_name or chosen.get("dataset_name"),
     )
     for key, value in summary.items():
         print(f"{key}: {value}")
@@ -371,12 +430,92 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("convert-wide", help="wide hourly ICU tables (YAIB/ricu) to a MEDS dataset")
     p.add_argument("--dyn", required=True, help="dynamic table: stay_id, time, one column per variable")
     p.add_argument("--sta", required=True, help="static table: stay_id, age, sex, height, weight")
-    p.add_argument("--outc", required=True, help="outcome table: label per stay or per stay-hour")
-    p.add_argument("--task", required=True, choices=["mortality24", "los"])
+    p.add_argument(
+        "--outc",
+        required=True,
+        help="outcome table: stay_id, [time,] label: one label per stay or per stay and time",
+    )
+    p.add_argument("--task", required=True, help="task name: the label file is labels/TASK.parquet")
+    p.add_argument("--label_column", default="label", help="outcome column of --outc (default: label)")
+    p.add_argument(
+        "--label_type",
+        default="auto",
+        choices=["auto", "boolean", "integer", "float", "categorical"],
+        help="MEDS value column of the labels; auto: boolean for 0/1, float for other numbers",
+    )
+    p.add_argument(
+        "--prediction_hours",
+        type=float,
+        default=None,
+        help="per-stay outcome: hours after admission when it is predicted (mortality24: 24 by default); a "
+        "per-time outcome is predicted at its own times",
+    )
     p.add_argument("--output_dir", required=True)
     p.add_argument("--seed", type=int, default=0, help="seed of the subject-level 70/15/15 split")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_convert_wide)
+
+    p = sub.add_parser(
+        "convert-long",
+        help="long event tables (one row per measurement, e.g. PhysioNet 2012) to a MEDS dataset",
+    )
+    p.add_argument("--events", required=True, help="event table (parquet or csv): id, time, parameter, value")
+    p.add_argument(
+        "--outcomes", default=None, help="outcome table (parquet or csv): id, one column per outcome"
+    )
+    p.add_argument("--output_dir", required=True)
+    p.add_argument(
+        "--preset", default=None, choices=["physionet2012"], help="a known layout; flags override it"
+    )
+    p.add_argument(
+        "--outcome",
+        nargs="+",
+        action="extend",
+        default=None,
+        metavar="NAME=COLUMN[:TYPE]",
+        help="label file NAME from outcome COLUMN; TYPE boolean, integer, float or categorical (default: 0/1 -> "
+        "boolean, other numbers -> float, text -> categorical)",
+    )
+    p.add_argument(
+        "--prediction_time", default=None, help="prediction time after the anchor: 48h, 2d, 90m or HH:MM"
+    )
+    p.add_argument(
+        "--outcome_time_column", default=None, help="per-time outcomes: each row's prediction time"
+    )
+    p.add_argument("--id_column", default=None, help="subject or stay id column (default subject_id)")
+    p.add_argument(
+        "--outcome_id_column", default=None, help="id column of the outcome table (default --id_column)"
+    )
+    p.add_argument("--time_column", default=None, help="datetime, duration, number or HH:MM (default time)")
+    p.add_argument(
+        "--time_unit", default=None, choices=["seconds", "minutes", "hours", "days"], help="of numbers"
+    )
+    p.add_argument("--parameter_column", default=None, help="what was measured (default parameter)")
+    p.add_argument("--value_column", default=None, help="the measured number (default value)")
+    p.add_argument(
+        "--anchor", default=None, help="where offset 0 goes, ISO datetime (default 2000-01-01T00:00)"
+    )
+    p.add_argument("--code_prefix", default=None, help="code = prefix + parameter (e.g. PHYSIONET//)")
+    p.add_argument("--static", default=None, help="comma-separated descriptor parameters: static events")
+    p.add_argument("--categorical", default=None, help="descriptors written as codes with their value")
+    p.add_argument("--age", default=None, help="the age parameter (years): becomes MEDS_BIRTH")
+    p.add_argument("--drop", default=None, help="comma-separated parameters to leave out (counted)")
+    p.add_argument("--missing", default=None, help="comma-separated markers of 'not recorded', e.g. -1")
+    p.add_argument(
+        "--missing_scope",
+        default=None,
+        choices=["static", "all"],
+        help="markers apply to descriptors and outcomes (static) or to time series too (all)",
+    )
+    p.add_argument("--folds", type=int, default=None, help="cross-validation: number of folds (with --fold)")
+    p.add_argument("--fold", type=int, default=None, help="cross-validation: the held-out fold, 0 .. folds-1")
+    p.add_argument(
+        "--tuning_fraction", type=float, default=0.2, help="cross-validation: tuning share of train"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the split (70/15/15, or the folds)")
+    p.add_argument("--dataset_name", default=None, help="metadata/dataset.json dataset_name")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=_convert_long)
 
     for name, func, help_text in (
         ("evaluate", _evaluate, "held-out metrics with 95%% intervals, subgroups and plots"),

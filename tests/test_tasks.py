@@ -91,10 +91,9 @@ def test_convert_wide_takes_every_outcome_shape(tmp_path):
     common = dict(dyn_path=paths["dyn"], sta_path=paths["sta"])
     per_hour = convert_wide(**common, outc_path=paths["tachycardia"], output_dir=tmp_path / "a", task="tachy")
     labels = pl.read_parquet(tmp_path / "a" / "labels" / "tachy.parquet")
-    assert per_hour["label_column"] == "boolean_value" and per_hour["n_labels"] == 40 * 6
-    assert labels.group_by("subject_id").len()["len"].unique().to_list() == [
-        6
-    ]  # every hour a prediction time
+    assert per_hour["label_column"] == "boolean_value" and per_hour["n_labels"] == 40 * 5
+    # every hour but the last (whose next hour is unknown) a prediction time
+    assert labels.group_by("subject_id").len()["len"].unique().to_list() == [5]
     with pytest.raises(WideTableError, match=r"stay_hours.parquet: column 'label': .*prediction_hours"):
         convert_wide(**common, outc_path=paths["stay_hours"], output_dir=tmp_path / "b", task="los")
     per_stay = convert_wide(

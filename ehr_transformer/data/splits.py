@@ -1,4 +1,5 @@
-"""The subject splits of a MEDS folder: reading them, the subjects and events of one split, coverage and counts."""
+"""The subject splits of a MEDS folder: reading them, the subjects and events of one split, coverage and counts, and
+cross-validation folds."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from .meds import _collect, _scan_shard, _shard_paths, iter_shards, validate_subject_splits
@@ -97,7 +99,88 @@ def summarize(meds_dir: str | Path) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------ cross-validation
+def _label_strata(ids: np.ndarray, labels: pl.DataFrame | None) -> np.ndarray:
+    """One stratum per subject: its binary label (the max of its rows) where `labels` holds a complete 0/1
+    ``boolean_value`` or ``integer_value``; -1 for subjects without a label; all 0 otherwise."""
+    strata = np.zeros(ids.size, dtype=np.int64)
+    if labels is None or labels.height == 0:
+        return strata
+    value = next(
+        (
+            c
+            for c in ("boolean_value", "integer_value")
+            if c in labels.columns and labels[c].null_count() == 0
+        ),
+        None,
+    )
+    if value is None or not labels[value].cast(pl.Int64).is_in([0, 1]).all():
+        return strata
+    per_subject = labels.group_by("subject_id").agg(pl.col(value).cast(pl.Int64).max().alias("y"))
+    lookup = dict(zip(per_subject["subject_id"].to_list(), per_subject["y"].to_list(), strict=True))
+    return np.array([lookup.get(int(i), -1) for i in ids], dtype=np.int64)
+
+
+def assign_folds(
+    subject_ids, labels: pl.DataFrame | None = None, n_folds: int = 5, seed: int = 0
+) -> pl.DataFrame:
+    """Each subject's cross-validation fold (0 .. n_folds - 1), seeded and stratified by a binary label as
+    `cross_validation_splits` describes; fold sizes differ by at most one per stratum. Returns (subject_id Int64,
+    fold Int64) sorted by subject_id."""
+    if n_folds < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got {n_folds}")
+    ids = np.unique(np.asarray(subject_ids, dtype=np.int64))
+    if ids.size < n_folds:
+        raise ValueError(f"{ids.size} subjects cannot fill {n_folds} folds")
+    strata = _label_strata(ids, labels)
+    rng = np.random.default_rng(seed)
+    fold = np.empty(ids.size, dtype=np.int64)
+    offset = 0
+    for stratum in np.unique(strata):
+        members = rng.permutation(np.flatnonzero(strata == stratum))
+        fold[members] = (np.arange(members.size) + offset) % n_folds  # continue the round: sizes stay even
+        offset += members.size
+    return pl.DataFrame({"subject_id": ids, "fold": fold}, schema={"subject_id": pl.Int64, "fold": pl.Int64})
+
+
+def cross_validation_splits(
+    subject_ids,
+    labels: pl.DataFrame | None = None,
+    n_folds: int = 5,
+    fold: int = 0,
+    seed: int = 0,
+    tuning_fraction: float = 0.2,
+) -> pl.DataFrame:
+    """The subject splits of fold `fold` of a `n_folds`-fold cross-validation: ``held_out`` = the subjects of
+    that fold; ``tuning`` = `tuning_fraction` of the other folds' subjects (for early stopping, choosing and
+    calibrating); ``train`` = the rest.
+
+    Folds come from `assign_folds` (the same for every `fold` at one `seed`, so the held-out folds partition the
+    subjects). With a binary label frame (``boolean_value``, or ``integer_value`` in {0, 1}; a subject's label is
+    the max of its rows) folds and the tuning part are stratified by label; subjects without a label form their
+    own stratum. Returns (subject_id Int64, split String) sorted by subject_id, ready for
+    ``metadata/subject_splits.parquet``.
+    """
+    if not 0 <= fold < n_folds:
+        raise ValueError(f"fold must be in 0 .. {n_folds - 1}, got {fold}")
+    if not 0.0 <= tuning_fraction < 1.0:
+        raise ValueError(f"tuning_fraction must be in [0, 1), got {tuning_fraction}")
+    folds = assign_folds(subject_ids, labels, n_folds, seed)
+    ids, assigned = folds["subject_id"].to_numpy(), folds["fold"].to_numpy()
+    split = np.where(assigned == fold, "held_out", "train").astype(object)
+    strata = _label_strata(ids, labels)
+    rng = np.random.default_rng([seed, fold])
+    for stratum in np.unique(strata):
+        members = rng.permutation(np.flatnonzero((strata == stratum) & (assigned != fold)))
+        split[members[: int(round(tuning_fraction * members.size))]] = "tuning"
+    return pl.DataFrame(
+        {"subject_id": ids, "split": split.astype(str)}, schema={"subject_id": pl.Int64, "split": pl.String}
+    )
+
+
 __all__ = [
+    "assign_folds",
+    "cross_validation_splits",
     "read_subject_splits",
     "split_subjects",
     "iter_split_events",

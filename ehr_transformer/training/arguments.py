@@ -126,10 +126,11 @@ class FinetuningArguments:
         },
     )
     max_labels_per_subject: int = field(
-        default=16,
+        default=4,
         metadata={
-            "help": "At most this many prediction times per subject (drawn at random, seeded) in the training and "
-            "tuning data: per-hour labels of one stay are alike, and 40 of them cost 40 sequences. 0 = all."
+            "help": "At most this many prediction times per subject in each training epoch (drawn afresh every "
+            "epoch) and in the tuning data (drawn once): per-hour labels of one stay are alike, and 40 of them "
+            "would cost 40 sequences an epoch. 0 = all."
         },
     )
     early_stopping_patience: int = field(

@@ -205,9 +205,6 @@ def finetune(
         classes=classes,
     )
     train_dataset = subsample_labels(train_dataset, finetuning_args.label_fraction, training_args.seed)
-    train_dataset = limit_labels_per_subject(
-        train_dataset, finetuning_args.max_labels_per_subject, training_args.seed
-    )
     try:
         eval_dataset = build_labeled_dataset(
             data_args.data_dir,
@@ -255,6 +252,7 @@ def finetune(
         data_collator=DataCollatorForEventClassification(tokenizer),
         compute_metrics=compute_metrics,
         callbacks=early_stopping(training_args, finetuning_args.early_stopping_patience),
+        rows_per_subject=finetuning_args.max_labels_per_subject,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if trainer.is_world_process_zero():

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
 
@@ -60,23 +60,67 @@ class _EpochCallback(TrainerCallback):
         self.trainer.set_epoch(epoch)
 
 
+class RowsPerSubjectSampler(torch.utils.data.Sampler):
+    """Each epoch, at most `k` rows of every subject, drawn afresh at random, in length-grouped batches; seeded
+    by (seed, epoch). Per-hour labels give one subject dozens of near-identical rows: drawing a few per epoch
+    keeps an epoch's cost and weight per subject bounded while every row is seen over the epochs."""
+
+    def __init__(self, subject_ids, lengths, k: int, batch_size: int, seed: int) -> None:
+        ids = np.asarray(subject_ids)
+        order = np.argsort(ids, kind="stable")
+        self.groups = np.split(order, np.flatnonzero(np.diff(ids[order])) + 1) if ids.size else []
+        self.lengths = np.asarray(lengths)
+        self.k, self.batch_size, self.seed, self.epoch = k, batch_size, seed, 0
+        self.n = int(sum(min(k, g.size) for g in self.groups))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        chosen = np.concatenate(
+            [g if g.size <= self.k else rng.choice(g, self.k, replace=False) for g in self.groups]
+        )
+        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        grouped = get_length_grouped_indices(
+            self.lengths[chosen].tolist(), self.batch_size, generator=generator
+        )
+        return iter(chosen[grouped].tolist())
+
+
 class ResumableTrainer(Trainer):
     """`transformers.Trainer` whose runs resume bit-identically after a kill: the length-grouped training order is
     seeded by (seed, epoch) rather than drawn from the global RNG, and a :class:`ReproducibleMasking` collator is
-    told the epoch. Everything else (checkpoints, RNG state, optimizer and scheduler) is the Trainer's own."""
+    told the epoch. Everything else (checkpoints, RNG state, optimizer and scheduler) is the Trainer's own.
 
-    def __init__(self, *args, **kwargs) -> None:
+    `rows_per_subject` k > 0: each epoch trains on at most k rows per subject (`RowsPerSubjectSampler`; the
+    training dataset needs `subject_id` and `length` columns)."""
+
+    def __init__(self, *args, rows_per_subject: int = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._samplers: list[LengthGroupedSampler] = []
+        self._samplers: list = []
         self.add_callback(_EpochCallback(self))
+        self._rows_per_subject = None
+        if rows_per_subject and self.train_dataset is not None:
+            ids, lengths = self.train_dataset["subject_id"], self.train_dataset["length"]
+            if len(ids) > np.unique(ids).size * rows_per_subject:  # some subject has more rows than k
+                self._rows_per_subject = (ids, lengths, rows_per_subject)
 
     def set_epoch(self, epoch: int) -> None:
         if isinstance(self.data_collator, ReproducibleMasking):
             self.data_collator.epoch = epoch
         for sampler in self._samplers:
-            sampler.generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + epoch)
+            if isinstance(sampler, RowsPerSubjectSampler):
+                sampler.epoch = epoch
+            else:
+                sampler.generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + epoch)
 
     def _get_train_sampler(self, train_dataset=None):
+        if self._rows_per_subject is not None:
+            ids, lengths, k = self._rows_per_subject
+            sampler = RowsPerSubjectSampler(ids, lengths, k, self.args.train_batch_size, self.args.seed)
+            self._samplers.append(sampler)
+            return sampler
         sampler = super()._get_train_sampler(train_dataset)
         if isinstance(sampler, LengthGroupedSampler) and sampler.generator is None:
             sampler.generator = torch.Generator().manual_seed(self.args.seed * 1_000_003)
