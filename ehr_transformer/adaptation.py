@@ -40,6 +40,7 @@ from .data.labels import label_sources, read_labels, task_label_matrix
 from .data.splits import iter_split_events, read_subject_splits, split_subjects
 from .evaluation.metrics import auroc, brier_score, expected_calibration_error
 from .inference import predict_logits
+from .loading import load_pretrained
 from .model_card import data_summary
 from .tokenization_ehr import EHREventTokenizer
 from .training.arguments import DataArguments, ModelArguments, PretrainingArguments
@@ -341,7 +342,7 @@ def adapt_checkpoint(
         raise ValueError(f"{data_dir}: no subject in split {tuning_split!r}, needed to fit the temperature")
     check_checkpoint_folder(checkpoint)  # refuse pickle-only/absurd folders before loading
     tokenizer = EHREventTokenizer.from_pretrained(checkpoint)
-    model = AutoModelForSequenceClassification.from_pretrained(checkpoint, use_safetensors=True)
+    model = load_pretrained(AutoModelForSequenceClassification, checkpoint, use_safetensors=True)
     names, binary = _binary_columns(model.config)
     splits = [tuning_split] + ([eval_split] if eval_split and _split_exists(data_dir, eval_split) else [])
     if len(splits) > 1 and not _has_labels(data_dir, labels, eval_split, model.config):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ from transformers import AutoModelForSequenceClassification
 from .checkpoint_safety import check_checkpoint_folder
 from .data.collators import DataCollatorForEventClassification
 from .data.dataset import build_labeled_dataset
-from .data.labels import label_sources, task_label_matrix
+from .data.labels import LABEL_VALUE_COLUMNS, label_sources, read_labels, task_label_matrix
 from .loading import load_pretrained
 from .tokenization_ehr import EHREventTokenizer
 
@@ -201,6 +202,15 @@ def predict(
     return pl.DataFrame({**head, **prediction_columns(kind, scores, dataset["labels"], classes=classes)})
 
 
+def _prediction_times_only(labels) -> bool:
+    """Whether one label source holds prediction times without any label value."""
+    if isinstance(labels, Mapping) or (isinstance(labels, (list, tuple)) and len(labels) != 1):
+        return False
+    source = labels[0] if isinstance(labels, (list, tuple)) else labels
+    frame = source if isinstance(source, pl.DataFrame) else read_labels(source, require_value=False)
+    return all(c not in frame.columns or frame[c].null_count() == frame.height for c in LABEL_VALUE_COLUMNS)
+
+
 def checkpoint_task_type(config) -> str:
     """ "binary", "regression" or "multiclass" for a one-task checkpoint's config ("multitask" with task_names)."""
     if config.task_names is not None:
@@ -225,10 +235,15 @@ def checkpoint_classes(config) -> list[str] | None:
 
 
 def _predict_multitask(model, tokenizer, data_dir, labels, tasks, split, batch_size) -> pl.DataFrame:
-    sources = label_sources(labels, tasks)
-    dataset = build_labeled_dataset(data_dir, sources, tokenizer, split=split)
+    task_names = model.config.task_names
+    if not tasks and _prediction_times_only(labels):  # score every task at these times, no label to report
+        dataset = build_labeled_dataset(data_dir, labels, tokenizer, split=split, allow_unlabeled=True)
+        y = np.full((len(dataset), len(task_names)), np.nan)
+    else:
+        sources = label_sources(labels, tasks)
+        dataset = build_labeled_dataset(data_dir, sources, tokenizer, split=split)
+        y = task_label_matrix(dataset, sources, task_names)  # (N, T), NaN where no label / no file
     scores = predict_dataset(model, dataset, tokenizer, batch_size).reshape(len(dataset), -1)  # (N, T)
-    y = task_label_matrix(dataset, sources, model.config.task_names)  # (N, T), NaN where no label / no file
     columns = {
         "subject_id": pl.Series(dataset["subject_id"], dtype=pl.Int64),
         "prediction_time": pl.Series(dataset["prediction_time"], dtype=pl.Datetime("us")),

@@ -199,3 +199,36 @@ def test_regression_and_multiclass_checkpoints(meds, tmp_path):
     np.testing.assert_allclose(
         [sum(p) for p in out["predicted_integer_probabilities"].to_list()], 1.0, rtol=1e-6
     )
+
+
+def test_multitask_checkpoint_scores_prediction_times_without_labels(meds, tmp_path):
+    tasks = dict(
+        task_names=["death", "stay"], task_types=["binary", "regression"], num_labels=2, problem_type=None
+    )
+    checkpoint = _checkpoint(tmp_path / "multitask", **tasks)
+    times = tmp_path / "times.parquet"
+    _labels([3, 4]).write_parquet(times)  # subject_id and prediction_time only
+    out = predict(checkpoint, meds, times, split="test")
+    assert out["subject_id"].to_list() == [3, 4]
+    assert out["death/boolean_value"].null_count() == 2 and out["stay/float_value"].null_count() == 2
+    assert out["death/predicted_boolean_probability"].is_between(0, 1).all()
+
+
+def test_named_classes_come_back_by_name(meds, tmp_path):
+    classes = {"id2label": {0: "home", 1: "rehab", 2: "died"}}
+    checkpoint = _checkpoint(
+        tmp_path / "named", problem_type="single_label_classification", num_labels=3, **classes
+    )
+    labels = tmp_path / "labels.parquet"
+    _labels([3, 4]).with_columns(pl.Series("categorical_value", ["died", "home"])).write_parquet(labels)
+    out = predict(checkpoint, meds, labels, split="test")
+    assert out["categorical_value"].to_list() == ["died", "home"]
+    assert set(out["predicted_categorical_value"].to_list()) <= {"home", "rehab", "died"}
+    assert out["predicted_categorical_probabilities"].list.len().to_list() == [3, 3]
+
+
+def test_a_missing_data_folder_is_named(checkpoint, tmp_path):
+    labels = tmp_path / "labels.parquet"
+    _labels([3], [True]).write_parquet(labels)
+    with pytest.raises(FileNotFoundError, match=r"nowhere: no such folder"):
+        predict(checkpoint, tmp_path / "nowhere", labels, split="held_out")

@@ -153,3 +153,35 @@ def test_binary_loss_on_continuous_targets_is_refused(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "los.parquet: column 'float_value' holds" in error and "binary needs 0/1" in error
     assert not (tmp_path / "m").exists()  # refused before any training
+
+
+def test_rows_per_subject_are_drawn_afresh_each_epoch_and_capped():
+    from ehr_transformer.training.trainer import RowsPerSubjectSampler
+
+    subject_ids = np.repeat([1, 2, 3], [10, 2, 6])  # per-hour labels: 10, 2 and 6 prediction times
+    sampler = RowsPerSubjectSampler(subject_ids, np.arange(18) % 5 + 1, k=4, batch_size=2, seed=0)
+    assert len(sampler) == 4 + 2 + 4
+    epochs = []
+    for epoch in range(3):
+        sampler.epoch = epoch
+        rows = list(sampler)
+        assert len(rows) == len(set(rows)) == len(sampler)
+        assert np.bincount(subject_ids[rows], minlength=4).tolist() == [0, 4, 2, 4]
+        epochs.append(sorted(rows))
+    assert epochs[0] != epochs[1]  # other prediction times in another epoch
+    sampler.epoch = 1
+    assert sorted(sampler) == epochs[1]  # a function of (seed, epoch): a resumed run draws the same rows
+
+
+def test_label_fraction_draws_subjects_with_all_their_prediction_times():
+    import datasets
+
+    from ehr_transformer.data.dataset import limit_labels_per_subject, subsample_labels
+
+    dataset = datasets.Dataset.from_dict({"subject_id": np.repeat(np.arange(20), 5), "x": np.arange(100)})
+    half = subsample_labels(dataset, 0.5, seed=0)
+    counts = np.bincount(half["subject_id"])
+    assert (counts[counts > 0] == 5).all() and (counts > 0).sum() == 10
+    capped = limit_labels_per_subject(dataset, 2, seed=0)
+    assert np.bincount(capped["subject_id"]).tolist() == [2] * 20
+    assert capped["x"] == sorted(capped["x"])  # the dataset's order is kept

@@ -146,6 +146,8 @@ def _all_subjects(meds_dir: Path) -> pl.Series:
 def _split_subjects(meds_dir: Path, split: str | None) -> tuple[pl.Series, pl.DataFrame]:
     """The subjects of `split` and the split table. `split` None or "" means every subject with events; then
     `metadata/subject_splits.parquet` is not needed."""
+    if not meds_dir.is_dir():
+        raise FileNotFoundError(f"{meds_dir}: no such folder (expected a MEDS dataset: data/, metadata/)")
     if not split:
         subjects = _all_subjects(meds_dir)
         return subjects, pl.DataFrame(

@@ -243,6 +243,8 @@ def validate_events(df: pl.DataFrame, source: str = "<frame>") -> pl.DataFrame:
 
 
 def _shard_paths(meds_dir: Path) -> list[Path]:
+    if not Path(meds_dir).is_dir():
+        raise FileNotFoundError(f"{meds_dir}: no such folder (expected a MEDS dataset: data/, metadata/)")
     data_dir = Path(meds_dir) / "data"
     paths = sorted(p for p in data_dir.glob("**/*.parquet") if p.is_file())
     if not paths:

@@ -17,6 +17,8 @@ from .meds import _collect, _scan_shard, _shard_paths, iter_shards, validate_sub
 def read_subject_splits(meds_dir: str | Path) -> pl.DataFrame:
     """``metadata/subject_splits.parquet`` of ``meds_dir`` as ``(subject_id, split)``, validated."""
     path = Path(meds_dir) / "metadata" / "subject_splits.parquet"
+    if not Path(meds_dir).is_dir():
+        raise FileNotFoundError(f"{meds_dir}: no such folder (expected a MEDS dataset: data/, metadata/)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: subject splits not found (MEDS metadata/subject_splits.parquet)")
     return validate_subject_splits(pl.read_parquet(path), source=str(path))

@@ -42,6 +42,7 @@ from transformers import AutoModelForSequenceClassification
 from ..checkpoint_safety import check_checkpoint_folder
 from ..data.collators import DataCollatorForEventClassification
 from ..data.dataset import build_labeled_dataset
+from ..loading import load_pretrained
 from ..tokenization_ehr import VALUE_CLIP, EHREventTokenizer
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "values", "times", "ages")
@@ -227,7 +228,7 @@ def explain_checkpoint(
     subject_ids)."""
     check_checkpoint_folder(checkpoint)  # refuse pickle-only/absurd folders before loading
     tokenizer = EHREventTokenizer.from_pretrained(checkpoint)
-    model = AutoModelForSequenceClassification.from_pretrained(checkpoint, use_safetensors=True)
+    model = load_pretrained(AutoModelForSequenceClassification, checkpoint, use_safetensors=True)
     dataset = build_labeled_dataset(
         data_dir, labels, tokenizer, split=split, allow_unlabeled=True
     )  # as predict

@@ -51,6 +51,7 @@ from ..data.meds import read_events
 from ..data.splits import read_subject_splits
 from ..hub import resolve_candidate
 from ..inference import embed_sequences
+from ..loading import ANY_HEAD, load_pretrained
 from ..tokenization_ehr import EHREventTokenizer
 from ..utils import write_json
 from .logme import logme
@@ -130,7 +131,7 @@ def score_candidate(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a pretrained folder's heads are not needed: no "unexpected keys" report
     try:
-        model = AutoModel.from_pretrained(path, use_safetensors=True).eval()
+        model = load_pretrained(AutoModel, path, expected_unexpected=ANY_HEAD, use_safetensors=True).eval()
     finally:
         hf_logging.set_verbosity(verbosity)
     tokens = events.filter(pl.col("code") != BIRTH_CODE)

@@ -1,0 +1,215 @@
+"""Every development task, the bare-default command line against the package's gradient boosting.
+
+    python -m benchmarks.tasks --part yaib_mortality24     # ~1 h on 2 cores
+    python -m benchmarks.tasks --part yaib_los             # ~3 h
+    python -m benchmarks.tasks --part physionet2012        # ~2 h
+    python -m benchmarks.tasks --merge                     # -> benchmarks/results/tasks.json
+
+Protocol (fixed before the first run, 2026-12-07):
+- Tasks. YAIB demo cohorts (`../shared/data/yaib_demo`), each source on its own: `mortality24` (binary, one label
+  per stay at 24 h) and `los` (remaining length of stay in hours, a regression label every hour), converted with
+  `ehr-transformer convert-wide --task NAME`; PhysioNet 2012 set A (`../shared/data/physionet2012`):
+  in-hospital death (binary) and length of stay in days (regression), both at 48 h, converted with
+  `ehr-transformer convert-long --preset physionet2012`. Every conversion uses its converter's seeded 70/15/15
+  subject split (seed 0, stratified by a binary outcome); the held-out 15% is scored, the tuning 15% is what
+  early stopping sees.
+- Models, all by the package's command line with no tuning flag (`--seed` and `--output_dir` aside): "transformer"
+  = `finetune` from scratch; "pretrained" = `pretrain` on the training split's events, then `finetune
+  --model_name_or_path` (one pretraining per cohort and seed, shared by the cohort's tasks); "gbm" = the
+  gradient boosting `evaluate` fits on the same training rows and scores on the same held-out rows.
+- Seeds 0, 1, 2 (the training seed; the split stays fixed). Metric: held-out AUROC (binary) or R² (regression),
+  mean and standard deviation over the seeds; the GBM's figure is the mean of its (seed-independent) fits.
+- Parts run in separate processes and write `benchmarks/results/tasks/<part>.json`; `--merge` joins them into
+  `benchmarks/results/tasks.json`: {"tasks": {NAME: {"type", "metric", "transformer", "pretrained", "gbm",
+  "runs": [...]}}}. A part may run fewer seeds (`--seeds`); the JSON says how many each figure has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import SHARED_DATA, command_line, metadata, quiet
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PARTS = RESULTS / "tasks"
+YAIB_SOURCES = ("eicu_demo", "mimic_demo")
+PHYSIONET_OUTCOMES = {"in_hospital_death": "binary", "length_of_stay": "regression"}
+METRIC = {"binary": "auroc", "regression": "r2"}
+
+
+def cohorts(part: str, data_root: Path, work: Path) -> list[dict]:
+    """The part's cohorts: a MEDS folder each (converted here by the package's converters) with its tasks."""
+    from ehr_transformer.cli import main as cli
+
+    out = []
+    if part.startswith("yaib_"):
+        task = part.removeprefix("yaib_")
+        for source in YAIB_SOURCES:
+            folder = data_root / "yaib_demo" / task / source
+            meds = work / f"{source}_{task}"
+            flags = [f"--{name}" for name in ("dyn", "sta", "outc")]
+            tables = [str(folder / f"{name}.parquet") for name in ("dyn", "sta", "outc")]
+            argv = ["convert-wide", *[x for pair in zip(flags, tables, strict=True) for x in pair]]
+            _run(cli, [*argv, "--task", task, "--output_dir", str(meds)])
+            kind = "binary" if task == "mortality24" else "regression"
+            out.append({"name": f"{source}_{task}", "meds": meds, "tasks": {task: kind}})
+    elif part == "physionet2012":
+        folder = data_root / "physionet2012"
+        meds = work / "physionet2012"
+        argv = ["convert-long", "--preset", "physionet2012", "--events", str(folder / "set-a.parquet")]
+        argv += ["--outcomes", str(folder / "outcomes-a.parquet"), "--output_dir", str(meds), "--outcome"]
+        _run(cli, [*argv, "in_hospital_death=In-hospital_death", "length_of_stay=Length_of_stay:float"])
+        out.append({"name": "physionet2012", "meds": meds, "tasks": dict(PHYSIONET_OUTCOMES)})
+    else:
+        raise SystemExit(f"unknown part {part!r}: yaib_mortality24, yaib_los or physionet2012")
+    return out
+
+
+def _run(cli, argv: list[str]) -> None:
+    if cli(argv) != 0:
+        raise SystemExit(f"ehr-transformer {' '.join(argv)} failed")
+
+
+def run_part(part: str, seeds: list[int], data_root: Path, keep: Path | None) -> Path:
+    from ehr_transformer.cli import main as cli
+
+    started = time.perf_counter()
+    work = Path(keep or tempfile.mkdtemp(prefix=f"tasks_{part}_"))
+    runs = []
+    try:
+        for cohort in cohorts(part, data_root, work):
+            meds = cohort["meds"]
+            for seed in seeds:
+                common = ["--data_dir", str(meds), "--seed", str(seed)]
+                pretrained = work / f"{cohort['name']}_pretrained_{seed}"
+                t0 = time.perf_counter()
+                _run(cli, ["pretrain", *common, "--output_dir", str(pretrained)])
+                pretrain_s = time.perf_counter() - t0
+                for task, kind in cohort["tasks"].items():
+                    labels = str(meds / "labels" / f"{task}.parquet")
+                    name = (
+                        f"{cohort['name']}" if cohort["name"].endswith(task) else f"{cohort['name']}_{task}"
+                    )
+                    run = {"task": name, "type": kind, "seed": seed, "pretrain_s": round(pretrain_s, 1)}
+                    for model, start in (("transformer", None), ("pretrained", pretrained)):
+                        folder = work / f"{name}_{model}_{seed}"
+                        argv = ["finetune", *common, "--labels", labels, "--output_dir", str(folder)]
+                        t0 = time.perf_counter()
+                        _run(cli, argv + (["--model_name_or_path", str(start)] if start else []))
+                        run[f"{model}_finetune_s"] = round(time.perf_counter() - t0, 1)
+                        run[f"{model}_epochs"] = _epochs(folder)
+                        report_dir = work / f"{name}_{model}_{seed}_evaluation"
+                        evaluate = ["evaluate", "--checkpoint", str(folder), "--data_dir", str(meds)]
+                        _run(cli, [*evaluate, "--labels", labels, "--output_dir", str(report_dir)])
+                        report = json.loads((report_dir / "metrics.json").read_text())
+                        metric = METRIC[kind]
+                        run[model] = report["model"][metric]["estimate"]
+                        run[f"{model}_interval"] = report["model"][metric]
+                        run[f"{model}_minus_gbm"] = report["model_minus_gbm_baseline"][metric]
+                        run["gbm"] = report["gbm_baseline"][metric]["estimate"]
+                        run["n_held_out"], run["n_subjects_held_out"] = report["n"], report["n_subjects"]
+                    print(_line(run), flush=True)
+                    runs.append(run)
+    finally:
+        if keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    PARTS.mkdir(parents=True, exist_ok=True)
+    path = PARTS / f"{part}.json"
+    result = {
+        **metadata(command_line("tasks"), started),
+        "part": part,
+        "seeds": seeds,
+        "protocol": __doc__.split("Protocol (fixed before the first run, 2026-12-07):")[1].strip(),
+        "runs": runs,
+    }
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def _epochs(folder: Path) -> float | None:
+    state = folder / "trainer_state.json"
+    return json.loads(state.read_text()).get("epoch") if state.is_file() else None
+
+
+def _line(run: dict) -> str:
+    metric = METRIC[run["type"]]
+    return (
+        f"{run['task']:<36} seed {run['seed']}  {metric} transformer {run['transformer']:.3f}  "
+        f"pretrained {run['pretrained']:.3f}  gbm {run['gbm']:.3f}  (epochs {run['transformer_epochs']}, "
+        f"{run['pretrained_epochs']})"
+    )
+
+
+def _mean_sd(values: list[float]) -> dict:
+    return {
+        "mean": round(statistics.fmean(values), 4),
+        "sd": round(statistics.stdev(values), 4) if len(values) > 1 else None,
+        "n_seeds": len(values),
+    }
+
+
+def merge() -> Path:
+    parts = sorted(PARTS.glob("*.json"))
+    if not parts:
+        raise SystemExit(f"--merge: no part in {PARTS}; run --part first")
+    tasks: dict[str, dict] = {}
+    sources = []
+    for path in parts:
+        part = json.loads(path.read_text())
+        sources.append({k: part[k] for k in ("part", "command", "date", "wall_s", "machine", "seeds")})
+        for run in part["runs"]:
+            tasks.setdefault(run["task"], {"type": run["type"], "metric": METRIC[run["type"]], "runs": []})
+            tasks[run["task"]]["runs"].append(run)
+    for entry in tasks.values():
+        for model in ("transformer", "pretrained", "gbm"):
+            summary = _mean_sd([run[model] for run in entry["runs"]])
+            entry[model] = summary["mean"]
+            entry[f"{model}_sd"], entry["n_seeds"] = summary["sd"], summary["n_seeds"]
+        best = max(entry["transformer"], entry["pretrained"])
+        margin = 0.02 if entry["type"] == "binary" else 0.05
+        entry["best_transformer_minus_gbm"] = round(best - entry["gbm"], 4)
+        entry["within_goal"] = best >= entry["gbm"] - margin
+    out = RESULTS / "tasks.json"
+    out.write_text(json.dumps({"parts": sources, "tasks": tasks}, indent=2) + "\n")
+    for name, entry in tasks.items():
+        print(
+            f"{name:<36} {entry['metric']:<5} transformer {entry['transformer']:.3f}  pretrained "
+            f"{entry['pretrained']:.3f}  gbm {entry['gbm']:.3f}  ({entry['n_seeds']} seeds; within goal: "
+            f"{entry['within_goal']})"
+        )
+    print(f"wrote {out}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tasks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=["yaib_mortality24", "yaib_los", "physionet2012"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--data_root", type=Path, default=SHARED_DATA)
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="work folder to keep (default: a temporary one)"
+    )
+    parser.add_argument("--merge", action="store_true")
+    args = parser.parse_args(argv)
+    if args.merge:
+        merge()
+        return 0
+    if args.part is None:
+        parser.error("give --part or --merge")
+    needed = args.data_root / ("physionet2012" if args.part == "physionet2012" else "yaib_demo")
+    if not needed.is_dir():
+        raise SystemExit(f"{needed}: not found; this benchmark needs the shared real data (see its README)")
+    quiet()
+    run_part(args.part, args.seeds, args.data_root, args.keep)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
