@@ -154,39 +154,51 @@ def _population_text(population: dict[str, Any]) -> str:
     )
 
 
+_CARD_METRICS = {
+    "auroc": "AUROC",
+    "auprc": "AUPRC",
+    "brier": "Brier score",
+    "ece": "expected calibration error (10 bins)",
+    "r2": "R²",
+    "mae": "mean absolute error",
+    "rmse": "root mean squared error",
+    "calibration_slope": "calibration slope",
+    "macro_auroc": "macro AUROC (one vs rest)",
+    "accuracy": "accuracy",
+    "log_loss": "log loss",
+}
+
+
 def _evaluation_text(report: dict[str, Any] | None) -> str:
     if not report:
         return "Not evaluated yet: run `ehr-transformer evaluate` on held-out data."
 
-    def interval(metric: dict | None) -> str:
+    def shown(metric) -> str:
         if metric is None:
             return "n/a"
+        if not isinstance(metric, dict):
+            return f"{metric:.3f}"
         if metric.get("ci_lower") is None:
             return f"{metric['estimate']:.3f}"
         return f"{metric['estimate']:.3f} (95% CI {metric['ci_lower']:.3f}–{metric['ci_upper']:.3f})"
 
-    lines = [
-        f"Held-out: n = {report['n']:,}, prevalence {report['prevalence']:.3f}.",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        f"| AUROC | {interval(report['auroc'])} |",
-        f"| AUPRC | {interval(report['auprc'])} |",
-        f"| Brier score | {report['brier']:.3f} |",
-        f"| expected calibration error (10 bins) | {report['ece']:.3f} |",
-    ]
+    kind = report.get("task_type", "binary")
+    header = f"Held-out ({kind} task): n = {report['n']:,}"
+    if report.get("prevalence") is not None:
+        header += f", prevalence {report['prevalence']:.3f}"
+    lines = [header + ". Intervals resample subjects.", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {name} | {shown(report[key])} |" for key, name in _CARD_METRICS.items() if key in report]
+    headline = next(key for key in ("auroc", "r2", "macro_auroc") if key in report)
     for group, values in (report.get("subgroups") or {}).items():
         lines += [
             "",
             f"By {group.replace('_', ' ')}:",
             "",
-            "| group | n | AUROC | ECE |",
-            "|---|---|---|---|",
+            f"| group | n | {_CARD_METRICS[headline]} |",
+            "|---|---|---|",
         ]
         for value, metrics in values.items():
-            lines.append(
-                f"| {value} | {metrics['n']:,} | {interval(metrics['auroc'])} | {metrics['ece']:.3f} |"
-            )
+            lines.append(f"| {value} | {metrics['n']:,} | {shown(metrics[headline])} |")
     return "\n".join(lines)
 
 

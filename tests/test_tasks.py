@@ -125,11 +125,13 @@ def test_a_bare_default_run_learns_every_task_type(tmp_path, task, convert_flags
     assert main(["finetune", *argv, "--output_dir", str(tmp_path / "model"), "--use_cpu"]) == 0
     out = tmp_path / "evaluation"
     evaluate = ["evaluate", "--checkpoint", str(tmp_path / "model"), *argv, "--n_bootstrap", "200"]
-    assert main([*evaluate, "--output_dir", str(out)]) == 0
+    assert main([*evaluate, "--output_dir", str(out), "--update_card"]) == 0
     report = json.loads((out / "metrics.json").read_text())
     value = report["model"][metric]["estimate"]
     print(f"{task}: held-out {metric} {value:.3f}, GBM {report['gbm_baseline'][metric]['estimate']:.3f}")
     assert value > floor
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert {"auroc": "| AUROC |", "r2": "| R² |", "macro_auroc": "| macro AUROC"}[metric] in card
     predictions = tmp_path / "predictions.parquet"
     assert (
         main(["predict", "--checkpoint", str(tmp_path / "model"), *argv, "--output_file", str(predictions)])
