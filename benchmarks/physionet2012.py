@@ -36,7 +36,7 @@ Protocol (fixed before any run; every step is a public function of the package):
   1-4, which this choice may flatter a little (fold 0's figures are free of it).
 - label shares: 100% on all five folds; 5%, 10%, 25% and 50% on fold 0 (the learning curve). Seed 0 only:
   several seeds per fold do not fit the budget with the early-stopped fine-tuning recipe (`--seeds` adds them).
-- metrics on the held-out fold: AUROC and AUPRC with bootstrap 95% intervals (`binary_classification_report`,
+- metrics on the held-out fold: AUROC and AUPRC with bootstrap 95% intervals (`task_report`,
   1,000 resamples), Brier, ECE; paired bootstrap differences (`paired_bootstrap_difference`) pretrained -
   scratch, pretrained - gbm, probe - gbm, scratch - gbm, pretrained - probe.
 - throughput and memory: real (non-padding, capped at `max_length`) events per second of training for each
@@ -232,9 +232,9 @@ def _scores(checkpoint: Path, meds: Path, split: str):
 
 
 def _report(y, p, subjects, n_bootstrap: int) -> dict:
-    from ehr_transformer.evaluation.report import binary_classification_report
+    from ehr_transformer.evaluation.report import task_report
 
-    full = binary_classification_report(y, p, n_bootstrap=n_bootstrap, clusters=subjects)
+    full = task_report("binary", y, p, n_bootstrap=n_bootstrap, clusters=subjects)
     return {k: full[k] for k in ("n", "n_positive", *METRICS)}
 
 

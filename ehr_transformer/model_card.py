@@ -74,7 +74,7 @@ def render_model_card(
     population: dict[str, Any] | None = None,
 ) -> str:
     """The card's text. `kind` is "pretrained" or "fine-tuned"; `evaluation` is a report of
-    `ehr_transformer.evaluation.binary_classification_report` (optional); `population` is what
+    `ehr_transformer.evaluation.report.task_report` (optional); `population` is what
     `ehr_transformer.selection.write_population_summary` returns (prototypes, code frequencies, time span)."""
     population = population or {}
     name = data.get("dataset_name") or population.get("dataset_name")

@@ -12,7 +12,7 @@ from ehr_transformer.evaluation.metrics import (
     expected_calibration_error,
 )
 from ehr_transformer.evaluation.plots import plot_calibration, plot_roc
-from ehr_transformer.evaluation.report import binary_classification_report, regression_report
+from ehr_transformer.evaluation.report import task_report
 from ehr_transformer.evaluation.subgroups import age_band
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -71,9 +71,7 @@ def test_report_overall_and_subgroups():
     sex[:5] = None
     # a group with a single class: AUROC undefined, reported as None
     y[ages >= 90] = 0
-    report = binary_classification_report(
-        y, p, n_bootstrap=200, groups={"age_band": age_band(ages), "sex": sex}
-    )
+    report = task_report("binary", y, p, n_bootstrap=200, groups={"age_band": age_band(ages), "sex": sex})
     assert report["n"] == 400 and report["prevalence"] == pytest.approx(y.mean())
     for key in ("auroc", "auprc"):
         assert report[key]["ci_lower"] <= report[key]["estimate"] <= report[key]["ci_upper"]
@@ -84,7 +82,7 @@ def test_report_overall_and_subgroups():
     male = report["subgroups"]["sex"]["Male"]
     mask = sex == "Male"
     assert male["auroc"]["estimate"] == pytest.approx(roc_auc_score(y[mask], p[mask]))
-    only_neg = binary_classification_report(np.zeros(20), np.full(20, 0.1), n_bootstrap=10)
+    only_neg = task_report("binary", np.zeros(20), np.full(20, 0.1), n_bootstrap=10)
     assert (
         only_neg["auroc"] is None and only_neg["auprc"] is None and only_neg["brier"] == pytest.approx(0.01)
     )
@@ -110,14 +108,22 @@ def test_age_band():
     ]
 
 
-def test_regression_report_matches_sklearn():
+def test_regression_report_matches_sklearn_and_its_intervals_resample_subjects():
     rng = np.random.default_rng(0)
     y = rng.gamma(2, 20, 300)
     f = y + rng.normal(0, 10, 300)
-    r = regression_report(y, f)
-    assert r["mae"] == pytest.approx(mean_absolute_error(y, f))
-    assert r["rmse"] == pytest.approx(np.sqrt(np.mean((y - f) ** 2)))
-    assert r["r2"] == pytest.approx(r2_score(y, f))
+    r = task_report("regression", y, f, n_bootstrap=200)
+    assert r["mae"]["estimate"] == pytest.approx(mean_absolute_error(y, f))
+    assert r["rmse"]["estimate"] == pytest.approx(np.sqrt(np.mean((y - f) ** 2)))
+    assert r["r2"]["estimate"] == pytest.approx(r2_score(y, f))
+    assert r["calibration_slope"] == pytest.approx(np.polyfit(f, y, 1)[0])
+    # 30 subjects with 10 near-identical rows each: resampling rows would pretend there are 300 independent ones
+    subjects = np.repeat(np.arange(30), 10)
+    y_hourly = np.repeat(rng.gamma(2, 20, 30), 10) + rng.normal(0, 1, 300)
+    f_hourly = y_hourly + np.repeat(rng.normal(0, 10, 30), 10)
+    by_row = task_report("regression", y_hourly, f_hourly, n_bootstrap=300)["mae"]
+    by_subject = task_report("regression", y_hourly, f_hourly, n_bootstrap=300, clusters=subjects)["mae"]
+    assert by_subject["ci_upper"] - by_subject["ci_lower"] > 2 * (by_row["ci_upper"] - by_row["ci_lower"])
 
 
 def test_plots_are_valid_png_written_atomically(tmp_path):

@@ -102,7 +102,7 @@ def test_saved_pretrained_card_is_hub_valid_and_complete(pretrained, synthetic_m
 
 
 def test_evaluated_card_carries_a_model_index_with_intervals_and_subgroups(pretrained):
-    from ehr_transformer.evaluation.report import binary_classification_report
+    from ehr_transformer.evaluation.report import task_report
 
     rng = np.random.default_rng(0)
     y = (rng.random(400) < 0.2).astype(int)
@@ -111,7 +111,7 @@ def test_evaluated_card_carries_a_model_index_with_intervals_and_subgroups(pretr
         "sex": np.where(rng.random(400) < 0.5, "F", "M"),
         "age_band": np.where(rng.random(400) < 0.5, "18-64", "65+"),
     }
-    report = binary_classification_report(y, p, n_bootstrap=50, groups=groups)
+    report = task_report("binary", y, p, n_bootstrap=50, groups=groups)
     tokenizer = EHREventTokenizer.from_pretrained(pretrained)
     config = EHRTransformerConfig.from_pretrained(pretrained)
     text = render_model_card(

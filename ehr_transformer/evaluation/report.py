@@ -163,20 +163,6 @@ def task_report(
     return report
 
 
-def binary_classification_report(
-    y_true,
-    y_prob,
-    n_bootstrap: int = 1000,
-    seed: int = 0,
-    groups: Mapping[str, object] | None = None,
-    alpha: float = 0.05,
-    clusters=None,
-) -> dict:
-    """`task_report("binary", ...)`: AUROC/AUPRC with bootstrap intervals (None when undefined: one class, no
-    positives), Brier, ECE (10 equal-width bins), n, n_positive, prevalence, overall and per subgroup."""
-    return task_report("binary", y_true, y_prob, n_bootstrap, seed, groups, alpha, clusters)
-
-
 def _group_labels(group_values, n: int, group_name: str) -> np.ndarray:
     values = np.asarray(list(group_values), dtype=object).reshape(-1)
     if values.shape[0] != n:
@@ -186,24 +172,6 @@ def _group_labels(group_values, n: int, group_name: str) -> np.ndarray:
         missing = v is None or (isinstance(v, float) and np.isnan(v))
         out[i] = "unknown" if missing else str(v)
     return out
-
-
-def regression_report(y_true, y_pred) -> dict:
-    """Mean absolute error, root mean squared error and R² (1 - SSE/SST; NaN if y_true is constant)."""
-    y = np.asarray(y_true, dtype=np.float64).reshape(-1)
-    f = np.asarray(y_pred, dtype=np.float64).reshape(-1)
-    if y.shape != f.shape:
-        raise ValueError(f"y_pred has {f.size} values but y_true has {y.size}")
-    if y.size == 0:
-        raise ValueError("regression_report needs at least one sample")
-    err = f - y
-    sst = float(np.sum((y - y.mean()) ** 2))
-    return {
-        "n": int(y.size),
-        "mae": float(np.mean(np.abs(err))),
-        "rmse": float(np.sqrt(np.mean(err**2))),
-        "r2": float(1.0 - np.sum(err**2) / sst) if sst > 0 else float("nan"),
-    }
 
 
 def evaluate_checkpoint(
@@ -509,8 +477,6 @@ __all__ = [
     "TASK_METRICS",
     "task_report",
     "prediction_task",
-    "binary_classification_report",
-    "regression_report",
     "evaluate_checkpoint",
     "baseline_training_labels",
     "fit_baseline_and_predict",
