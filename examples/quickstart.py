@@ -11,7 +11,7 @@ schedule in `TrainingArguments`.
 import argparse
 from pathlib import Path
 
-from transformers import AutoModelForSequenceClassification, TrainingArguments
+from transformers import AutoModelForSequenceClassification
 
 from ehr_transformer import EHREventTokenizer
 from ehr_transformer.data.dataset import build_labeled_dataset
@@ -23,6 +23,7 @@ from ehr_transformer.training.arguments import (
     FinetuningArguments,
     ModelArguments,
     PretrainingArguments,
+    recipe_training_arguments,
 )
 from ehr_transformer.training.finetune import finetune
 from ehr_transformer.training.pretrain import pretrain
@@ -35,19 +36,18 @@ out = Path(args.output_dir)
 
 data = write_synthetic_meds(out / "meds", n_subjects=args.num_subjects, seed=0, overwrite=True)
 labels = data / "labels" / "in_hospital_mortality.parquet"
-common = dict(per_device_train_batch_size=32, learning_rate=1e-3, save_strategy="no", report_to=[], seed=0)
 
 pretrain(
     DataArguments(data_dir=str(data), max_length=256),
     ModelArguments(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
     PretrainingArguments(),
-    TrainingArguments(str(out / "pretrained"), num_train_epochs=4, **common),
+    recipe_training_arguments(out / "pretrained", "pretrain", seed=0),
 )
 finetune(
     DataArguments(data_dir=str(data), labels=str(labels)),
     ModelArguments(model_name_or_path=str(out / "pretrained")),
     FinetuningArguments(),
-    TrainingArguments(str(out / "finetuned"), num_train_epochs=4, eval_strategy="epoch", **common),
+    recipe_training_arguments(out / "finetuned", "finetune", seed=0),
 )
 print(
     format_report(evaluate_checkpoint(out / "finetuned", data, labels, split="held_out", baseline="logistic"))

@@ -148,7 +148,8 @@ def wide_to_meds(
     outc = _check_stay_id(outc, names["outc"])
     if label_column not in outc.columns:
         raise _error(names["outc"], label_column, f"missing label column (columns are {outc.columns})")
-    _numeric_columns(outc, [label_column], names["outc"])
+    if label_type != "categorical":  # a text outcome is a categorical label, anything else numeric
+        _numeric_columns(outc, [label_column], names["outc"])
 
     anchor_lit = pl.lit(anchor, dtype=pl.Datetime("us"))
     # dynamic measurements: wide -> long, one event per non-null value

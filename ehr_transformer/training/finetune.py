@@ -136,7 +136,7 @@ def finetune(
     task_type = data_args.task_type
     classes = None
     if len(sources) > 1 or (task_type and "," in task_type):
-        _, names, types = join_task_labels(sources)
+        joined, names, types = join_task_labels(sources)
         if task_type:
             types = [t.strip() for t in task_type.split(",")]
             if len(types) != len(names) or not set(types) <= {"binary", "regression"}:
@@ -144,6 +144,8 @@ def finetune(
                     f"--task_type {task_type!r}: give 'binary' or 'regression' for each of the {len(names)} tasks "
                     f"{names}, comma-separated in --task order"
                 )
+            for name, kind in zip(names, types, strict=True):  # never binary loss on continuous targets
+                infer_task_type(joined.select(pl.col(name).alias("float_value")), "float_value", kind, name)
         head = {"task_names": names, "task_types": types, "num_labels": len(names), "problem_type": None}
         labels, compute_metrics = sources, multitask_metrics(names, types)
         objective = "multitask: mean over tasks of BCE (binary) / MSE (regression), missing labels ignored"
