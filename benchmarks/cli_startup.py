@@ -20,6 +20,7 @@ COMMANDS = [
     "quickstart",
     "synthetic",
     "convert-wide",
+    "convert-long",
     "pretrain",
     "finetune",
     "evaluate",
