@@ -463,7 +463,11 @@ def _strategies():
             outc["time"] = [
                 dt.timedelta(hours=h) for h in draw(st.lists(st.integers(0, 30), min_size=k, max_size=k))
             ]
-        return {"dyn": dyn, "sta": sta, "outc": pl.DataFrame(outc, strict=False), "task": task}
+        # mortality24: one label per stay at 24 h; los: per time; other: per stay without a prediction time
+        hours = 24 if task == "mortality24" else None
+        label_type = draw(st.sampled_from(["auto", "auto", "boolean", "float"]))
+        outc_frame = pl.DataFrame(outc, strict=False)
+        return {"dyn": dyn, "sta": sta, "outc": outc_frame, "hours": hours, "label_type": label_type}
 
     @st.composite
     def tokenizer_case(draw):
@@ -657,7 +661,11 @@ def _run(target: str, payload, tmp: Path) -> str:
     if target == "wide_to_meds":
         try:
             events, labels = wide_to_meds(
-                payload["dyn"], payload["sta"], payload["outc"], task=payload["task"]
+                payload["dyn"],
+                payload["sta"],
+                payload["outc"],
+                prediction_hours=payload["hours"],
+                label_type=payload["label_type"],
             )
         except Exception as error:  # noqa: BLE001
             return _check_error(error, ["dyn", "sta", "outc"])

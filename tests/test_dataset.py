@@ -149,7 +149,8 @@ def test_label_without_any_event_before_prediction_time_is_dropped(tmp_path, tok
         {"subject_id": [0, 1], "prediction_time": [hours(1), hours(1)], "integer_value": [2, 3]}
     )
     ds = build_labeled_dataset(meds, labels, tokenizer, cache_dir=tmp_path / "cache")
-    assert ds["subject_id"] == [1] and ds["labels"] == [3]
+    # integer labels 2 and 3 are a multi-class task: stored as class indices of the sorted classes ["2", "3"]
+    assert ds["subject_id"] == [1] and ds["labels"] == [1]
     assert ds.features["labels"].dtype == "int64"
     assert build_stats(ds)["n_dropped_no_events_before_prediction_time"] == 1
 

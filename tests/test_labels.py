@@ -90,14 +90,21 @@ def test_meds_04_label_schema_all_value_columns_null_or_not():
         validate_labels(frame.with_columns(pl.lit(None, dtype=pl.Float64).alias("float_value")))
 
 
-def test_categorical_labels_are_read_but_not_trained(tmp_path):
-    from ehr_transformer.data.labels import _resolve_label_column
+def test_categorical_labels_are_a_multiclass_task_with_named_classes(tmp_path):
+    from ehr_transformer.data.labels import _resolve_label_column, infer_task_type, label_classes
 
     frame = validate_labels(
-        pl.DataFrame({"subject_id": [1], "prediction_time": [T0], "categorical_value": ["sepsis"]})
+        pl.DataFrame(
+            {
+                "subject_id": [1, 2, 3],
+                "prediction_time": [T0] * 3,
+                "categorical_value": ["sepsis", "none", "sepsis"],
+            }
+        )
     )
-    with pytest.raises(ValueError, match="labels in categorical_value are read but cannot be trained"):
-        _resolve_label_column(frame, None)
+    column = _resolve_label_column(frame, None)
+    assert column == "categorical_value" and infer_task_type(frame, column) == "multiclass"
+    assert label_classes(frame, column) == ["none", "sepsis"]
 
 
 def test_prediction_times_without_labels_only_when_asked(tmp_path):
