@@ -7,12 +7,16 @@ Both models have the same hidden size, layers, heads, feed-forward width and voc
 step = forward + backward + AdamW step. The two are measured in one run, alternating, and each figure is the
 median over `--repeats` rounds. Throughput counts real (non-padding) events per second.
 
-Two length distributions:
+Three length distributions:
 - equal_lengths: every sample has 512 events;
 - long_tailed: sample lengths of the real eICU demo stays (events per stay in the mortality24 and los cohorts of
   ../shared/data/yaib_demo, capped at 512); where that data is absent, a log-normal with the same median and
-  99th percentile as measured on it (see LOGNORMAL_FALLBACK).
+  99th percentile as measured on it (see LOGNORMAL_FALLBACK);
+- many_short: batches of `--many_short_batch_size` (128) short timelines, log-normal lengths with median 30 and
+  99th percentile 150 (MANY_SHORT), the case of the batched variable-length attention.
 Batches are drawn at random (not grouped by length), padded to their longest sample, as a user's DataLoader would.
+Each hidden size of `--hidden_size` (128 and 256) is measured in the same run; the first one's results are at the
+top level of the JSON, the others under `hidden_<size>`.
 """
 
 from __future__ import annotations
@@ -35,6 +39,13 @@ MAX_LENGTH = 512
 # Median and 99th percentile of events per stay in the eICU demo mortality24 + los cohorts, measured with
 # `sample_lengths` on 2026-11-22; used only where ../shared/data is absent.
 LOGNORMAL_FALLBACK = {"median": 203.0, "p99": 512.0}
+# Many short timelines (e.g. one admission's first hours): the lengths of the many_short case.
+MANY_SHORT = {"median": 30.0, "p99": 150.0}
+
+
+def lognormal_lengths(median: float, p99: float, n: int, rng: np.random.Generator) -> np.ndarray:
+    sigma = math.log(p99 / median) / 2.326
+    return rng.lognormal(math.log(median), sigma, size=n).round().clip(8, MAX_LENGTH).astype(int)
 
 
 def sample_lengths(data: Path | None, n: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
@@ -56,9 +67,7 @@ def sample_lengths(data: Path | None, n: int, rng: np.random.Generator) -> tuple
     if counts:
         pool = np.minimum(np.concatenate(counts), MAX_LENGTH)
         return rng.choice(pool, size=n), f"eICU demo stays from {data}"
-    median, p99 = LOGNORMAL_FALLBACK["median"], LOGNORMAL_FALLBACK["p99"]
-    sigma = math.log(p99 / median) / 2.326
-    lengths = rng.lognormal(math.log(median), sigma, size=n).round().clip(8, MAX_LENGTH).astype(int)
+    lengths = lognormal_lengths(LOGNORMAL_FALLBACK["median"], LOGNORMAL_FALLBACK["p99"], n, rng)
     return lengths, "log-normal fallback (data absent)"
 
 
@@ -87,25 +96,25 @@ def make_batches(lengths: np.ndarray, batch_size: int, vocab_size: int, seed: in
     return batches
 
 
-def build_models(args, vocab_size: int):
+def build_models(args, vocab_size: int, hidden_size: int):
     torch.manual_seed(0)
     ours = EHRTransformerForMaskedEventModeling._from_config(
         EHRTransformerConfig(
             vocab_size=vocab_size,
-            hidden_size=args.hidden_size,
+            hidden_size=hidden_size,
             num_hidden_layers=args.layers,
             num_attention_heads=args.heads,
-            intermediate_size=4 * args.hidden_size,
+            intermediate_size=4 * hidden_size,
         ),
         attn_implementation="sdpa",
     )
     bert = BertForMaskedLM._from_config(
         BertConfig(
             vocab_size=vocab_size,
-            hidden_size=args.hidden_size,
+            hidden_size=hidden_size,
             num_hidden_layers=args.layers,
             num_attention_heads=args.heads,
-            intermediate_size=4 * args.hidden_size,
+            intermediate_size=4 * hidden_size,
             max_position_embeddings=MAX_LENGTH,
             hidden_dropout_prob=0.1,
             attention_probs_dropout_prob=0.0,
@@ -172,39 +181,28 @@ def compare(measure, models, batches, repeats: int) -> dict:
     return {"ours": ours, "bert": bert, "ratio": ours / bert, "rounds": rounds}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", default="throughput.json")
-    parser.add_argument(
-        "--data", default=None, help="YAIB demo cohorts (default: ../shared/data/yaib_demo where present)"
-    )
-    parser.add_argument("--hidden_size", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--vocab_size", type=int, default=1024)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--batches", type=int, default=6, help="batches per measurement round")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
-    command = common.command_line("throughput", argv)
-    started = time.perf_counter()
-    torch.set_num_threads(args.threads)
-    data = Path(args.data) if args.data else common.shared_data("yaib_demo")
-    rng = np.random.default_rng(0)
-    models = build_models(args, args.vocab_size)
+def training_cases(args, models, data, rng) -> dict:
+    """Training throughput of ours and BERT on the three length distributions."""
     n = args.batch_size * args.batches
-
-    results: dict = {}
     long_lengths, source = sample_lengths(data, n, rng)
-    for name, lengths in (("equal_lengths", np.full(n, MAX_LENGTH)), ("long_tailed", long_lengths)):
-        batches = make_batches(lengths, args.batch_size, args.vocab_size, seed=1)
+    short_lengths = lognormal_lengths(
+        MANY_SHORT["median"], MANY_SHORT["p99"], args.many_short_batch_size * args.many_short_batches, rng
+    )
+    cases = (
+        ("equal_lengths", np.full(n, MAX_LENGTH), args.batch_size),
+        ("long_tailed", long_lengths, args.batch_size),
+        ("many_short", short_lengths, args.many_short_batch_size),
+    )
+    results: dict = {}
+    for name, lengths, batch_size in cases:
+        batches = make_batches(lengths, batch_size, args.vocab_size, seed=1)
         train = compare(train_events_per_second, models, batches, args.repeats)
         padded = sum(b["attention_mask"].numel() for b in batches)
         results[name] = {
             "ours_events_per_s": train["ours"],
             "bert_events_per_s": train["bert"],
             "ratio": train["ratio"],
+            "batch_size": batch_size,
             "real_event_share_of_padded_batches": sum(int(b["attention_mask"].sum()) for b in batches)
             / padded,
             "length_median": float(np.median(lengths)),
@@ -212,28 +210,72 @@ def main(argv: list[str] | None = None) -> None:
             "rounds": train["rounds"],
         }
         print(
-            f"{name:>14}: ours {train['ours']:9.0f} events/s  BERT {train['bert']:9.0f} events/s  ratio {train['ratio']:.2f}"
+            f"{name:>14}: ours {train['ours']:9.0f} events/s  BERT {train['bert']:9.0f} events/s  "
+            f"ratio {train['ratio']:.2f}"
         )
     results["long_tailed"]["length_source"] = source
-
-    inference_lengths, _ = sample_lengths(data, 128, rng)
-    batches = make_batches(inference_lengths, 64, args.vocab_size, seed=2)  # 2 batches of 64 patients
-    inference = compare(inference_patients_per_second, models, batches, args.repeats)
-    latency = {
-        name: single_patient_latency_ms(models[name], batches[0], name == "ours") for name in ("ours", "bert")
-    }
-    results["inference"] = {
-        "ours_patients_per_s": inference["ours"],
-        "bert_patients_per_s": inference["bert"],
-        "ratio": inference["ratio"],
-        "ours_single_patient_latency_ms": latency["ours"],
-        "bert_single_patient_latency_ms": latency["bert"],
-        "lengths": "long_tailed",
-    }
-    print(
-        f"     inference: ours {inference['ours']:.0f} patients/s  BERT {inference['bert']:.0f} patients/s  "
-        f"latency ours {latency['ours']:.1f} ms  BERT {latency['bert']:.1f} ms"
+    results["many_short"]["length_source"] = (
+        f"log-normal, median {MANY_SHORT['median']}, p99 {MANY_SHORT['p99']}"
     )
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", default="throughput.json")
+    parser.add_argument(
+        "--data", default=None, help="YAIB demo cohorts (default: ../shared/data/yaib_demo where present)"
+    )
+    parser.add_argument("--hidden_size", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab_size", type=int, default=1024)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--batches", type=int, default=6, help="batches per measurement round")
+    parser.add_argument("--many_short_batch_size", type=int, default=128)
+    parser.add_argument("--many_short_batches", type=int, default=2, help="many_short batches per round")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    command = common.command_line("throughput", argv)
+    started = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    data = Path(args.data) if args.data else common.shared_data("yaib_demo")
+
+    results: dict = {}
+    parameters = {}
+    for i, hidden_size in enumerate(args.hidden_size):
+        print(f"hidden size {hidden_size}")
+        rng = np.random.default_rng(0)
+        models = build_models(args, args.vocab_size, hidden_size)
+        parameters[str(hidden_size)] = {
+            name: sum(p.numel() for p in m.parameters()) for name, m in models.items()
+        }
+        cases = training_cases(args, models, data, rng)
+        if i > 0:
+            results[f"hidden_{hidden_size}"] = cases
+            continue
+        results.update(cases)
+        inference_lengths, _ = sample_lengths(data, 128, rng)
+        batches = make_batches(inference_lengths, 64, args.vocab_size, seed=2)  # 2 batches of 64 patients
+        inference = compare(inference_patients_per_second, models, batches, args.repeats)
+        latency = {
+            name: single_patient_latency_ms(models[name], batches[0], name == "ours")
+            for name in ("ours", "bert")
+        }
+        results["inference"] = {
+            "ours_patients_per_s": inference["ours"],
+            "bert_patients_per_s": inference["bert"],
+            "ratio": inference["ratio"],
+            "ours_single_patient_latency_ms": latency["ours"],
+            "bert_single_patient_latency_ms": latency["bert"],
+            "lengths": "long_tailed",
+            "hidden_size": hidden_size,
+        }
+        print(
+            f"     inference: ours {inference['ours']:.0f} patients/s  BERT {inference['bert']:.0f} patients/s  "
+            f"latency ours {latency['ours']:.1f} ms  BERT {latency['bert']:.1f} ms"
+        )
     results["meta"] = {
         **common.metadata(command, started, args.threads),
         "settings": {
@@ -243,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": {
             k: getattr(args, k) for k in ("hidden_size", "layers", "heads", "vocab_size", "batch_size")
         },
-        "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()},
+        "parameters": parameters,
     }
     write_json(args.output, results)
 

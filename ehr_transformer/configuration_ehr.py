@@ -67,9 +67,13 @@ class EHRTransformerConfig(PreTrainedConfig):
             Compute masked-event logits only at masked positions (labels != -100) during training: the
             vocabulary projection of the ~85% unmasked positions is never computed.
         unpad_inputs (`bool`, defaults to `True`):
-            Run every per-event layer (embeddings, projections, feed-forward, norms) on the real events only and
-            pad just for attention, so the padding of long-tailed batches costs no feed-forward compute. Outputs
-            are identical either way (to floating-point tolerance).
+            Run every per-event layer (embeddings, projections, feed-forward, norms) on the real events only, and
+            attention as one variable-length operation over each subject's own events (flash varlen kernels with
+            `cu_seqlens`, FlexAttention with a block mask, or length-bucketed batched calls for sdpa and eager, as
+            `attn_implementation` chooses), so padding costs no compute. Returning attention weights and tracing
+            (`torch.export`, `torch.compile`) run the padded batch with a mask instead. Outputs are identical
+            either way (to floating-point tolerance); packed rows (an attention mask numbering the subjects of a
+            row 1, 2, ...) are honoured by both.
         pretraining_objectives (`list[str]`, defaults to `("code", "value")`):
             Objectives of [`EHRTransformerForMaskedEventModeling`], among `"code"` (masked code prediction),
             `"value"` (masked value reconstruction), `"time"` (masked time-gap reconstruction) and `"feature"`
@@ -92,6 +96,11 @@ class EHRTransformerConfig(PreTrainedConfig):
         task_types (`list[str]`, *optional*):
             `"binary"` (BCE on the logit; predictions are probabilities) or `"regression"` (MSE) for each of
             `task_names`; required with them. Missing labels (NaN) of a task are ignored by its loss.
+        regression_target_scale (`list[list[float]]`, *optional*):
+            `[shift, scale]` per output: a regression output is `shift + scale * classifier(pooled)` and its loss
+            the squared error divided by `scale**2`, so the head learns unit-sized weights whatever the target's
+            units (hours of stay, dollars). Set by `finetune` to the training targets' mean and standard
+            deviation; ignored for binary and multi-class outputs. None = `[0, 1]` everywhere.
         pad_token_id, unk_token_id, mask_token_id, cls_token_id (`int`):
             Ids of the tokenizer's special tokens (0, 1, 2, 3).
         tie_word_embeddings (`bool`, defaults to `True`):
@@ -146,6 +155,7 @@ class EHRTransformerConfig(PreTrainedConfig):
     temperature: float | int = 1.0
     task_names: list[str] | None = None
     task_types: list[str] | None = None
+    regression_target_scale: list[list[float]] | None = None
     pad_token_id: int | None = 0
     unk_token_id: int = 1
     mask_token_id: int = 2

@@ -25,6 +25,8 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
+from transformers.utils.import_utils import is_torchdynamo_compiling
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_ehr import EHRTransformerConfig
 
@@ -43,7 +45,8 @@ class ContinuousEmbedding(nn.Module):
         super().__init__()
         self.num_frequencies, self.max_period = num_frequencies, max_period
         self.register_buffer("angular_frequencies", self.compute_frequencies(), persistent=False)
-        self.proj = nn.Linear(2 * num_frequencies, hidden_size)
+        # float32 whatever the default dtype: see `_keep_in_fp32_modules_strict`
+        self.proj = nn.Linear(2 * num_frequencies, hidden_size, dtype=torch.float32)
 
     def compute_frequencies(self) -> torch.Tensor:
         periods = torch.logspace(0, math.log10(self.max_period), self.num_frequencies)  # (F,)
@@ -85,13 +88,24 @@ class EHRTransformerEmbeddings(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         values: torch.Tensor | None = None,
         times: torch.Tensor | None = None,
         ages: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        embeddings = self.code_embeddings(input_ids)  # (B, L, H)
+        """`inputs_embeds` (`(B, L, H)` or `(N, H)`) replaces the code embedding lookup, as in BERT; `input_ids` then
+        only selects each value's per-code direction, so values need them (without values, ids are optional)."""
+        if inputs_embeds is None:
+            embeddings = self.code_embeddings(input_ids)  # (B, L, H)
+        else:
+            embeddings = inputs_embeds
         if values is not None:
+            if input_ids is None:
+                raise ValueError(
+                    "values need input_ids beside inputs_embeds: each value is embedded along its code's own "
+                    "direction (code_value_embeddings)"
+                )
             has_value = ~torch.isnan(values)  # (B, L)
             value_input = torch.where(has_value, values, 0.0).unsqueeze(-1).to(embeddings.dtype)  # (B, L, 1)
             value_embeddings = self.value_embeddings(value_input) + value_input * self.code_value_embeddings(
@@ -101,7 +115,9 @@ class EHRTransformerEmbeddings(nn.Module):
         for x, embed in ((times, self.time_embeddings), (ages, self.age_embeddings)):
             if x is not None:
                 known = ~torch.isnan(x)  # (B, L)
-                embeddings = embeddings + embed(torch.where(known, x, 0.0)) * known.unsqueeze(-1)  # (B, L, H)
+                continuous = embed(torch.where(known, x, 0.0)).to(embeddings.dtype)  # from float32 (see
+                # `_keep_in_fp32_modules_strict`) to the model's dtype
+                embeddings = embeddings + continuous * known.unsqueeze(-1)  # (B, L, H)
         return self.dropout(self.norm(embeddings))  # (B, L, H)
 
 
@@ -115,7 +131,7 @@ def eager_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain attention; `attention_mask` is additive, (B, 1, L, L). Returns (B, L, heads, head_dim)."""
+    """Plain attention; `attention_mask` is additive, (B, 1, L, L) or (B, 1, 1, L). Returns (B, L, heads, head_dim)."""
     attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, heads, L, L)
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask
@@ -125,35 +141,242 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+def segment_attention_mask(attention_mask: torch.Tensor, dtype: torch.dtype, additive: bool) -> torch.Tensor:
+    """(B, L) mask of 0 for padding and a segment id > 0 per subject -> (B, 1, L, L): an event attends to the events
+    of its own segment only (one subject per row: the padding mask; packed rows: block-diagonal). Boolean (True =
+    attend), or additive (0 / dtype's minimum) for eager attention. No data-dependent shape: it traces."""
+    segments = attention_mask.long()  # (B, L)
+    real_key = segments[:, None, :] != 0  # (B, 1, L)
+    # a padding query may look at any real key, and a row without real events at everything (finite, never read)
+    same = (segments[:, :, None] == segments[:, None, :]) | (segments[:, :, None] == 0)  # (B, L, L)
+    allowed = (same & real_key) | ~real_key.any(dim=-1, keepdim=True)  # (B, L, L)
+    allowed = allowed[:, None]  # (B, 1, L, L)
+    if not additive:
+        return allowed
+    return torch.zeros((), dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+# The cost of one more attention call, in units of attention work on one event pair (l^2 for a subject of
+# length l), by device type: the length buckets of the sdpa/eager padding-free path trade padded work against
+# calls with it (0 = one call per subject). CPU: measured in one process against the earlier per-subject loop on
+# the batches of benchmarks/throughput.py (2 cores, hidden 128): 16384 gave 1.08-1.09x on many-short batches and
+# 0.93-0.98x on long-tailed ones; 0 gave 0.72-0.79x on many-short. CUDA: a guess (a launch costs more than the
+# attention work it saves on short subjects), not yet measured.
+BUCKET_CALL_COST = {"cpu": 16384, "cuda": 262144}
+# Extra cost of a bucket of unequal lengths (a key padding mask, gathered rows), as a share of its padded work.
+BUCKET_MASK_COST = 0.0
+
+
+def length_buckets(
+    lengths: list[int], call_cost: float, mask_cost: float = BUCKET_MASK_COST
+) -> list[list[int]]:
+    """Groups of subjects (indices into `lengths`) of similar length, for batched attention: the partition of the
+    subjects sorted by length that minimises padded attention work (each group padded to its longest, `b * m^2`,
+    times `1 + mask_cost` where its lengths differ) plus `call_cost` per group; a dynamic program over the
+    distinct lengths, computed once per batch on the host.
+    """
+    by_length = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    distinct = sorted(set(lengths), reverse=True)  # u_0 > u_1 > ...
+    if len(distinct) > 512:  # keep the program small: round lengths up to 512 levels
+        step = distinct[0] / 512
+        distinct = sorted({math.ceil(math.ceil(n / step) * step) for n in lengths}, reverse=True)
+    counts = [0] * len(distinct)
+    level = {}
+    k = 0
+    for i in by_length:
+        while k + 1 < len(distinct) and lengths[i] <= distinct[k + 1]:
+            k += 1
+        counts[k] += 1
+        level[i] = k
+    # best[j]: least cost of the groups covering levels < j; first[j]: where the last of those groups starts
+    best, first = [0.0] + [math.inf] * len(distinct), [0] * (len(distinct) + 1)
+    for end in range(1, len(distinct) + 1):
+        members = 0
+        for start in range(end - 1, -1, -1):
+            members += counts[start]
+            work = members * distinct[start] ** 2 * (1 + mask_cost if start < end - 1 else 1)
+            cost = best[start] + work + call_cost
+            if cost < best[end]:
+                best[end], first[end] = cost, start
+    cuts, end = [], len(distinct)
+    while end > 0:
+        cuts.append(first[end])
+        end = first[end]
+    cuts = sorted(cuts)  # the first level of each group
+    groups = [[] for _ in cuts]
+    g = 0
+    for i in by_length:
+        while g + 1 < len(cuts) and level[i] >= cuts[g + 1]:
+            g += 1
+        groups[g].append(i)
+    return groups
+
+
 @dataclass
 class Unpadding:
-    """Where the N real events of a padded (B, L) batch sit. Every per-event layer (embeddings, projections,
-    feed-forward, norms) runs on (N, H) and skips the padding. Attention runs per subject on its own l_i events
-    (`varlen`, cost sum(l_i^2) instead of B * L^2), or, to return attention weights, on the padded (B, L) batch."""
+    """Where the N real events of a padded (B, L) batch sit, and which subject each belongs to. Every per-event layer
+    (embeddings, projections, feed-forward, norms) runs on (N, H) and skips the padding; attention runs over each
+    subject's own events as one batched variable-length operation (see `varlen_attention`).
+
+    A subject is a run of equal non-zero `attention_mask` values in a row: 1 everywhere for one subject per row, or
+    1, 2, 3, ... for several subjects packed into a row (sequence packing); attention never crosses subjects.
+    Built once per batch (the only host synchronisation of the forward pass) and shared by every layer."""
 
     indices: torch.Tensor  # (N,) positions of real events in the flattened (B * L) batch
     batch_size: int
     seq_len: int
-    lengths: list[int]  # l_i, real events of each subject, sum = N
-    varlen: bool = True
+    cu_seqlens: torch.Tensor  # (S + 1,) int32, start of each of the S subjects in the N events, then N
+    max_seqlen: int  # longest subject
+    identity: bool  # no padding and one subject per row: unpad and pad are reshapes
+    buckets: list[tuple]  # see `from_mask`
+    order: torch.Tensor | None  # (N,) inverse of the bucket concatenation order; None if it is the identity
+    block_mask: object | None = None  # FlexAttention's BlockMask, built on first use
 
     @classmethod
-    def from_mask(cls, attention_mask: torch.Tensor, varlen: bool = True) -> "Unpadding":
-        indices = attention_mask.flatten().nonzero(as_tuple=True)[0]
-        return cls(indices, *attention_mask.shape, attention_mask.sum(dim=1).tolist(), varlen)
+    def from_mask(cls, attention_mask: torch.Tensor, bucketed: bool = True) -> "Unpadding":
+        """Subjects are grouped into a few buckets of similar length (`length_buckets`), so that attention is a
+        handful of batched calls with little padding, and no call per subject. A bucket is
+        `(source, (b, m), slots, key_mask)`: `source` selects b * m rows of the N events (a slice where the bucket
+        is b consecutive subjects of length m, else an index tensor, a subject's first event standing in where it
+        is shorter than m), `slots` `(n_b,)` are the real ones among them and `key_mask` `(b, 1, 1, m)` masks the
+        others (both None for a slice). Without `bucketed` (flash, flex) no bucket is planned."""
+        batch_size, seq_len = attention_mask.shape
+        flat = attention_mask.reshape(-1)  # (B * L,)
+        indices = flat.nonzero(as_tuple=True)[0]  # (N,)
+        n = indices.numel()
+        segment, row = flat[indices], torch.div(indices, seq_len, rounding_mode="floor")  # (N,), (N,)
+        is_start = torch.ones(n, dtype=torch.bool, device=flat.device)
+        is_start[1:] = (segment[1:] != segment[:-1]) | (row[1:] != row[:-1])
+        starts = is_start.nonzero(as_tuple=True)[0]  # (S,)
+        cu_seqlens = torch.cat([starts, starts.new_tensor([n])]).to(torch.int32)  # (S + 1,)
+        lengths = cu_seqlens.diff()  # (S,)
+        lengths_host = lengths.tolist()
+        max_seqlen = max(lengths_host, default=0)
+        identity = n == batch_size * seq_len and len(lengths_host) == batch_size
+        buckets, order = [], None
+        if identity:
+            buckets.append((slice(0, n), (batch_size, seq_len), None, None))  # the (B, L) batch itself
+        elif n and bucketed:  # flash and flex kernels take the packed events as they are
+            device = flat.device
+            starts_host = [0]
+            for length in lengths_host[:-1]:
+                starts_host.append(starts_host[-1] + length)
+            positions = []
+            call_cost = BUCKET_CALL_COST.get(device.type, BUCKET_CALL_COST["cuda"])
+            if call_cost:
+                groups = [sorted(g) for g in length_buckets(lengths_host, call_cost, BUCKET_MASK_COST)]
+            else:
+                groups = [[i] for i in range(len(lengths_host))]
+            for group in groups:
+                m = max(lengths_host[i] for i in group)
+                if all(lengths_host[i] == m for i in group) and group[-1] - group[0] == len(group) - 1:
+                    start = starts_host[group[0]]  # consecutive subjects of one length: a view
+                    buckets.append((slice(start, start + len(group) * m), (len(group), m), None, None))
+                    positions.append(torch.arange(start, start + len(group) * m, device=device))
+                    continue
+                subjects = torch.tensor(group, device=device)  # (b,)
+                offsets = torch.arange(m, device=device)  # (m,)
+                valid = offsets[None, :] < lengths[subjects][:, None]  # (b, m)
+                gather = starts[subjects][:, None] + torch.where(valid, offsets[None, :], 0)  # (b, m)
+                slots = valid.flatten().nonzero(as_tuple=True)[0]  # (n_b,) real slots among the b * m
+                buckets.append((gather.flatten(), (len(group), m), slots, valid[:, None, None, :]))
+                positions.append(gather.flatten()[slots])
+            positions = torch.cat(positions)  # (N,) bucket order -> event
+            if not torch.equal(positions, torch.arange(n, device=device)):
+                order = torch.empty_like(positions).index_copy_(0, positions, torch.arange(n, device=device))
+        return cls(indices, batch_size, seq_len, cu_seqlens, max_seqlen, identity, buckets, order)
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, ...) -> (N, ...)"""
-        return x.reshape(self.batch_size * self.seq_len, *x.shape[2:])[self.indices]
+        flat = x.reshape(self.batch_size * self.seq_len, *x.shape[2:])
+        return flat if self.identity else flat.index_select(0, self.indices)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """(N, ...) -> (B, L, ...), zeros at padding."""
-        out = x.new_zeros(self.batch_size * self.seq_len, *x.shape[1:]).index_copy(0, self.indices, x)
-        return out.view(self.batch_size, self.seq_len, *x.shape[1:])
+        if not self.identity:
+            x = x.new_zeros(self.batch_size * self.seq_len, *x.shape[1:]).index_copy(0, self.indices, x)
+        return x.view(self.batch_size, self.seq_len, *x.shape[1:])
+
+    def get_block_mask(self, device: torch.device):
+        """FlexAttention's block mask over the N packed events: attention within a subject only."""
+        if self.block_mask is None:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            n = int(self.cu_seqlens[-1])
+            subject = torch.zeros(n, dtype=torch.int32, device=device)
+            subject[self.cu_seqlens[1:-1].long()] = 1
+            subject = subject.cumsum(0)  # (N,) subject of each event
+
+            def same_subject(b, h, q_idx, kv_idx):
+                return subject[q_idx] == subject[kv_idx]
+
+            self.block_mask = create_block_mask(same_subject, None, None, n, n, device=device)
+        return self.block_mask
+
+
+def varlen_attention(
+    module: nn.Module,
+    qkv: torch.Tensor,
+    unpadding: Unpadding,
+    attention_interface: Callable,
+    implementation: str,
+    dropout: float,
+    **kwargs,
+) -> torch.Tensor:
+    """Attention of each subject over its own events, for all subjects at once: `qkv` `(N, 3, heads, d)` ->
+    `(N, heads * d)`. No host synchronisation (the plan is in `unpadding`), and a loop over buckets at most.
+
+    - `flash_attention_*` (and kernels of the same interface): the varlen kernel on the packed events with
+      `cu_seqlens`, as `transformers` runs packed sequences;
+    - `flex_attention`: FlexAttention over the packed events with a block-diagonal block mask;
+    - anything else (`sdpa`, `eager`, ...): the subjects in length buckets, each one batched call of the
+      attention function with a key padding mask (see `Unpadding.from_mask` and `BUCKET_CALL_COST`).
+    """
+    n, _, heads, head_dim = qkv.shape
+    scaling = head_dim**-0.5
+    if "flash" in implementation or "flex" in implementation:
+        packed = qkv.permute(1, 2, 0, 3).unsqueeze(1)  # (3, 1, heads, N, d): one row of N events
+        query, key, value = packed.unbind(0)  # each (1, heads, N, d)
+        if "flex" in implementation:
+            mask, extra = unpadding.get_block_mask(qkv.device), {}
+        else:
+            mask = None
+            extra = dict(
+                cu_seq_lens_q=unpadding.cu_seqlens,
+                cu_seq_lens_k=unpadding.cu_seqlens,
+                max_length_q=unpadding.max_seqlen,
+                max_length_k=unpadding.max_seqlen,
+            )
+        out, _ = attention_interface(
+            module, query, key, value, mask, dropout=dropout, scaling=scaling, **extra, **kwargs
+        )
+        return out.reshape(n, heads * head_dim)  # (N, H)
+    additive = implementation == "eager"
+    outputs = []
+    for source, (b, m), slots, key_mask in unpadding.buckets:
+        # index_select rather than indexing: its backward (index_add) is the fast one on CPU
+        rows = (
+            qkv[source] if isinstance(source, slice) else qkv.index_select(0, source)
+        )  # (b * m, 3, heads, d)
+        if key_mask is not None and additive:
+            key_mask = torch.zeros((), dtype=qkv.dtype, device=qkv.device).masked_fill(
+                ~key_mask, torch.finfo(qkv.dtype).min
+            )
+        query, key, value = (
+            rows.view(b, m, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        )  # (b, heads, m, d)
+        out, _ = attention_interface(
+            module, query, key, value, key_mask, dropout=dropout, scaling=scaling, **kwargs
+        )  # (b, m, heads, d)
+        out = out.reshape(b * m, heads * head_dim)  # (b * m, H)
+        outputs.append(out if slots is None else out.index_select(0, slots))  # (n_b, H)
+    out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]  # (N, H), in bucket order
+    return out if unpadding.order is None else out.index_select(0, unpadding.order)
 
 
 class EHRTransformerAttention(nn.Module):
-    """Multi-head self-attention dispatched through `ALL_ATTENTION_FUNCTIONS` (eager, sdpa, flash)."""
+    """Multi-head self-attention dispatched through `ALL_ATTENTION_FUNCTIONS` (eager, sdpa, flash, flex): on the
+    padded batch with a mask, or, with `unpadding`, as one variable-length operation over the real events."""
 
     def __init__(self, config: EHRTransformerConfig, layer_idx: int):
         super().__init__()
@@ -173,25 +396,17 @@ class EHRTransformerAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         qkv = self.qkv(hidden_states)  # (B, L, 3H), or (N, 3H) with unpadding
+        implementation = self.config._attn_implementation or "eager"
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
+            implementation, eager_attention_forward
         )
         dropout = self.config.attention_dropout if self.training else 0.0
-        if unpadding is not None and unpadding.varlen:  # each subject attends over its own events, no mask
-            outputs = []
-            for subject_qkv in qkv.split(unpadding.lengths):  # (l_i, 3H)
-                q, k, v = (
-                    subject_qkv.view(1, -1, 3, self.config.num_attention_heads, self.head_dim)
-                    .transpose(1, 3)
-                    .unbind(2)
-                )
-                out, _ = attention_interface(
-                    self, q, k, v, None, dropout=dropout, scaling=self.head_dim**-0.5, **kwargs
-                )
-                outputs.append(out.reshape(subject_qkv.shape[0], -1))  # (l_i, H)
-            return self.out_proj(torch.cat(outputs)), None  # (N, H)
         if unpadding is not None:
-            qkv = unpadding.pad(qkv)  # (B, L, 3H)
+            qkv = qkv.view(qkv.shape[0], 3, -1, self.head_dim)  # (N, 3, heads, d)
+            out = varlen_attention(
+                self, qkv, unpadding, attention_interface, implementation, dropout, **kwargs
+            )
+            return self.out_proj(out), None  # (N, H)
         batch_size, seq_len, _ = qkv.shape
         qkv = qkv.view(batch_size, seq_len, 3, -1, self.head_dim)  # (B, L, 3, heads, d)
         query, key, value = qkv.transpose(1, 3).unbind(dim=2)  # each (B, heads, L, d)
@@ -199,8 +414,6 @@ class EHRTransformerAttention(nn.Module):
             self, query, key, value, attention_mask, dropout=dropout, scaling=self.head_dim**-0.5, **kwargs
         )
         attn_output = attn_output.reshape(batch_size, seq_len, -1)  # (B, L, H)
-        if unpadding is not None:
-            attn_output = unpadding.unpad(attn_output)  # (N, H)
         return self.out_proj(attn_output), attn_weights
 
 
@@ -217,7 +430,9 @@ class EHRTransformerMLP(nn.Module):
 
 
 class EHRTransformerLayer(GradientCheckpointingLayer):
-    """Pre-LN block: x + attn(LN(x)), then x + mlp(LN(x))."""
+    """Pre-LN block: x + attn(LN(x)), then x + mlp(LN(x)). With `unpadding` it runs on the (N, H) real events; given
+    a padded (B, L, H) input then (as when hidden states are collected), it unpads it and pads its output, so that
+    the collected (B, L, H) hidden states lie on the autograd path."""
 
     def __init__(self, config: EHRTransformerConfig, layer_idx: int):
         super().__init__()
@@ -233,15 +448,16 @@ class EHRTransformerLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         unpadding: Unpadding | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn_output, attn_weights = self.attn(
-            self.attn_norm(hidden_states), attention_mask, unpadding, **kwargs
-        )
+    ) -> torch.Tensor:
+        repad = unpadding is not None and hidden_states.dim() == 3
+        if repad:
+            hidden_states = unpadding.unpad(hidden_states)  # (N, H)
+        attn_output, _ = self.attn(self.attn_norm(hidden_states), attention_mask, unpadding, **kwargs)
         hidden_states = hidden_states + self.dropout(attn_output)  # (B, L, H) or (N, H)
         hidden_states = hidden_states + self.dropout(
             self.mlp(self.mlp_norm(hidden_states))
         )  # (B, L, H) or (N, H)
-        return hidden_states, attn_weights
+        return unpadding.pad(hidden_states) if repad else hidden_states
 
 
 class EHRTransformerPredictionHead(nn.Module):
@@ -266,7 +482,12 @@ class EHRTransformerPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["EHRTransformerEmbeddings", "EHRTransformerLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
+    _supports_flex_attn = True
     _supports_attention_backend = True
+    # Sinusoids of hours over 10 years need more mantissa bits than half precision has: time and age embeddings
+    # stay in float32 when the model is loaded in float16 or bfloat16 ("strict").
+    _keep_in_fp32_modules_strict = ["time_embeddings", "age_embeddings"]
+    _can_record_outputs = {"hidden_states": EHRTransformerLayer, "attentions": EHRTransformerAttention}
     # Losses are means over this process's targets; the Trainer must not rescale them by `num_items_in_batch`
     # (it would multiply them by the number of processes under data parallelism).
     accepts_loss_kwargs = False
@@ -280,6 +501,21 @@ class EHRTransformerPreTrainedModel(PreTrainedModel):
             "AutoModelForSequenceClassification": "modeling_ehr.EHRTransformerForSequenceClassification",
         }
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        """Resize every per-code table: the code embeddings (and the tied decoder, as in `transformers`) and the
+        per-code value directions `code_value_embeddings`, so new codes may carry values, and the model saves and
+        reloads at its new size."""
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        table = self.base_model.embeddings
+        vocab_size = embeddings.weight.shape[0]
+        if table.code_value_embeddings.weight.shape[0] != vocab_size:
+            resized = self._get_resized_embeddings(
+                table.code_value_embeddings, vocab_size, mean_resizing=mean_resizing
+            )
+            resized.padding_idx = table.code_value_embeddings.padding_idx
+            table.code_value_embeddings = resized
+        return embeddings
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
@@ -303,6 +539,12 @@ class EHRTransformerPreTrainedModel(PreTrainedModel):
             module, ContinuousEmbedding
         ):  # a non-persistent buffer: rebuilt after `from_pretrained`
             init.copy_(module.angular_frequencies, module.compute_frequencies())
+
+
+def output_flags(output_hidden_states, output_attentions) -> dict:
+    """The `output_*` flags a head passes on to its backbone: only those set, so unset ones fall back to the config."""
+    flags = {"output_hidden_states": output_hidden_states, "output_attentions": output_attentions}
+    return {name: value for name, value in flags.items() if value is not None}
 
 
 @dataclass
@@ -402,84 +644,113 @@ class EHRTransformerModel(EHRTransformerPreTrainedModel):
             return last_hidden_state[:, 0]
         if self.config.classifier_pooling == "max":
             if attention_mask is not None:
-                padding = ~attention_mask.bool().unsqueeze(-1)  # (B, L, 1)
+                padding = (attention_mask == 0).unsqueeze(-1)  # (B, L, 1)
                 last_hidden_state = last_hidden_state.masked_fill(
                     padding, torch.finfo(last_hidden_state.dtype).min
                 )
             return last_hidden_state.amax(dim=1)
         if attention_mask is None:
             return last_hidden_state.mean(dim=1)
-        weights = attention_mask.unsqueeze(-1).to(last_hidden_state.dtype)  # (B, L, 1)
+        weights = (attention_mask != 0).unsqueeze(-1).to(last_hidden_state.dtype)  # (B, L, 1)
         return (last_hidden_state * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
+    def padded_mask(self, attention_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+        """The attention mask of the padded path, which honours packed rows (see `forward`) and traces: per-segment
+        `(B, 1, L, L)` for eager, sdpa and attention backends, a per-segment block mask for flex attention; flash
+        kernels get the `transformers` padding mask (one subject per row: flash takes packed rows unpadded only)."""
+        if attention_mask is None:
+            return None
+        implementation = self.config._attn_implementation or "eager"
+        if "flex" in implementation:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            segments = attention_mask.long()  # (B, L)
+
+            def same_segment(b, h, q_idx, kv_idx):
+                return (segments[b, q_idx] == segments[b, kv_idx]) & (segments[b, kv_idx] != 0)
+
+            batch_size, seq_len = segments.shape
+            return create_block_mask(same_segment, batch_size, None, seq_len, seq_len, device=segments.device)
+        if "flash" in implementation:
+            return create_bidirectional_mask(
+                config=self.config, inputs_embeds=like, attention_mask=attention_mask
+            )
+        return segment_attention_mask(attention_mask, like.dtype, additive=implementation == "eager")
+
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         values: torch.Tensor | None = None,
         times: torch.Tensor | None = None,
         ages: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         **kwargs,
-    ) -> EHRTransformerModelOutput | tuple:
+    ) -> EHRTransformerModelOutput:
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(B, L)`): event code ids from [`EHREventTokenizer`].
-            attention_mask (`torch.Tensor` of shape `(B, L)`, *optional*): 1 for real events, 0 for padding.
+            attention_mask (`torch.Tensor` of shape `(B, L)`, *optional*): 1 for real events, 0 for padding; for
+                sequence packing, 1, 2, 3, ... for the first, second, third subject of a row (attention never
+                crosses subjects; pooled outputs then mix the subjects of a row, so pack for pretraining only).
             values (`torch.FloatTensor` of shape `(B, L)`, *optional*): normalised numeric values, NaN where
                 an event has none.
             times (`torch.FloatTensor` of shape `(B, L)`, *optional*): hours since the sequence start.
             ages (`torch.FloatTensor` of shape `(B, L)`, *optional*): the subject's age in years at each event.
+            inputs_embeds (`torch.FloatTensor` of shape `(B, L, H)`, *optional*): code embeddings in place of the
+                lookup of `input_ids` (for embedding-level attributions). Unlike BERT, `input_ids` may be given
+                beside them: values need them, to be embedded along their codes' directions.
+            output_hidden_states, output_attentions, return_dict: as in `transformers` (collected by hooks; the
+                hidden states are the embeddings and each layer's output, `(B, L, H)`, on the autograd path).
+
+        With `config.unpad_inputs` every per-event layer runs on the real events only and attention is one
+        variable-length operation (`varlen_attention`); returning attention weights, or tracing (`torch.export`,
+        `torch.compile`), runs the padded batch with a mask instead: the same outputs, to floating-point tolerance.
         """
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        output_attentions = (
-            output_attentions if output_attentions is not None else self.config.output_attentions
-        )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-
-        batch_size, seq_len = input_ids.shape
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("give input_ids or inputs_embeds")
+        output_hidden_states = kwargs.get("output_hidden_states", self.config.output_hidden_states)
+        output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
+        for name in ("output_hidden_states", "output_attentions", "return_dict"):
+            kwargs.pop(name, None)
+        shape_source = input_ids if input_ids is not None else inputs_embeds
+        batch_size, seq_len = shape_source.shape[:2]
         unpadding = None
-        if self.config.unpad_inputs and attention_mask is not None and not bool(attention_mask.all()):
-            unpadding = Unpadding.from_mask(attention_mask, varlen=not output_attentions)
-            input_ids, values, times, ages = (
-                None if x is None else unpadding.unpad(x) for x in (input_ids, values, times, ages)
-            )  # each (N,)
+        # tracing takes the padded path, which has no data-dependent shapes; flash kernels take no segment mask,
+        # so they stay padding-free (and a compiled graph breaks around `Unpadding.from_mask`)
+        implementation = self.config._attn_implementation or "eager"
+        flash = "flash" in implementation
+        if (
+            self.config.unpad_inputs
+            and attention_mask is not None
+            and not output_attentions
+            and (flash or not is_torchdynamo_compiling())
+        ):
+            unpadding = Unpadding.from_mask(attention_mask, bucketed=not (flash or "flex" in implementation))
+            input_ids, values, times, ages, inputs_embeds = (
+                None if x is None else unpadding.unpad(x)
+                for x in (input_ids, values, times, ages, inputs_embeds)
+            )  # each (N,) or (N, H)
         hidden_states = self.embeddings(
-            input_ids, values=values, times=times, ages=ages
+            input_ids, values=values, times=times, ages=ages, inputs_embeds=inputs_embeds
         )  # (B, L, H) | (N, H)
-        mask = None  # per-subject (varlen) attention needs none
-        if unpadding is None or not unpadding.varlen:
-            shape_like = hidden_states.new_empty(0).expand(
-                batch_size, seq_len, 0
-            )  # mask's shape, dtype, device
-            mask = create_bidirectional_mask(
-                config=self.config, inputs_embeds=shape_like, attention_mask=attention_mask
-            )
-        restore = unpadding.pad if unpadding is not None else (lambda x: x)  # back to (B, L, H)
-        all_hidden_states = (restore(hidden_states),) if output_hidden_states else None
-        all_attentions = () if output_attentions else None
+        mask = None
+        if unpadding is None:
+            mask = self.padded_mask(attention_mask, hidden_states.new_empty(0).expand(batch_size, seq_len, 0))
+        elif output_hidden_states:
+            # the layers then take and give (B, L, H): the collected hidden states lie on the autograd path
+            hidden_states = unpadding.pad(hidden_states)  # (B, L, H)
         for layer in self.layers:
-            hidden_states, attn_weights = layer(
-                hidden_states, mask, unpadding, **kwargs
-            )  # (B, L, H) or (N, H)
-            if output_hidden_states:
-                all_hidden_states += (restore(hidden_states),)
-            if output_attentions:
-                all_attentions += (attn_weights,)
-        hidden_states = restore(self.final_norm(hidden_states))  # (B, L, H)
+            hidden_states = layer(hidden_states, mask, unpadding, **kwargs)  # (B, L, H) or (N, H)
+        hidden_states = self.final_norm(hidden_states)
+        if unpadding is not None and hidden_states.dim() == 2:
+            hidden_states = unpadding.pad(hidden_states)  # (B, L, H), zeros at padding
+        elif attention_mask is not None and (unpadding is None or not unpadding.identity):
+            real = (attention_mask != 0).unsqueeze(-1).to(hidden_states.dtype)  # (B, L, 1)
+            hidden_states = hidden_states * real  # (B, L, H), the same zeros at padding
         pooled = self.pool(hidden_states, attention_mask)  # (B, H)
-
-        output = EHRTransformerModelOutput(
-            last_hidden_state=hidden_states,
-            pooler_output=pooled,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-        )
-        return output if return_dict else output.to_tuple()
+        return EHRTransformerModelOutput(last_hidden_state=hidden_states, pooler_output=pooled)
 
 
 class EHRTransformerForMaskedEventModeling(EHRTransformerPreTrainedModel):
@@ -557,7 +828,7 @@ class EHRTransformerForMaskedEventModeling(EHRTransformerPreTrainedModel):
 
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         values: torch.Tensor | None = None,
         times: torch.Tensor | None = None,
@@ -569,6 +840,7 @@ class EHRTransformerForMaskedEventModeling(EHRTransformerPreTrainedModel):
         teacher_values: torch.Tensor | None = None,
         teacher_times: torch.Tensor | None = None,
         teacher_ages: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
@@ -576,7 +848,7 @@ class EHRTransformerForMaskedEventModeling(EHRTransformerPreTrainedModel):
     ) -> MaskedEventModelingOutput | tuple:
         r"""
         Args:
-            input_ids, attention_mask, values, times, ages: as in [`EHRTransformerModel.forward`], `(B, L)`; the
+            input_ids, attention_mask, values, times, ages, inputs_embeds: as in [`EHRTransformerModel.forward`], `(B, L)`; the
                 collator's corrupted view (masked codes, hidden values, NaN times and ages where time is hidden).
             labels (`torch.LongTensor` of shape `(B, L)`, *optional*): the original code at masked positions,
                 -100 elsewhere.
@@ -594,9 +866,9 @@ class EHRTransformerForMaskedEventModeling(EHRTransformerPreTrainedModel):
             values=values,
             times=times,
             ages=ages,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
+            inputs_embeds=inputs_embeds,
             return_dict=True,
+            **output_flags(output_hidden_states, output_attentions),
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state  # (B, L, H)
@@ -674,6 +946,19 @@ class EHRTransformerForSequenceClassification(EHRTransformerPreTrainedModel):
             return torch.full((self.config.num_labels,), is_binary, dtype=torch.bool)
         return torch.tensor([t == "binary" for t in self.config.task_types], dtype=torch.bool)
 
+    def regression_scaling(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(C,)` shift and scale of each output (`config.regression_target_scale`; 0 and 1 for outputs that are not
+        regression targets), on `logits`' device and dtype."""
+        stats = self.config.regression_target_scale
+        regression = ~self.binary_task_mask() if self.config.task_types is not None else None
+        if stats is None or (regression is None and self.config.problem_type != "regression"):
+            return logits.new_zeros(self.num_labels), logits.new_ones(self.num_labels)
+        shift, scale = logits.new_tensor(stats).T  # (C,) each
+        if regression is not None:
+            regression = regression.to(logits.device)
+            shift, scale = torch.where(regression, shift, 0.0), torch.where(regression, scale, 1.0)
+        return shift, scale
+
     def multitask_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean over tasks of BCE (binary) / MSE (regression) on each task's non-NaN labels, and the `(T,)` task
         losses (NaN for a task with no label here; not detached, for loss balancing). A batch with no label at all gives a zero loss that still
@@ -690,10 +975,11 @@ class EHRTransformerForSequenceClassification(EHRTransformerPreTrainedModel):
         present = ~torch.isnan(labels)  # (B, T)
         targets = torch.where(present, labels, torch.zeros_like(labels))  # (B, T)
         binary = self.binary_task_mask().to(logits.device).expand_as(logits)  # (B, T)
+        _, scale = self.regression_scaling(logits)  # (T,)
         per_label = torch.where(
             binary,
             nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none"),
-            (logits - targets) ** 2,
+            ((logits - targets) / scale) ** 2,
         )  # (B, T)
         counts = present.sum(dim=0)  # (T,)
         sums = (per_label * present).sum(dim=0)  # (T,)
@@ -708,12 +994,13 @@ class EHRTransformerForSequenceClassification(EHRTransformerPreTrainedModel):
 
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         values: torch.Tensor | None = None,
         times: torch.Tensor | None = None,
         ages: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
@@ -721,7 +1008,7 @@ class EHRTransformerForSequenceClassification(EHRTransformerPreTrainedModel):
     ) -> EHRSequenceClassifierOutput | tuple:
         r"""
         Args:
-            input_ids, attention_mask, values, times, ages: as in [`EHRTransformerModel.forward`], `(B, L)`.
+            input_ids, attention_mask, values, times, ages, inputs_embeds: as in [`EHRTransformerModel.forward`], `(B, L)`.
             labels (`torch.Tensor`, *optional*): `(B,)` float targets for regression or one binary outcome,
                 `(B,)` long class ids for single-label classification, `(B, C)` floats for multi-label;
                 with `config.task_names`, `(B, T)` floats, NaN where a task has no label.
@@ -733,13 +1020,15 @@ class EHRTransformerForSequenceClassification(EHRTransformerPreTrainedModel):
             values=values,
             times=times,
             ages=ages,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
+            inputs_embeds=inputs_embeds,
             return_dict=True,
+            **output_flags(output_hidden_states, output_attentions),
             **kwargs,
         )
         pooled = outputs.pooler_output  # (B, H)
         logits = self.classifier(self.dropout(self.head(pooled)))  # (B, C); head = identity if "linear"
+        shift, scale = self.regression_scaling(logits)  # (C,) each; 0 and 1 for non-regression outputs
+        logits = shift + scale * logits
         if not self.training and self.config.temperature != 1.0:
             if self.config.task_types is None:
                 logits = logits / self.config.temperature
@@ -758,12 +1047,8 @@ class EHRTransformerForSequenceClassification(EHRTransformerPreTrainedModel):
                     self.config.problem_type = "single_label_classification"
                 else:
                     self.config.problem_type = "multi_label_classification"
-            if self.config.problem_type == "regression":
-                loss = (
-                    MSELoss()(logits.squeeze(-1), labels.to(logits.dtype))
-                    if self.num_labels == 1
-                    else MSELoss()(logits, labels.to(logits.dtype))
-                )
+            if self.config.problem_type == "regression":  # in units of the target's scale
+                loss = MSELoss()(logits / scale, labels.to(logits.dtype).view_as(logits) / scale)
             elif self.config.problem_type == "single_label_classification":
                 loss = CrossEntropyLoss()(logits.view(-1, self.num_labels), labels.view(-1))
             else:

@@ -564,3 +564,314 @@ def test_unpadded_path_agrees_for_every_objective():
         torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-6, rtol=1e-5, msg=name)
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+# ------------------------------------------------- the transformers contract, padding-free attention, packing
+def long_tailed_inputs(lengths=(40, 3, 17, 9, 25, 1, 33, 5), seed=0):
+    """A padded batch whose lengths fall in several length buckets of the padding-free path."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor(lengths)
+    batch_size, seq_len = len(lengths), int(lengths.max())
+    mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).long()  # (B, L)
+    input_ids = torch.randint(4, VOCAB, (batch_size, seq_len), generator=g) * mask
+    input_ids[:, 0] = 3
+    values = torch.randn(batch_size, seq_len, generator=g).masked_fill(
+        torch.rand(batch_size, seq_len, generator=g) < 0.5, float("nan")
+    )
+    times = torch.rand(batch_size, seq_len, generator=g).cumsum(dim=1)
+    ages = 50 + torch.rand(batch_size, 1, generator=g) * 30 + times / 8760
+    return dict(input_ids=input_ids, attention_mask=mask, values=values, times=times, ages=ages)
+
+
+def test_resize_token_embeddings_resizes_every_per_code_table_and_round_trips(tmp_path):
+    set_seed(0)
+    model = EHRTransformerForMaskedEventModeling(tiny_config())
+    model.resize_token_embeddings(VOCAB + 5)
+    embeddings = model.model.embeddings
+    assert embeddings.code_embeddings.weight.shape[0] == VOCAB + 5
+    assert embeddings.code_value_embeddings.weight.shape[0] == VOCAB + 5
+    assert embeddings.code_value_embeddings.padding_idx == 0
+    assert model.decoder.weight.shape[0] == VOCAB + 5 and model.config.vocab_size == VOCAB + 5
+    inputs = make_inputs()
+    inputs["input_ids"][1, 4] = VOCAB + 4  # a new code that carries a value
+    inputs["values"][1, 4] = 1.5
+    out = model.eval()(**inputs)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded(**inputs).logits, out.logits)
+    model.resize_token_embeddings(VOCAB)  # and back
+    assert embeddings.code_value_embeddings.weight.shape[0] == VOCAB
+
+
+def test_inputs_embeds_with_input_ids_for_values():
+    set_seed(0)
+    model = EHRTransformerModel(tiny_config()).eval()
+    inputs = make_inputs()
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    expected = model(**inputs).last_hidden_state
+    torch.testing.assert_close(model(**inputs, inputs_embeds=embeds.clone()).last_hidden_state, expected)
+    without_values = {k: v for k, v in inputs.items() if k not in ("input_ids", "values")}
+    torch.testing.assert_close(
+        model(inputs_embeds=embeds, **without_values).last_hidden_state,
+        model(input_ids=inputs["input_ids"], **without_values).last_hidden_state,
+    )
+    with pytest.raises(ValueError, match="values need input_ids"):
+        model(inputs_embeds=embeds, values=inputs["values"], attention_mask=inputs["attention_mask"])
+    # embedding-level attribution: a gradient reaches the embeddings through the padding-free path
+    embeds = embeds.detach().requires_grad_(True)
+    model(**inputs, inputs_embeds=embeds).pooler_output.sum().backward()
+    assert embeds.grad[inputs["attention_mask"].bool()].abs().sum() > 0
+
+
+def test_hidden_states_carry_gradients_in_the_padding_free_path():
+    """Collected hidden states lie on the autograd path: their gradients equal those of the padded path."""
+    inputs = long_tailed_inputs()
+    real = inputs["attention_mask"].bool()
+    grads = {}
+    for unpad in (True, False):
+        set_seed(0)
+        model = EHRTransformerForSequenceClassification(tiny_config(unpad_inputs=unpad, num_labels=1))
+        out = model(**inputs, output_hidden_states=True)
+        assert len(out.hidden_states) == 3 and out.hidden_states[0].shape == (*real.shape, 32)
+        for h in out.hidden_states:
+            h.retain_grad()
+        out.logits.sum().backward()
+        grads[unpad] = [h.grad for h in out.hidden_states]
+    for a, b in zip(grads[True], grads[False], strict=True):
+        assert a is not None and a[real].abs().sum() > 0
+        torch.testing.assert_close(a[real], b[real], atol=1e-6, rtol=1e-4)
+
+
+def run_with_gradients(model, inputs, labels, run=None):
+    out = (model if run is None else run)(**inputs, labels=labels)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("call_cost", [0, 64, 10**9])  # a call per subject, a few buckets, one
+def test_variable_length_attention_matches_the_padded_path(implementation, call_cost, monkeypatch):
+    """The batched variable-length attention (length buckets, no loop over subjects) gives the padded path's
+    outputs, losses and gradients."""
+    from ehr_transformer.modeling_ehr import BUCKET_CALL_COST
+
+    monkeypatch.setitem(BUCKET_CALL_COST, "cpu", call_cost)
+    inputs = long_tailed_inputs()
+    labels = torch.where(torch.rand(inputs["input_ids"].shape) < 0.3, inputs["input_ids"], -100)
+    labels[inputs["attention_mask"] == 0] = -100
+    results = {}
+    for unpad in (True, False):
+        set_seed(0)
+        config = tiny_config(unpad_inputs=unpad, sparse_prediction=False)
+        model = EHRTransformerForMaskedEventModeling._from_config(config, attn_implementation=implementation)
+        results[unpad] = run_with_gradients(model, inputs, labels)
+    (a, grads_a), (b, grads_b) = results[True], results[False]
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(a.loss, b.loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(a.logits[real], b.logits[real], atol=1e-5, rtol=1e-5)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_variable_length_attention_is_a_few_batched_calls_not_one_per_subject(monkeypatch):
+    from transformers import AttentionInterface
+
+    from ehr_transformer.modeling_ehr import BUCKET_CALL_COST, eager_attention_forward, length_buckets
+
+    calls = []
+
+    def counting_attention(module, query, key, value, attention_mask, **kwargs):
+        calls.append(query.shape[0])
+        if (
+            attention_mask is not None and attention_mask.dtype == torch.bool
+        ):  # sdpa-style mask: True = attend
+            attention_mask = torch.zeros(attention_mask.shape).masked_fill(~attention_mask, torch.finfo().min)
+        return eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("counting_for_test", counting_attention)
+    monkeypatch.setitem(BUCKET_CALL_COST, "cpu", 16384)
+    lengths = list(range(1, 65))  # 64 subjects of 64 different lengths
+    buckets = length_buckets(lengths, 16384)
+    assert sorted(i for group in buckets for i in group) == list(range(64))
+    model = EHRTransformerModel._from_config(tiny_config(), attn_implementation="counting_for_test").eval()
+    expected = EHRTransformerModel._from_config(tiny_config(), attn_implementation="eager").eval()
+    expected.load_state_dict(model.state_dict())
+    inputs = long_tailed_inputs(lengths)
+    out = model(**inputs).last_hidden_state
+    assert len(calls) == 2 * len(buckets) <= 2 * 8 and sum(calls) == 2 * 64  # 2 layers x a few buckets
+    real = inputs["attention_mask"].bool()
+    expected.config.unpad_inputs = False
+    torch.testing.assert_close(out[real], expected(**inputs).last_hidden_state[real], atol=1e-5, rtol=1e-5)
+
+
+def test_flex_attention_matches_sdpa_on_the_packed_events():
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    inputs = long_tailed_inputs((12, 3, 7))
+    outputs = {}
+    for implementation in ("sdpa", "flex_attention"):
+        set_seed(0)
+        model = EHRTransformerModel._from_config(tiny_config(), attn_implementation=implementation).eval()
+        with torch.no_grad():  # FlexAttention has no backward on CPU
+            outputs[implementation] = model(**inputs).last_hidden_state
+    torch.testing.assert_close(outputs["flex_attention"], outputs["sdpa"], atol=1e-5, rtol=1e-5)
+
+
+def pack(inputs: dict, rows: list[list[int]]) -> dict:
+    """Pack the subjects of a padded batch into rows: `rows` lists the subjects of each row; the attention mask
+    numbers them 1, 2, ... within the row."""
+    lengths = inputs["attention_mask"].sum(dim=1).tolist()
+    seq_len = max(sum(lengths[i] for i in row) for row in rows)
+    packed = {}
+    for key, x in inputs.items():
+        fill = float("nan") if x.is_floating_point() else (-100 if key == "labels" else 0)
+        out = torch.full((len(rows), seq_len), fill, dtype=x.dtype)
+        for r, row in enumerate(rows):
+            start = 0
+            for k, i in enumerate(row):
+                out[r, start : start + lengths[i]] = k + 1 if key == "attention_mask" else x[i, : lengths[i]]
+                start += lengths[i]
+        packed[key] = out
+    return packed
+
+
+@pytest.mark.parametrize(
+    ("implementation", "unpad", "call_cost"),
+    [("sdpa", True, 0), ("sdpa", True, 10**9), ("eager", True, 64), ("sdpa", False, 0), ("eager", False, 0)],
+)
+def test_packed_and_unpacked_batches_give_the_same_per_subject_losses(
+    implementation, unpad, call_cost, monkeypatch
+):
+    from ehr_transformer.modeling_ehr import BUCKET_CALL_COST
+
+    monkeypatch.setitem(BUCKET_CALL_COST, "cpu", call_cost)
+    inputs = long_tailed_inputs((12, 3, 7, 9, 5))
+    inputs["labels"] = torch.where(torch.rand(inputs["input_ids"].shape) < 0.4, inputs["input_ids"], -100)
+    inputs["labels"][inputs["attention_mask"] == 0] = -100
+    inputs["labels"][:, 1] = inputs["input_ids"][:, 1]  # every subject has a masked event
+    rows = [[0, 2], [1, 3, 4]]
+    packed = pack(inputs, rows)
+    set_seed(0)
+    config = tiny_config(unpad_inputs=unpad, sparse_prediction=False)
+    model = EHRTransformerForMaskedEventModeling._from_config(
+        config, attn_implementation=implementation
+    ).eval()
+
+    def per_subject_losses(batch, where):
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # (B, L, V)
+        losses = {}
+        for subject, (row, span) in where.items():
+            labels = batch["labels"][row, span]
+            loss = torch.nn.functional.cross_entropy(logits[row, span], labels, ignore_index=-100)
+            losses[subject] = (loss, logits[row, span])
+        return losses
+
+    lengths = inputs["attention_mask"].sum(dim=1).tolist()
+    unpacked_where = {i: (i, slice(0, n)) for i, n in enumerate(lengths)}
+    packed_where = {}
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            packed_where[i] = (r, slice(start, start + lengths[i]))
+            start += lengths[i]
+    a, b = per_subject_losses(inputs, unpacked_where), per_subject_losses(packed, packed_where)
+    for subject in a:
+        torch.testing.assert_close(a[subject], b[subject], atol=1e-5, rtol=1e-5, msg=f"subject {subject}")
+    # without the subject numbering, the packed subjects would see each other: the test can fail
+    crossed = {**packed, "attention_mask": (packed["attention_mask"] > 0).long()}
+    assert (per_subject_losses(crossed, packed_where)[0][1] - a[0][1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    "model_class",
+    [EHRTransformerModel, EHRTransformerForMaskedEventModeling, EHRTransformerForSequenceClassification],
+)
+def test_torch_export_under_the_default_config_matches_eager(model_class):
+    set_seed(0)
+    model = model_class(tiny_config()).eval()
+    assert model.config.unpad_inputs
+    inputs = long_tailed_inputs((9, 3, 6))
+    args, kwargs = (inputs["input_ids"],), {k: v for k, v in inputs.items() if k != "input_ids"}
+    with torch.no_grad():
+        expected = model(*args, **kwargs)[0]
+    batch, length = torch.export.Dim("batch", min=1, max=512), torch.export.Dim("length", min=2, max=4096)
+    dynamic = {"input_ids": {0: batch, 1: length}, **{k: {0: batch, 1: length} for k in kwargs}}
+    for dynamic_shapes in (None, dynamic):
+        program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes)
+        torch.testing.assert_close(program.module()(*args, **kwargs)[0], expected, atol=1e-5, rtol=1e-5)
+    other = long_tailed_inputs((4, 11, 2, 7, 5), seed=1)  # another batch size and length, same program
+    other_kwargs = {k: v for k, v in other.items() if k != "input_ids"}
+    with torch.no_grad():
+        torch.testing.assert_close(
+            program.module()(other["input_ids"], **other_kwargs)[0],
+            model(other["input_ids"], **other_kwargs)[0],
+            atol=1e-5,
+            rtol=1e-5,
+        )
+
+
+def test_torch_compile_full_graph_under_the_default_config_gives_the_eager_loss_and_gradients():
+    inputs = long_tailed_inputs((9, 3, 6))
+    labels = torch.where(torch.rand(inputs["input_ids"].shape) < 0.4, inputs["input_ids"], -100)
+    labels[:, 1] = inputs["input_ids"][:, 1]
+    labels[inputs["attention_mask"] == 0] = -100
+    results = []
+    for compiled in (False, True):
+        set_seed(0)
+        model = EHRTransformerForMaskedEventModeling(tiny_config())
+        # aot_eager traces forward and backward as inductor does, without generating C++ (fast on CPU)
+        run = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
+        results.append(run_with_gradients(model, inputs, labels, run))
+    (a, grads_a), (b, grads_b) = results
+    torch.testing.assert_close(a.loss, b.loss, atol=1e-6, rtol=1e-5)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_load_keeps_time_and_age_embeddings_in_float32(tmp_path, dtype):
+    set_seed(0)
+    model = EHRTransformerForSequenceClassification(tiny_config(num_labels=1)).eval()
+    model.save_pretrained(tmp_path)
+    half = AutoModelForSequenceClassification.from_pretrained(tmp_path, dtype=dtype).eval()
+    embeddings = half.model.embeddings
+    assert embeddings.code_embeddings.weight.dtype == dtype
+    assert embeddings.time_embeddings.proj.weight.dtype == torch.float32
+    assert embeddings.age_embeddings.proj.weight.dtype == torch.float32
+    inputs = make_inputs()
+    with torch.no_grad():
+        logits = half(**inputs).logits
+    assert logits.dtype == dtype
+    torch.testing.assert_close(logits.float(), model(**inputs).logits, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("call_cost", [0, 50, 400, 10**6])
+def test_length_buckets_minimise_padded_work_plus_calls(call_cost):
+    import itertools
+
+    from ehr_transformer.modeling_ehr import length_buckets
+
+    lengths = [9, 3, 12, 3, 7, 1, 12, 5]
+
+    def cost(groups):
+        work = [
+            len(g) * max(lengths[i] for i in g) ** 2 * (1.1 if len({lengths[i] for i in g}) > 1 else 1)
+            for g in groups
+        ]
+        return sum(work) + call_cost * len(groups)
+
+    groups = length_buckets(lengths, call_cost, mask_cost=0.1)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    # brute force over the cuts of the subjects sorted by length (ties kept together)
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    cut_points = [k for k in range(1, len(order)) if lengths[order[k]] != lengths[order[k - 1]]]
+    best = min(
+        cost([order[a:b] for a, b in itertools.pairwise([0, *cuts, len(order)])])
+        for r in range(len(cut_points) + 1)
+        for cuts in itertools.combinations(cut_points, r)
+    )
+    assert cost(groups) == pytest.approx(best)
+    if call_cost == 0:
+        assert len(groups) == len(set(lengths))  # no padding at all
+    if call_cost == 10**6:
+        assert len(groups) == 1  # one call
