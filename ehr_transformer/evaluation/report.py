@@ -431,11 +431,15 @@ def format_report(report: dict) -> str:
             lines.append("    " + "  ".join(parts))
     headline = TASK_METRICS[kind][0][0]
     if models:
-        lines.append(f"  subgroups (n, {_NAMES.get(headline, headline)} of " + " / ".join(models) + "):")
+        counts = "n, positives" if kind == "binary" else "n"
+        lines.append(
+            f"  subgroups ({counts}, {_NAMES.get(headline, headline)} of " + " / ".join(models) + "):"
+        )
         for group_name, per_value in report[models[0]]["subgroups"].items():
             for value, metrics in per_value.items():
                 scores = " / ".join(_fmt(report[m]["subgroups"][group_name][value][headline]) for m in models)
-                lines.append(f"    {group_name:<9} {value:<8} n {metrics['n']:>5}  {scores}")
+                positives = f"  positives {metrics['n_positive']:>4}" if kind == "binary" else ""
+                lines.append(f"    {group_name:<9} {value:<8} n {metrics['n']:>5}{positives}  {scores}")
     lines += [f"  note: {note}" for note in report.get("subgroup_notes", [])]
     return "\n".join(lines)
 
