@@ -73,7 +73,7 @@ windows:
 SMALL_MODEL = ["--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2"]
 SMALL_MODEL += ["--intermediate_size", "64", "--max_length", "64"]
 TRAINING = ["--learning_rate", "1e-3", "--per_device_train_batch_size", "16", "--use_cpu"]
-TRAINING += ["--report_to", "none", "--save_strategy", "no", "--seed", "0"]
+TRAINING += ["--report_to", "none", "--seed", "0"]
 
 
 def _tool(name: str) -> str:
