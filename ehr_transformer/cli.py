@@ -103,6 +103,19 @@ def _training_parser(command: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _check_best_epoch_saves(known: argparse.Namespace) -> None:
+    """One sentence instead of `transformers`' strategy mismatch: the fine-tuning recipe restores its best epoch,
+    so it must save whenever it evaluates. `known` holds the recipe's flags (`_training_parser`)."""
+    best = str(getattr(known, "load_best_model_at_end", False)).lower() in ("true", "1", "yes")
+    save, evaluate = str(getattr(known, "save_strategy", "")), str(getattr(known, "eval_strategy", ""))
+    if best and save not in (evaluate, "best"):
+        raise ValueError(
+            f"--save_strategy {save} with --eval_strategy {evaluate}: the fine-tuning recipe restores its best epoch "
+            "(--load_best_model_at_end), so it must save when it evaluates; keep --save_strategy epoch, or train a "
+            "fixed number of epochs with --eval_strategy no --save_strategy no --load_best_model_at_end false"
+        )
+
+
 def _parse_training(command: str, argv: list[str]):
     """(DataArguments, ModelArguments, PretrainingArguments or FinetuningArguments, TrainingArguments) from the
     command line, with the package's recipe for the command (`arguments.command_defaults`) as defaults."""
@@ -115,6 +128,7 @@ def _parse_training(command: str, argv: list[str]):
     if "--help_all" not in argv:
         known, _ = light.parse_known_args(argv)  # --help ends here, as does a missing required flag
         _check_data_dir(known.data_dir)
+        _check_best_epoch_saves(known)
 
     from transformers import HfArgumentParser, TrainingArguments
 

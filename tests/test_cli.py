@@ -217,3 +217,18 @@ def test_a_bare_default_finetune_learns(tmp_path, capsys):
     )
     print(f"bare finetune held-out AUROC {auroc:.3f}")
     assert auroc > 0.55
+
+
+def test_finetune_without_epoch_saves_is_refused_in_one_sentence(tmp_path, capsys):
+    """The fine-tuning recipe restores its best epoch: `--save_strategy no` alone gets one sentence saying what to
+    do, not transformers' multi-line mismatch; turning the three off together trains a fixed number of epochs."""
+    from ehr_transformer.cli import _parse_training
+
+    argv = ["finetune", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")]
+    assert main([*argv, "--save_strategy", "no"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--save_strategy no with --eval_strategy epoch" in err
+    assert "--load_best_model_at_end false" in err
+    fixed = ["--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false"]
+    *_, training_args = _parse_training("finetune", [*argv[1:], *fixed])
+    assert training_args.save_strategy == "no" and not training_args.load_best_model_at_end
