@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification
 from .checkpoint_safety import check_checkpoint_folder
 from .data.collators import DataCollatorForEventClassification
 from .data.dataset import build_labeled_dataset
-from .data.labels import LABEL_VALUE_COLUMNS, label_sources, read_labels, task_label_matrix
+from .data.labels import LABEL_VALUE_COLUMNS, label_source_name, label_sources, read_labels, task_label_matrix
 from .loading import load_pretrained
 from .tokenization_ehr import EHREventTokenizer
 
@@ -202,13 +202,16 @@ def predict(
     return pl.DataFrame({**head, **prediction_columns(kind, scores, dataset["labels"], classes=classes)})
 
 
-def _prediction_times_only(labels) -> bool:
-    """Whether one label source holds prediction times without any label value."""
+def _unlabeled_times(labels) -> tuple[pl.DataFrame, str] | None:
+    """One label source holding prediction times without any label value, read once: (its rows, its name); else
+    None."""
     if isinstance(labels, Mapping) or (isinstance(labels, (list, tuple)) and len(labels) != 1):
-        return False
+        return None
     source = labels[0] if isinstance(labels, (list, tuple)) else labels
     frame = source if isinstance(source, pl.DataFrame) else read_labels(source, require_value=False)
-    return all(c not in frame.columns or frame[c].null_count() == frame.height for c in LABEL_VALUE_COLUMNS)
+    if any(c in frame.columns and frame[c].null_count() < frame.height for c in LABEL_VALUE_COLUMNS):
+        return None
+    return frame, label_source_name(source)
 
 
 def checkpoint_task_type(config) -> str:
@@ -236,8 +239,12 @@ def checkpoint_classes(config) -> list[str] | None:
 
 def _predict_multitask(model, tokenizer, data_dir, labels, tasks, split, batch_size) -> pl.DataFrame:
     task_names = model.config.task_names
-    if not tasks and _prediction_times_only(labels):  # score every task at these times, no label to report
-        dataset = build_labeled_dataset(data_dir, labels, tokenizer, split=split, allow_unlabeled=True)
+    times = None if tasks else _unlabeled_times(labels)
+    if times is not None:  # score every task at these times, no label to report
+        frame, name = times
+        dataset = build_labeled_dataset(
+            data_dir, frame, tokenizer, split=split, allow_unlabeled=True, source_name=name
+        )
         y = np.full((len(dataset), len(task_names)), np.nan)
     else:
         sources = label_sources(labels, tasks)

@@ -16,6 +16,7 @@ value for each common config field).
 """
 
 import importlib
+import importlib.util
 import os
 import sys
 import tarfile
@@ -96,8 +97,13 @@ def load_upstream():
             (path.parent / "__init__.py").touch()
             path.write_text(text)
         (package / "__init__.py").touch()
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
+    # the extracted folder becomes a package imported by its location, so the import path stays as it is
+    if PACKAGE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            PACKAGE, package / "__init__.py", submodule_search_locations=[str(package)]
+        )
+        sys.modules[PACKAGE] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[PACKAGE])
     return (
         importlib.import_module(f"{PACKAGE}.test_modeling_common"),
         importlib.import_module(f"{PACKAGE}.test_configuration_common"),

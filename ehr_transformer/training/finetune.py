@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -196,30 +197,22 @@ def finetune(
         model = EHRTransformerForSequenceClassification._from_config(
             config, attn_implementation=model_args.attn_implementation
         )
-    train_dataset = build_labeled_dataset(
+    build = partial(  # the training and tuning rows, read and labelled the same way
+        build_labeled_dataset,
         data_args.data_dir,
         labels,
         tokenizer,
-        data_args.train_split,
         cache_dir=data_args.cache_dir,
         source_name=None if isinstance(labels, dict) else label_source_name(label_source),
         task_type=task_type,
         classes=classes,
     )
-    train_dataset = subsample_labels(train_dataset, finetuning_args.label_fraction, training_args.seed)
+    train_dataset = subsample_labels(
+        build(data_args.train_split), finetuning_args.label_fraction, training_args.seed
+    )
     try:
-        eval_dataset = build_labeled_dataset(
-            data_args.data_dir,
-            labels,
-            tokenizer,
-            data_args.eval_split,
-            cache_dir=data_args.cache_dir,
-            source_name=None if isinstance(labels, dict) else label_source_name(label_source),
-            task_type=task_type,
-            classes=classes,
-        )
         eval_dataset = limit_labels_per_subject(
-            eval_dataset, finetuning_args.max_labels_per_subject, training_args.seed
+            build(data_args.eval_split), finetuning_args.max_labels_per_subject, training_args.seed
         )
     except NoUsableRowsError:
         if training_args.eval_strategy != "no":

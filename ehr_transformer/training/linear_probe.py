@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -74,15 +75,17 @@ def finetune_linear_probe(
     tokenizer = EHREventTokenizer.from_pretrained(model_args.model_name_or_path)
     ((name, label_source),) = sources.items()
     labels = read_labels(label_source)
-    train_dataset = build_labeled_dataset(
+    build = partial(
+        build_labeled_dataset,
         data_args.data_dir,
         labels,
         tokenizer,
-        data_args.train_split,
         cache_dir=data_args.cache_dir,
         source_name=str(label_source),
     )
-    train_dataset = subsample_labels(train_dataset, finetuning_args.label_fraction, training_args.seed)
+    train_dataset = subsample_labels(
+        build(data_args.train_split), finetuning_args.label_fraction, training_args.seed
+    )
     logger.info("fitting a linear probe (%s) on %d labelled samples", name, len(train_dataset))
     backbone = load_pretrained(
         EHRTransformerModel, model_args.model_name_or_path, expected_unexpected=ANY_HEAD, use_safetensors=True
@@ -97,14 +100,7 @@ def finetune_linear_probe(
         attn_implementation=model_args.attn_implementation,
     )
     if training_args.eval_strategy != "no":
-        eval_dataset = build_labeled_dataset(
-            data_args.data_dir,
-            labels,
-            tokenizer,
-            data_args.eval_split,
-            cache_dir=data_args.cache_dir,
-            source_name=str(label_source),
-        )
+        eval_dataset = build(data_args.eval_split)
         logits = predict_logits(model, eval_dataset, tokenizer, training_args.per_device_eval_batch_size)
         metrics = compute_classification_metrics((logits, np.asarray(eval_dataset["labels"])))
         logger.info(
