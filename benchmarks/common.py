@@ -146,15 +146,16 @@ def training_args(
     )
 
 
-def evaluation_rows(evaluation: list[tuple[Path, str]], tokenizer):
-    """The evaluation rows of `evaluation` ((MEDS folder, split) pairs) tokenized by `tokenizer`: the datasets in
-    order, their `(N,)` labels and `(N,)` subject index (one per subject and cohort, for the bootstrap)."""
+def evaluation_rows(evaluation: list[tuple[Path, str]], tokenizer, task: str = TASK):
+    """The evaluation rows of `evaluation` ((MEDS folder, split) pairs) of label file `labels/<task>.parquet`,
+    tokenized by `tokenizer`: the datasets in order, their `(N,)` labels and `(N,)` subject index (one per subject
+    and cohort, for the bootstrap)."""
     import numpy as np
 
     from ehr_transformer.data.dataset import build_labeled_dataset
 
     datasets_ = [
-        build_labeled_dataset(d, d / "labels" / f"{TASK}.parquet", tokenizer, split=s) for d, s in evaluation
+        build_labeled_dataset(d, d / "labels" / f"{task}.parquet", tokenizer, split=s) for d, s in evaluation
     ]
     labels = np.concatenate([np.asarray(d["labels"], dtype=np.float64).reshape(len(d)) for d in datasets_])
     keys = np.concatenate(

@@ -1,70 +1,53 @@
-"""Does `ehr-transformer select` pick the checkpoint that fine-tunes best on a user's data?
+"""Choosing a checkpoint: what does `ehr-transformer select`'s first choice cost a user, on a zoo like a hub's?
 
-    python -m benchmarks.selection --output benchmarks/results/selection.json
-    # or split by user hospital over processes, then joined (every summary figure recomputed from the cases):
-    python -m benchmarks.selection --hospital_index 0 1 2 --output part0.json
-    python -m benchmarks.selection --hospital_index 3 4 --output part1.json
-    python -m benchmarks.selection --merge part0.json part1.json --output benchmarks/results/selection.json
+    python -m benchmarks.selection --part zoo --work W        # pretrain the zoo's candidates into W/zoo
+    python -m benchmarks.selection --part synthetic_a --work W  # three synthetic users
+    python -m benchmarks.selection --part synthetic_b --work W  # three more
+    python -m benchmarks.selection --part real --work W       # eICU demo and PhysioNet 2012 set A
+    python -m benchmarks.selection --merge                    # benchmarks/results/selection.json
 
-Each of five held-out synthetic source hospitals (`HospitalProfile`: general coding, local lab codes, local
-diagnosis codes with an older population dying of its history, local medication codes with sicker subjects, an
-elderly emergency population) plays the user once. Its zoo holds one tiny pretrained checkpoint per degree of
-mismatch with the user, graded like real hospital differences:
+A user part builds the candidates it is missing, so any part runs alone; sharing `--work` builds them once. Each
+part writes `benchmarks/results/selection/<part>.json`; `--merge` joins the user parts into
+`benchmarks/results/selection.json` and recomputes every summary figure from the users.
 
-- `match`: the same hospital (another seed): every code known, same population and outcome mechanism;
-- `mild`: 25% of the coded vocabulary written as local codes (`local_code_share`), population 5 years older;
-- `moderate`: 50% local codes, 10 years older, acute illness 1.25x as severe;
-- `severe`: 75% local codes, 15 years older, 1.5x as severe, frailer, the other mortality mechanism.
+Protocol (written before any user was scored; the zoo and the users below are not changed after):
 
-For every case
-- the selector ranks the four checkpoints on the user's training split (coverage, prototype fit, LogME on the
-  user's training labels of in-hospital mortality); it sees nothing else of the user;
-- truths, each from fine-tuning every checkpoint on the user's training labels once per seed with the package's
-  `finetune` (`common.finetuned_predictions`) and measuring the seeds' mean AUROC on the user's evaluation
-  subjects: the user's tuning + held_out splits plus a second cohort of the same hospital (`--eval_subjects`,
-  another seed), none seen by fine-tuning or the selector. Its standard error combines the test sampling error
-  (bootstrap over evaluation subjects, the same resamples for all candidates, so differences are paired) and the
-  fine-tuning seeds' spread (variance / seeds):
-  - primary, few labels: `--finetune_label_fraction` (0.2) of the training labels, `--low_label_seeds` (4)
-    seeds. The rows are drawn from the fine-tuning seed (`FinetuningArguments.label_fraction`), so at a given
-    seed every candidate gets the same rows and the comparison stays paired; `finetune_epochs / fraction` epochs
-    give as many optimisation steps as the full-label fine-tune;
-  - `full_labels`: the whole training split, `--finetune_seeds` (3) seeds (`--no_full_label_truth` skips it);
-  - `frozen_probe`: head-only, the package's few-label recipe (`fit_linear_probe` on each candidate's frozen
-    mean-pooled embeddings of the primary truth's rows, `common.probe_predictions`), `--probe_seeds` (20) seeds.
-    Reported beside; the goal is judged on the primary truth, as chosen before this truth was added.
-    `--probe_seeds 0` skips it;
-  - with `--finetune_from_probe`, the few-label and full-label fine-tunes start from the linear probe and train
-    every weight (LP-FT, `FinetuningArguments.linear_probe_init`); its learning rate was chosen on `--zoo dev`
-    (1e-4 over 3e-4, by mean AUROC), and its runs are committed apart (`selection_lpft.json`,
-    `selection_lpft_full_labels.json`).
+- The zoo (`ZOO`, eleven candidates) differs the way checkpoints on a hub differ. Code systems: synthetic
+  hospitals that write diagnoses and procedures in another system (`ICD9CM`/`ICD9PCS` instead of
+  `ICD10CM`/`ICD10PCS`), labs under local codes (`LAB` instead of `LOINC`), medications in another vocabulary
+  (`NDC` instead of `RXNORM`), and the real sources' own codes (`YAIB//` for the eICU and MIMIC demo cohorts,
+  `PHYSIONET//` for PhysioNet 2012). Populations: an elderly emergency population dying of its history, a young
+  elective one. Corpus size: the general hospital at 300 and 3,000 subjects (others 1,500). Model size: the
+  general hospital with a 128-wide, 4-layer model (others the package default, 64 wide and 2 layers). Real
+  sources: the eICU demo, the MIMIC demo (99 stays) and PhysioNet 2012 set A. Every candidate is pretrained
+  with the package's `pretrain` and its recipe (`recipe_training_arguments(stage="pretrain")`) on its cohort's
+  training split; a real source's held-out and tuning stays are never in a checkpoint.
+- The users (`USERS`, eight), each a MEDS dataset of which the user labels 20% of the training subjects. Six
+  synthetic hospitals (1,000 subjects, plus a second cohort of 1,000 from the same hospital for evaluation) with
+  seeds no candidate and no test of the selector used; two real: the eICU demo (mortality after 24 h) and
+  PhysioNet 2012 set A (in-hospital death). None was used to design the selector; its formula is the package's.
+- The selector sees the user's training split and its labelled share (the subjects the package's
+  `label_fraction` draw picks at seed 0), exactly what `ehr-transformer select --labels` gets.
+- The truth per (user, candidate): the package's recommended few-label recipe (docs/fine-tuning.md: the linear
+  probe, `finetune --linear_probe --label_fraction 0.2`) at seeds 0, 1 and 2 (each seed draws its own 20% of
+  the training subjects), AUROC of `predict_dataset` on the evaluation subjects (the user's tuning and
+  held-out splits, and the second cohort for synthetic users), mean over seeds. Its standard error and the paired
+  errors of differences combine a subject bootstrap (the same resamples for every candidate) with the seeds'
+  variance / 3.
+- Strategies, each picking one candidate per user: the selector's first choice; `random` (its regret is the
+  mean over candidates); `largest_corpus` (most pretraining events); `same_code_system` (the candidate whose
+  code systems, the part of a code before `//`, overlap most with the user's by Jaccard index, ties to the
+  larger corpus). Regret = best candidate's AUROC minus the chosen one's.
+- Within noise: the choice's AUROC is within two standard errors of its paired difference from the best.
+- Codes the outcome depends on: `outcome_codes` of the package's selector computed on *all* the user's labelled
+  rows (training, tuning and held-out; the selector itself sees only its 20%); a candidate lacks them when it
+  knows less than half of their association weight. Counted: users whose first choice lacks them while another
+  candidate has them.
+- Goal (issue 23): mean regret of the first choice at most 0.01 AUROC and at most a third of random's; no user
+  whose first choice lacks the outcome's codes while another candidate has them.
 
-Why the few-label truth is primary: the users served are hospital data scientists with few labels who start
-from a shared checkpoint, and with few labels the starting checkpoint matters; with the whole training split
-the candidates ended within ~0.005 AUROC of each other, statistical ties on which a selector is neither right
-nor wrong. This design was chosen after a full-label run gave top-1 right in 3 of 5 cases with the top-two
-differences inside the noise (none of the five separable); the full-label figures are re-measured in the same
-run and reported beside the primary ones.
-
-Reported per case and truth: `top1_correct` (strict: the selector's first choice has the highest mean
-fine-tuned AUROC), `spearman` (selector's combined score vs mean fine-tuned AUROC), `regret_auroc`,
-`top2_separable` (best minus runner-up by the truth > 2 standard errors of that paired difference: is the
-truth's winner identifiable at all), `top1_within_noise` (the choice's AUROC is within one standard error of
-the paired difference from the best), each candidate's AUROC, standard error and selector scores, and the same
-for each selector component alone. The goal, on the primary truth: top-1 right in >= 4 of 5 cases and mean
-Spearman >= 0.7.
-
-Tuning: nothing of the selector was tuned on these hospitals or seeds, and `ehr_transformer.selection` was not
-changed for this zoo. `--zoo dev` runs the same protocol on separate development hospitals, seeds and
-local-code orders (the only ones looked at while designing).
-
-Other zoos (`--level_set`): with the graded zoo the candidates tie after fine-tuning, so two zoos whose mismatch
-is larger, with the user's population kept, were tried on `--zoo dev`: `local_codes` (50%, 90% and 100% of the
-coded vocabulary local) and `code_systems` (diagnoses, procedures and medications written in other systems; labs
-and vitals; both). Either would have gone to the benchmark hospitals only if on the development ones its truth
-put `match` first with a separable top two in at least 3 of 4; neither did (README). `replicates` measures the
-truth's floor: four checkpoints of the user's own hospital that differ only in the draw of their pretraining
-cohort.
+Model sizes and cohorts are small so that the whole benchmark fits about an hour and a half of the 2-core
+development machine; the JSON records each part's wall time.
 """
 
 from __future__ import annotations
@@ -72,149 +55,309 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import shutil
-import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks import common
 
-COMPONENTS = ("coverage", "code_coverage", "fit", "transferability")
-# (name, share of the coded vocabulary written as local codes, years older, severity factor, frailty shift,
-#  other mortality mechanism, code systems the candidate's hospital writes otherwise): one candidate per degree
-#  of mismatch with the user's hospital. `graded` is the benchmark's zoo; `local_codes` and `code_systems` are
-#  steeper zoos whose candidates might still differ after fine-tuning, tried on `--zoo dev`.
-LEVEL_SETS = {
-    "graded": [
-        ("match", 0.0, 0.0, 1.0, 0.0, False, ()),
-        ("mild", 0.25, 5.0, 1.0, 0.0, False, ()),
-        ("moderate", 0.5, 10.0, 1.25, 0.0, False, ()),
-        ("severe", 0.75, 15.0, 1.5, 0.5, True, ()),
-    ],
-    "local_codes": [  # the same population; ever more of the coded vocabulary local (nested)
-        ("match", 0.0, 0.0, 1.0, 0.0, False, ()),
-        ("half_local", 0.5, 0.0, 1.0, 0.0, False, ()),
-        ("most_local", 0.9, 0.0, 1.0, 0.0, False, ()),
-        ("all_local", 1.0, 0.0, 1.0, 0.0, False, ()),
-    ],
-    "code_systems": [  # the same population; whole code systems written otherwise (diagnoses, labs and vitals)
-        ("match", 0.0, 0.0, 1.0, 0.0, False, ()),
-        ("other_diagnoses", 0.0, 0.0, 1.0, 0.0, False, ("ICD10CM", "ICD10PCS", "RXNORM")),
-        ("other_labs", 0.0, 0.0, 1.0, 0.0, False, ("LOINC",)),
-        ("other_both", 0.0, 0.0, 1.0, 0.0, False, ("ICD10CM", "ICD10PCS", "RXNORM", "LOINC")),
-    ],
-    # no mismatch at all: four checkpoints of the user's own hospital, differing only in their pretraining cohort
-    # (seed): how far apart candidates land after fine-tuning by the draw of pretraining alone
-    "replicates": [
-        (name, 0.0, 0.0, 1.0, 0.0, False, ()) for name in ("match", "match_b", "match_c", "match_d")
-    ],
+NAME = "selection"
+RESULTS = common.REPO_ROOT / "benchmarks" / "results"
+PART_DIR = RESULTS / NAME
+LABEL_FRACTION = 0.2
+SEEDS = (0, 1, 2)
+BOOTSTRAP = 500
+MAX_LENGTH = 256
+USER_SUBJECTS = 1000
+LACKS_BELOW = 0.5  # a candidate lacks the outcome's codes when it knows less than this share of their weight
+STRATEGIES = ("selector", "random", "largest_corpus", "same_code_system")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One checkpoint of the zoo: its cohort (a synthetic hospital or a real source) and model size."""
+
+    name: str
+    source: str = "synthetic"  # or a real cohort: eicu_demo, mimic_demo, physionet2012
+    profile: dict = field(default_factory=dict)  # HospitalProfile fields (synthetic)
+    subjects: int = 1500  # synthetic cohort size (a real source brings its own)
+    seed: int = 0
+    hidden_size: int = 64
+    layers: int = 2
+
+
+@dataclass(frozen=True)
+class User:
+    """One test user: a synthetic hospital or a real cohort, with the outcome it predicts."""
+
+    name: str
+    source: str = "synthetic"
+    profile: dict = field(default_factory=dict)
+    seed: int = 0
+
+
+ICD9 = {"ICD10CM": "ICD9CM", "ICD10PCS": "ICD9PCS"}
+ELDERLY = {
+    "age_shift": 15.0,
+    "severity_scale": 1.5,
+    "emergency_share": 0.85,
+    "mortality_mechanism": "history",
 }
-LEVEL_FIELDS = (
-    "name",
-    "local_code_share",
-    "years_older",
-    "severity_factor",
-    "frailty_shift",
-    "other_mortality_mechanism",
-    "other_code_systems",
+ZOO = (
+    Candidate("general_3000", subjects=3000, seed=70100),
+    Candidate("general_300", subjects=300, seed=70200),
+    Candidate("general_wide", seed=70300, hidden_size=128, layers=4),
+    Candidate("icd9", profile={"code_systems": ICD9}, seed=70400),
+    Candidate("local_labs", profile={"code_systems": {"LOINC": "LAB"}}, seed=70500),
+    Candidate("ndc_medications", profile={"code_systems": {"RXNORM": "NDC"}}, seed=70600),
+    Candidate("elderly_emergency", profile=ELDERLY, seed=70700),
+    Candidate(
+        "young_elective",
+        profile={"age_shift": -20.0, "severity_scale": 0.7, "emergency_share": 0.3},
+        seed=70800,
+    ),
+    Candidate("eicu_demo", source="eicu_demo"),
+    Candidate("mimic_demo", source="mimic_demo"),
+    Candidate("physionet2012", source="physionet2012"),
 )
+USERS = (
+    User("general", seed=80100),
+    User("icd9_older", profile={"code_systems": ICD9, "age_shift": 8.0}, seed=80200),
+    User("local_labs_sicker", profile={"code_systems": {"LOINC": "LAB"}, "severity_scale": 1.3}, seed=80300),
+    User(
+        "ndc_history",
+        profile={"code_systems": {"RXNORM": "NDC"}, "mortality_mechanism": "history"},
+        seed=80400,
+    ),
+    User(
+        "elderly_emergency",
+        profile={
+            "age_shift": 12.0,
+            "severity_scale": 1.4,
+            "emergency_share": 0.8,
+            "mortality_mechanism": "history",
+        },
+        seed=80500,
+    ),
+    User("icd9_local_labs", profile={"code_systems": {**ICD9, "LOINC": "LAB"}}, seed=80600),
+    User("eicu_demo", source="eicu_demo"),
+    User("physionet2012", source="physionet2012"),
+)
+PARTS = {
+    "zoo": (),
+    "synthetic_a": ("general", "icd9_older", "local_labs_sicker"),
+    "synthetic_b": ("ndc_history", "elderly_emergency", "icd9_local_labs"),
+    "real": ("eicu_demo", "physionet2012"),
+}
+REAL_TASK = {"eicu_demo": "mortality24", "mimic_demo": "mortality24", "physionet2012": "in_hospital_death"}
 
 
-def sources(zoo: str):
-    """The user hospitals of a zoo: (name, profile, seed). Seeds: the checkpoints' pretraining cohorts use
-    seed + 10 * level, the user's cohort seed + 5, its second evaluation cohort seed + 7."""
-    from ehr_transformer.data.synthetic import HospitalProfile as H
+# ---------------------------------------------------------------------------------------------------- data
+def real_cohort(source: str, work: Path) -> Path:
+    """The MEDS folder of a real source, converted once by the package's converters (70/15/15 by stay, seed 0)."""
+    out = work / "real" / source
+    if (out / "metadata" / "dataset.json").is_file():
+        return out
+    if source == "physionet2012":
+        from ehr_transformer.data.long import convert_long, preset
 
-    if zoo == "dev":  # used while designing; never the reported figures
-        return [
-            ("dev_default", H(name="dev_default"), 30100),
-            (
-                "dev_two_local_systems",
-                H(name="dev_two_local_systems", code_systems={"ICD10CM": "ICDX", "LOINC": "LOC"}),
-                30200,
-            ),
-            ("dev_young_mild", H(name="dev_young_mild", age_shift=-15.0, severity_scale=0.7), 30300),
-            (
-                "dev_local_rx_history",
-                H(name="dev_local_rx_history", code_systems={"RXNORM": "RX"}, mortality_mechanism="history"),
-                30400,
-            ),
-        ]
-    return [
-        ("general", H(name="general"), 50100),
-        ("local_labs", H(name="local_labs", code_systems={"LOINC": "LAB"}), 50200),
-        (
-            "local_diagnoses_older",
-            H(
-                name="local_diagnoses_older",
-                code_systems={"ICD10CM": "DX", "ICD10PCS": "PX"},
-                age_shift=8.0,
-                mortality_mechanism="history",
-            ),
-            50300,
-        ),
-        (
-            "local_meds_sicker",
-            H(
-                name="local_meds_sicker",
-                code_systems={"RXNORM": "MED"},
-                severity_scale=1.4,
-                frailty_shift=0.5,
-            ),
-            50400,
-        ),
-        (
-            "elderly_emergency",
-            H(
-                name="elderly_emergency",
-                age_shift=15.0,
-                severity_scale=1.5,
-                emergency_share=0.85,
-                mortality_mechanism="history",
-            ),
-            50500,
-        ),
-    ]
+        folder = common.SHARED_DATA / "physionet2012"
+        chosen = preset("physionet2012")
+        convert_long(
+            folder / "set-a.parquet",
+            folder / "outcomes-a.parquet",
+            out,
+            outcomes=chosen["outcomes"],
+            layout=chosen["layout"],
+            seed=0,
+            overwrite=True,
+            dataset_name=chosen["dataset_name"],
+        )
+    else:
+        from ehr_transformer.data.wide import convert_wide
+
+        folder = common.SHARED_DATA / "yaib_demo" / "mortality24" / source
+        tables = [folder / f"{name}.parquet" for name in ("dyn", "sta", "outc")]
+        convert_wide(*tables, out, task="mortality24", seed=0, overwrite=True)
+    return out
 
 
-def candidate_profile(source, level, seed: int):
-    """The hospital behind one candidate: the user's hospital with the mismatch of `level`."""
-    name, share, older, severity, frailty, other_mechanism, other_systems = level
-    mechanism = source.mortality_mechanism
-    if other_mechanism:
-        mechanism = "physiology" if mechanism == "history" else "history"
-    code_systems = {**source.code_systems, **{system: f"OTHER_{system}" for system in other_systems}}
-    return dataclasses.replace(
-        source,
-        name=f"{source.name}_{name}",
-        local_code_share=share,
-        local_code_seed=seed,
-        age_shift=source.age_shift + older,
-        severity_scale=source.severity_scale * severity,
-        frailty_shift=source.frailty_shift + frailty,
-        mortality_mechanism=mechanism,
-        code_systems=code_systems,
+def synthetic_cohort(path: Path, subjects: int, seed: int, profile: dict, name: str) -> Path:
+    from ehr_transformer.data.synthetic import HospitalProfile, write_synthetic_meds
+
+    if (path / "metadata" / "dataset.json").is_file():
+        return path
+    return write_synthetic_meds(
+        path, subjects, seed=seed, profile=HospitalProfile(name=name, **profile), overwrite=True
     )
 
 
-def truth_with_errors(probabilities, labels, clusters, n_boot: int, seed: int) -> dict:
-    """Mean AUROC over fine-tuning seeds per candidate, its standard error and the paired errors of differences.
+def corpus_events(data_dir: Path) -> tuple[int, int]:
+    """(subjects, events but MEDS_BIRTH) of a MEDS folder's training split: what pretraining read."""
+    import polars as pl
 
-    probabilities: `(C, S, N)` for C candidates, S seeds, N evaluation rows; labels: `(N,)`; clusters: `(N,)`
-    subject index. Variance = bootstrap over subjects (same resamples for every candidate) + seeds' variance / S."""
+    frame = pl.scan_parquet(data_dir / "data" / "train" / "*.parquet").filter(pl.col("code") != "MEDS_BIRTH")
+    counts = frame.select(pl.col("subject_id").n_unique(), pl.len()).collect().row(0)
+    return int(counts[0]), int(counts[1])
+
+
+def build_candidate(candidate: Candidate, work: Path) -> dict:
+    """Pretrain `candidate` into work/zoo/<name> with the package's recipe (skipped when already there); returns
+    its description: cohort, corpus size, model size, code systems and pretraining seconds."""
+    import json
+
+    out = work / "zoo" / candidate.name
+    described = out / "zoo_candidate.json"
+    if described.is_file():
+        return json.loads(described.read_text())
+    from ehr_transformer.training.arguments import (
+        DataArguments,
+        ModelArguments,
+        PretrainingArguments,
+        recipe_training_arguments,
+    )
+    from ehr_transformer.training.pretrain import pretrain
+
+    started = time.perf_counter()
+    if candidate.source == "synthetic":
+        data = synthetic_cohort(
+            work / "data" / candidate.name,
+            candidate.subjects,
+            candidate.seed,
+            candidate.profile,
+            candidate.name,
+        )
+    else:
+        data = real_cohort(candidate.source, work)
+    pretrain(
+        DataArguments(data_dir=str(data), cache_dir=str(work / "cache"), max_length=MAX_LENGTH),
+        ModelArguments(
+            hidden_size=candidate.hidden_size,
+            num_hidden_layers=candidate.layers,
+            intermediate_size=4 * candidate.hidden_size,
+        ),
+        PretrainingArguments(),
+        recipe_training_arguments(
+            out, stage="pretrain", seed=0, use_cpu=True, disable_tqdm=True, save_strategy="no"
+        ),
+    )
+    subjects, events = corpus_events(data)
+    entry = {
+        **dataclasses.asdict(candidate),
+        "path": str(out),
+        "corpus_subjects": subjects,
+        "corpus_events": events,
+        "code_systems": sorted(code_systems(vocabulary(out))),
+        "pretraining_s": round(time.perf_counter() - started, 1),
+    }
+    from ehr_transformer.utils import write_json
+
+    write_json(described, entry)
+    print(f"pretrained {candidate.name} in {entry['pretraining_s']:.0f} s", flush=True)
+    return entry
+
+
+def vocabulary(checkpoint: Path) -> list[str]:
+    from ehr_transformer.tokenization_ehr import EHREventTokenizer
+
+    return list(EHREventTokenizer.from_pretrained(checkpoint).vocab)
+
+
+def code_systems(codes) -> set[str]:
+    """The code systems of a set of codes: the part before `//` (codes without one and MEDS codes aside)."""
+    return {c.split("//")[0] for c in codes if "//" in c and not c.startswith("MEDS_")}
+
+
+def user_cohort(user: User, work: Path) -> tuple[Path, Path, list[tuple[Path, str]]]:
+    """(MEDS folder, label file, evaluation (folder, split) pairs) of a user."""
+    if user.source != "synthetic":
+        data = real_cohort(user.source, work)
+        return (
+            data,
+            data / "labels" / f"{REAL_TASK[user.source]}.parquet",
+            [(data, "tuning"), (data, "held_out")],
+        )
+    data = synthetic_cohort(work / "users" / user.name, USER_SUBJECTS, user.seed, user.profile, user.name)
+    second = synthetic_cohort(
+        work / "users" / f"{user.name}_second", USER_SUBJECTS, user.seed + 1, user.profile, user.name
+    )
+    evaluation = [(data, "tuning"), (data, "held_out")] + [
+        (second, s) for s in ("train", "tuning", "held_out")
+    ]
+    return data, data / "labels" / f"{common.TASK}.parquet", evaluation
+
+
+def labelled_share(labels: Path, data: Path, seed: int = 0):
+    """The label rows of the user's labelled training subjects: `LABEL_FRACTION` of them, drawn as the package's
+    `label_fraction` draws (`subsample_labels`: a seeded choice among the sorted training subjects)."""
+    import numpy as np
+    import polars as pl
+
+    from ehr_transformer.data.labels import read_labels
+    from ehr_transformer.data.splits import read_subject_splits
+
+    train = read_subject_splits(data).filter(pl.col("split") == "train")["subject_id"]
+    rows = read_labels(labels).filter(pl.col("subject_id").is_in(train.implode()))
+    subjects = np.unique(rows["subject_id"].to_numpy())
+    chosen = np.random.default_rng(seed).choice(
+        subjects, max(1, round(subjects.size * LABEL_FRACTION)), replace=False
+    )
+    return rows.filter(pl.col("subject_id").is_in(pl.Series(chosen).implode()))
+
+
+# --------------------------------------------------------------------------------------------------- truth
+def probe_predictions(checkpoint: Path, data: Path, labels: Path, evaluation, work: Path):
+    """The package's few-label recipe (`finetune` with `linear_probe` and `label_fraction`) once per seed; the
+    `(seeds, N)` `predict_dataset` probabilities on the evaluation rows, their `(N,)` labels and subject index."""
+    import shutil
+
+    import numpy as np
+
+    from ehr_transformer.inference import predict_dataset
+    from ehr_transformer.tokenization_ehr import EHREventTokenizer
+    from ehr_transformer.training.arguments import (
+        DataArguments,
+        FinetuningArguments,
+        ModelArguments,
+        recipe_training_arguments,
+    )
+    from ehr_transformer.training.finetune import finetune
+
+    tokenizer = EHREventTokenizer.from_pretrained(checkpoint)
+    datasets_, y, clusters = common.evaluation_rows(evaluation, tokenizer, task=labels.stem)
+    out = work / "probe"
+    probabilities = []
+    for seed in SEEDS:
+        model = finetune(
+            DataArguments(
+                data_dir=str(data), labels=str(labels), cache_dir=str(work / "cache"), max_length=MAX_LENGTH
+            ),
+            ModelArguments(model_name_or_path=str(checkpoint)),
+            FinetuningArguments(linear_probe=True, label_fraction=LABEL_FRACTION),
+            recipe_training_arguments(out, stage="finetune", seed=seed, use_cpu=True, disable_tqdm=True),
+        )
+        probabilities.append(np.concatenate([predict_dataset(model, d, tokenizer) for d in datasets_]))
+        shutil.rmtree(out, ignore_errors=True)
+    return np.stack(probabilities), y, clusters
+
+
+def truth_with_errors(probabilities, labels, clusters, n_boot: int, seed: int) -> dict:
+    """Mean AUROC over seeds per candidate, its standard error and the paired standard errors of differences.
+
+    probabilities: `(C, S, N)` for C candidates, S seeds, N evaluation rows; labels `(N,)`; clusters `(N,)` subject
+    index. Variance = bootstrap over subjects (the same resamples for every candidate) + the seeds' variance / S."""
     import numpy as np
     from sklearn.metrics import roc_auc_score
 
     n_cand, n_seeds, _ = probabilities.shape
     auc = np.array([[roc_auc_score(labels, p) for p in cand] for cand in probabilities])  # (C, S)
+    mean_probability = probabilities.mean(axis=1)  # (C, N): the bootstrap scores the seeds' mean ranking
     rng = np.random.default_rng(seed)
     n_clusters = int(clusters.max()) + 1
     boot = np.empty((n_boot, n_cand))
     for b in range(n_boot):
         weights = np.bincount(rng.integers(0, n_clusters, n_clusters), minlength=n_clusters)[clusters]
-        boot[b] = [
-            np.mean([roc_auc_score(labels, p, sample_weight=weights) for p in cand]) for cand in probabilities
-        ]
+        boot[b] = [roc_auc_score(labels, p, sample_weight=weights) for p in mean_probability]
     seed_var = auc.var(axis=1, ddof=1) / n_seeds if n_seeds > 1 else np.zeros(n_cand)
     diff_var = np.array(
         [[np.var(boot[:, i] - boot[:, j], ddof=1) for j in range(n_cand)] for i in range(n_cand)]
@@ -229,459 +372,231 @@ def truth_with_errors(probabilities, labels, clusters, n_boot: int, seed: int) -
     }
 
 
-def spearman(a, b) -> float | None:
-    from scipy.stats import spearmanr
+# -------------------------------------------------------------------------------------------------- judging
+def strategy_choices(candidates: list[dict], user_systems: set[str]) -> dict[str, int | None]:
+    """Index of the candidate each strategy picks (`random` has none: its regret is the mean)."""
 
-    if len(set(a)) < 2 or len(set(b)) < 2:
-        return None
-    return float(spearmanr(a, b).statistic)
+    def jaccard(c):
+        systems = set(c["code_systems"])
+        union = systems | user_systems
+        return len(systems & user_systems) / len(union) if union else 0.0
 
-
-def evaluate_ranking(scores: list[float], truth, diff_se, names: list[str]) -> dict:
-    order = sorted(range(len(truth)), key=lambda i: -truth[i])
-    best = order[0]
-    chosen = max(range(len(scores)), key=lambda i: (scores[i], -i))
     return {
-        "selected": names[chosen],
-        "top1_correct": chosen == best,
-        "top1_within_noise": bool(truth[best] - truth[chosen] <= diff_se[best, chosen]),
-        "spearman": spearman(list(scores), list(truth)),
-        "regret_auroc": float(truth[best] - truth[chosen]),
+        "selector": min(range(len(candidates)), key=lambda i: candidates[i]["rank"]),
+        "random": None,
+        "largest_corpus": max(range(len(candidates)), key=lambda i: (candidates[i]["corpus_events"], -i)),
+        "same_code_system": max(
+            range(len(candidates)), key=lambda i: (jaccard(candidates[i]), candidates[i]["corpus_events"], -i)
+        ),
     }
 
 
-def judge(runs: list, rows: list[dict], names: list[str], n_boot: int, seed: int) -> dict:
-    """The selector's verdicts against one truth: `runs` holds each candidate's `finetuned_predictions` at one
-    label budget, `rows` its selector scores. The case's verdicts, each component's alone, and each candidate's
-    mean fine-tuned AUROC, its standard error and the seeds' AUROCs (under "candidates")."""
+def judge_user(candidates: list[dict], diff_se, user_systems: set[str]) -> dict:
+    """Regret of every strategy, whether the selector's choice is within noise of the best, and whether it lacks
+    the outcome's codes while another candidate has them. `candidates` carry `auroc` and `outcome_code_share`."""
     import numpy as np
 
-    labels, clusters = runs[0][1], runs[0][2]
-    assert all(np.array_equal(r[1], labels) for r in runs), "evaluation rows differ between candidates"
-    truth = truth_with_errors(np.stack([r[0] for r in runs]), labels, clusters, n_boot, seed)
-    auroc, diff_se = truth["auroc"], truth["diff_se"]
-    order = np.argsort(-auroc, kind="stable")
-    verdict = evaluate_ranking([r["combined"] for r in rows], auroc, diff_se, names)
-    top2 = dict.fromkeys(("top2_difference", "top2_difference_se", "top2_separable"))
-    if len(names) > 1:
-        difference, se = float(auroc[order[0]] - auroc[order[1]]), float(diff_se[order[0], order[1]])
-        top2 = {
-            "top2_difference": difference,
-            "top2_difference_se": se,
-            "top2_separable": difference > 2 * se,
-        }
-    verdict.update(best_by_finetuning=names[order[0]], **top2, mean_auroc_se=float(np.mean(truth["se"])))
-    verdict["components_alone"] = {
-        component: evaluate_ranking([r[component] for r in rows], auroc, diff_se, names)
-        for component in COMPONENTS
+    auroc = np.array([c["auroc"] for c in candidates])
+    best = int(np.argmax(auroc))
+    choices = strategy_choices(candidates, user_systems)
+    regret = {
+        name: float(auroc[best] - (auroc.mean() if i is None else auroc[i])) for name, i in choices.items()
     }
-    verdict["candidates"] = [
-        {
-            "checkpoint": n,
-            "finetuned_auroc": float(auroc[i]),
-            "finetuned_auroc_se": float(truth["se"][i]),
-            "finetuned_auroc_by_seed": [float(a) for a in truth["auroc_by_seed"][i]],
-        }
-        for i, n in enumerate(names)
+    chosen = choices["selector"]
+    lacks = [
+        c["outcome_code_share"] is not None and c["outcome_code_share"] < LACKS_BELOW for c in candidates
     ]
-    return verdict
+    return {
+        "best": candidates[best]["name"],
+        "chosen": {name: None if i is None else candidates[i]["name"] for name, i in choices.items()},
+        "regret": regret,
+        "within_noise": bool(auroc[best] - auroc[chosen] <= 2 * diff_se[best, chosen]),
+        "chosen_lacks_outcome_codes": bool(lacks[chosen]),
+        "lacks_while_another_has": bool(lacks[chosen] and not all(lacks)),
+    }
 
 
-def describe(verdict: dict) -> str:
-    return (
-        f"best fine-tuned {verdict['best_by_finetuning']}, top1 {verdict['top1_correct']} (within noise "
-        f"{verdict['top1_within_noise']}), spearman {verdict['spearman']}, top-2 separable {verdict['top2_separable']}"
-    )
-
-
-def verdict_counts(cases: list[dict]) -> dict:
-    """The summary figures of one truth, from each case's verdicts against it."""
+def summarize(users: list[dict]) -> dict:
+    """Every summary figure, from the users (a merge recomputes them all) and the goal."""
     import numpy as np
 
-    rhos = [c["spearman"] for c in cases if c["spearman"] is not None]
+    mean_regret = {s: float(np.mean([u["verdict"]["regret"][s] for u in users])) for s in STRATEGIES}
+    lacking = sum(u["verdict"]["lacks_while_another_has"] for u in users)
     return {
-        "top1_correct_cases": sum(c["top1_correct"] for c in cases),
-        "top1_within_noise_cases": sum(c["top1_within_noise"] for c in cases),
-        "top2_separable_cases": sum(bool(c["top2_separable"]) for c in cases),
-        "top1_correct_of_separable_cases": sum(c["top1_correct"] for c in cases if c["top2_separable"]),
-        "mean_spearman": float(np.mean(rhos)) if rhos else None,
-        "min_spearman": float(np.min(rhos)) if rhos else None,
-        "components_alone": {
-            component: {
-                "top1_correct_cases": sum(c["components_alone"][component]["top1_correct"] for c in cases),
-                "mean_spearman": float(
-                    np.mean(
-                        [r for c in cases if (r := c["components_alone"][component]["spearman"]) is not None]
-                        or [np.nan]
-                    )
-                ),
-            }
-            for component in COMPONENTS
-        },
-    }
-
-
-def summarize(cases: list[dict], settings: dict) -> dict:
-    """Every summary figure of an output, from its cases (a merge recomputes them all): the primary (few-label)
-    truth's and the goal, and the full-label truth's under "full_labels" when the cases carry it."""
-    figures = verdict_counts(cases)
-    components = figures.pop("components_alone")
-    fraction = settings["finetune_label_fraction"]
-    recipe = f"at learning rate {settings['finetune_lr']:g}" + (
-        ", every weight trained from the linear probe (LP-FT)" if settings.get("finetune_from_probe") else ""
-    )
-    summary = {
-        "truth": (
-            f"each candidate fine-tuned on {fraction:.0%} of the user's training labels (at a given seed the same rows "
-            f"for every candidate), {settings['low_label_seeds']} seeds, {settings['finetune_epochs'] / fraction:g} "
-            f"epochs (as many steps as on all labels) {recipe}; mean AUROC on the user's evaluation subjects"
+        "users": len(users),
+        "mean_regret": mean_regret,
+        "max_regret": {s: float(np.max([u["verdict"]["regret"][s] for u in users])) for s in STRATEGIES},
+        "within_noise_of_best": sum(u["verdict"]["within_noise"] for u in users),
+        "first_choice_best": sum(u["verdict"]["chosen"]["selector"] == u["verdict"]["best"] for u in users),
+        "lacks_outcome_codes_while_another_has": lacking,
+        "goal": "mean regret of the first choice <= 0.01 AUROC and <= 1/3 of random's; no user whose first choice "
+        "lacks the outcome's codes while another candidate has them",
+        "goal_met": bool(
+            len(users) >= 8
+            and mean_regret["selector"] <= 0.01
+            and mean_regret["selector"] <= mean_regret["random"] / 3
+            and lacking == 0
         ),
-        "label_fraction": fraction,
-        "n_cases": len(cases),
-        **figures,
-        "goal": "top-1 right (strict) in >= 4 of 5 cases and mean Spearman >= 0.7",
-        "goal_met": len(cases) >= 5
-        and figures["top1_correct_cases"] >= 4
-        and (figures["mean_spearman"] or 0.0) >= 0.7,
-        "components_alone": components,
-    }
-    if cases and all("frozen_probe" in c for c in cases):
-        summary["frozen_probe"] = {
-            "truth": (
-                f"head-only fine-tuning: a linear probe (fit_linear_probe) on each candidate's frozen "
-                f"mean-pooled embeddings of {fraction:.0%} of the user's training labels (the rows of the few-label "
-                f"fine-tune at the same seed), {settings['probe_seeds']} seeds; mean AUROC on the same evaluation "
-                "subjects"
-            ),
-            **verdict_counts([c["frozen_probe"] for c in cases]),
-        }
-    if cases and all("full_labels" in c for c in cases):
-        summary["full_labels"] = {
-            "truth": (
-                f"each candidate fine-tuned on all of the user's training labels, {settings['finetune_seeds']} seeds, "
-                f"{settings['finetune_epochs']:g} epochs {recipe}; mean AUROC on the same evaluation subjects"
-            ),
-            **verdict_counts([c["full_labels"] for c in cases]),
-        }
-    return summary
-
-
-def results(cases: list[dict], settings: dict, levels: list[dict], meta: dict) -> dict:
-    """The output JSON: the cases, what was measured, every summary figure, the settings and `meta` (command,
-    timings, wall time, date, machine)."""
-    return {
-        "cases": cases,
-        "protocol": f"{settings.get('level_set', 'graded')}_mismatch_low_label",
-        "zoo": settings["zoo"],
-        "levels": levels,
-        **summarize(cases, settings),
-        "tuning": "none on these hospitals or seeds; ehr_transformer.selection unchanged for this zoo (formula fixed on --zoo dev)",
-        "settings": settings,
-        **meta,
     }
 
 
-def merge(paths: list[str], command: str) -> dict:
-    """One output from partial ones (`--hospital_index`, run in parallel): their cases joined in the zoo's order,
-    every summary figure recomputed from them, timings summed, `wall_s` the longest part's, each part's command
-    and sources kept under "parts". Refuses a source found in two parts and parts whose settings differ other
-    than in `hospital_index`."""
-    parts = common.read_parts(paths, varying="hospital_index")
-    found = [c["source"] for p in parts for c in p["cases"]]
-    repeated = sorted({s for s in found if found.count(s) > 1})
-    if repeated:
-        raise SystemExit(f"--merge: {repeated} found in more than one of {paths}: a case would count twice")
-    settings = dict(parts[0]["settings"])
-    zoo_order = [name for name, _, _ in sources(settings["zoo"])]
-    cases = sorted(
-        (c for p in parts for c in p["cases"]),
-        key=lambda c: zoo_order.index(c["source"]) if c["source"] in zoo_order else len(zoo_order),
-    )
-    indices = [p["settings"].get("hospital_index") for p in parts]
-    settings["hospital_index"] = None if None in indices else sorted({i for part in indices for i in part})
-    meta = common.merged_metadata(parts, command)
-    for described, part in zip(meta["parts"], parts, strict=True):
-        described["sources"] = [c["source"] for c in part["cases"]]
-    return results(cases, settings, parts[0]["levels"], meta)
+# ----------------------------------------------------------------------------------------------------- run
+def score_user(user: User, zoo: list[dict], work: Path) -> dict:
+    """Select for `user`, then the truth of every candidate and the verdicts."""
+    import numpy as np
+    import polars as pl
 
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", default="selection.json")
-    parser.add_argument("--zoo", choices=["benchmark", "dev"], default="benchmark")
-    parser.add_argument(
-        "--hospitals", type=int, default=None, help="use only the first N user hospitals (smoke tests)"
-    )
-    parser.add_argument(
-        "--hospital_index",
-        type=int,
-        nargs="+",
-        default=None,
-        metavar="I",
-        help="run only these user hospitals (indices into the zoo's, after --hospitals; --merge joins the parts)",
-    )
-    parser.add_argument(
-        "--level_set",
-        choices=sorted(LEVEL_SETS),
-        default="graded",
-        help="the zoo's degrees of mismatch (graded: the benchmark's; local_codes, code_systems: steeper; "
-        "replicates: none)",
-    )
-    parser.add_argument(
-        "--levels", type=int, default=None, help="use only the first N mismatch levels (smoke tests)"
-    )
-    parser.add_argument("--pretrain_subjects", type=int, default=1500)
-    parser.add_argument(
-        "--user_subjects", type=int, default=1500, help="the user's cohort (fine-tuning: its train split)"
-    )
-    parser.add_argument(
-        "--eval_subjects", type=int, default=1500, help="second evaluation cohort of the user's hospital"
-    )
-    parser.add_argument("--hidden_size", type=int, default=32)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--max_length", type=int, default=128)
-    parser.add_argument("--pretrain_epochs", type=float, default=4)
-    parser.add_argument("--pretrain_lr", type=float, default=1e-3)
-    parser.add_argument(
-        "--finetune_epochs", type=float, default=4, help="epochs on all labels (on a fraction f: epochs / f)"
-    )
-    parser.add_argument("--finetune_lr", type=float, default=1e-3)
-    parser.add_argument(
-        "--finetune_label_fraction",
-        type=float,
-        default=0.2,
-        help="share of the user's training labels of the primary (few-label) truth",
-    )
-    parser.add_argument(
-        "--low_label_seeds", type=int, default=4, help="few-label fine-tunes per (case, candidate), averaged"
-    )
-    parser.add_argument(
-        "--finetune_seeds", type=int, default=3, help="full-label fine-tunes per (case, candidate), averaged"
-    )
-    parser.add_argument(
-        "--probe_seeds",
-        type=int,
-        default=20,
-        help="head-only fine-tunes (linear probe on frozen features) per (case, candidate), averaged (0: skip)",
-    )
-    parser.add_argument(
-        "--finetune_from_probe",
-        action="store_true",
-        help="fine-tune every weight from the linear probe (LP-FT) instead of a random head",
-    )
-    parser.add_argument(
-        "--no_full_label_truth", action="store_true", help="skip the full-label truth (smoke tests)"
-    )
-    parser.add_argument(
-        "--bootstrap", type=int, default=200, help="subject-bootstrap resamples of the evaluation"
-    )
-    parser.add_argument("--max_labels", type=int, default=1000, help="user training labels given to LogME")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--work", default=None, help="working folder (default: a temporary one, removed)")
-    parser.add_argument(
-        "--merge",
-        nargs="+",
-        default=None,
-        metavar="PART",
-        help="join the JSON outputs of --hospital_index runs into --output (nothing is run)",
-    )
-    args = parser.parse_args(argv)
-    if not 0.0 < args.finetune_label_fraction <= 1.0:
-        parser.error("--finetune_label_fraction must be in (0, 1]")
-    return args
-
-
-def truths(args: argparse.Namespace, checkpoint: Path, user: Path, evaluation: list, work: Path, full: bool):
-    """One candidate's fine-tuned predictions for a truth: few labels (`--finetune_label_fraction`,
-    `--low_label_seeds`) or, with `full`, all of them (`--finetune_seeds`)."""
-    return common.finetuned_predictions(
-        checkpoint,
-        user,
-        evaluation,
-        work,
-        fraction=1.0 if full else args.finetune_label_fraction,
-        seeds=args.finetune_seeds if full else args.low_label_seeds,
-        epochs=args.finetune_epochs,
-        learning_rate=args.finetune_lr,
-        from_probe=args.finetune_from_probe,
-    )
-
-
-def run(args: argparse.Namespace, command: str) -> dict:
-    """The benchmark: pretrain each case's zoo, select, fine-tune for every truth; the output JSON."""
-    from ehr_transformer.data.synthetic import write_synthetic_meds
+    from ehr_transformer.data.labels import read_labels
+    from ehr_transformer.data.meds import read_events
+    from ehr_transformer.selection.outcome_codes import outcome_codes
     from ehr_transformer.selection.selector import select_checkpoints
-    from ehr_transformer.training.arguments import DataArguments, ModelArguments, PretrainingArguments
-    from ehr_transformer.training.pretrain import pretrain
 
-    logging.basicConfig(level=logging.WARNING)
-    common.quiet(args.threads)
     started = time.perf_counter()
-    hospitals = sources(args.zoo)[: args.hospitals]
-    if args.hospital_index is not None:
-        if not all(0 <= i < len(hospitals) for i in args.hospital_index):
-            raise SystemExit(
-                f"--hospital_index {args.hospital_index}: the zoo has hospitals 0..{len(hospitals) - 1}"
-            )
-        hospitals = [hospitals[i] for i in sorted(set(args.hospital_index))]
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="selection_benchmark_"))
-    work.mkdir(parents=True, exist_ok=True)
-    levels = LEVEL_SETS[args.level_set][: args.levels]
-    model_args = ModelArguments(
-        hidden_size=args.hidden_size,
-        num_hidden_layers=args.layers,
-        num_attention_heads=4,
-        intermediate_size=2 * args.hidden_size,
+    data, labels, evaluation = user_cohort(user, work)
+    few = labelled_share(labels, data)
+    selection = select_checkpoints(data, [c["path"] for c in zoo], labels=few, split="train", seed=0)
+    selected_s = time.perf_counter() - started
+    by_path = {row["candidate"]: row for row in selection["ranking"]}
+    all_rows = read_labels(labels)
+    events = read_events(data, subject_ids=all_rows["subject_id"].unique().to_list())
+    needed = outcome_codes(events, all_rows)  # what the outcome depends on, from all of the user's labels
+    user_systems = code_systems(events.filter(pl.col("code") != "MEDS_BIRTH")["code"].unique().to_list())
+    runs = [probe_predictions(Path(c["path"]), data, labels, evaluation, work / "truth") for c in zoo]
+    truth = truth_with_errors(np.stack([r[0] for r in runs]), runs[0][1], runs[0][2], BOOTSTRAP, user.seed)
+    candidates = []
+    for i, c in enumerate(zoo):
+        row = by_path[c["path"]]
+        known = set(vocabulary(Path(c["path"])))
+        weight = sum(w for _, w in needed)
+        share = sum(w for code, w in needed if code in known) / weight if weight else None
+        candidates.append(
+            {
+                "name": c["name"],
+                "corpus_events": c["corpus_events"],
+                "code_systems": c["code_systems"],
+                "auroc": float(truth["auroc"][i]),
+                "auroc_se": float(truth["se"][i]),
+                "auroc_by_seed": [float(a) for a in truth["auroc_by_seed"][i]],
+                "outcome_code_share": share,
+                **{k: row.get(k) for k in SELECTOR_FIELDS},
+            }
+        )
+    labels_y, clusters = runs[0][1], runs[0][2]
+    return {
+        "user": user.name,
+        "source": user.source,
+        "profile": user.profile,
+        "evaluation_rows": int(labels_y.size),
+        "evaluation_positives": int(labels_y.sum()),
+        "evaluation_subjects": int(clusters.max() + 1),
+        "labelled_training_subjects": int(few["subject_id"].n_unique()),
+        "outcome_codes": [[code, float(w)] for code, w in needed],
+        "candidates": candidates,
+        "verdict": judge_user(candidates, truth["diff_se"], user_systems),
+        "selector_warning": selection.get("warning"),
+        "selection_s": round(selected_s, 1),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+
+
+SELECTOR_FIELDS = (
+    "rank",
+    "combined",
+    "coverage",
+    "code_coverage",
+    "outcome_code_coverage",
+    "fit",
+    "transferability",
+    "combined_interval",
+    "reasons",
+)
+
+
+def report(entry: dict) -> None:
+    v = entry["verdict"]
+    print(
+        f"user {entry['user']}: best {v['best']}, selector {v['chosen']['selector']} (regret "
+        f"{v['regret']['selector']:.3f}; random {v['regret']['random']:.3f}, largest corpus "
+        f"{v['regret']['largest_corpus']:.3f}, same code system {v['regret']['same_code_system']:.3f}); "
+        f"within noise {v['within_noise']}; {entry['wall_s']:.0f} s",
+        flush=True,
     )
-    timings = dict.fromkeys(
-        (
-            "pretraining_s",
-            "selection_s",
-            "finetuning_low_label_s",
-            "frozen_probe_s",
-            "finetuning_full_labels_s",
-        ),
-        0.0,
-    )
-    names = [level[0] for level in levels]
-    cases = []
-    for source, profile, seed in hospitals:
-        checkpoints = {}
-        for k, level in enumerate(levels):
-            t0 = time.perf_counter()
-            data = write_synthetic_meds(
-                work / "data" / source / level[0],
-                args.pretrain_subjects,
-                seed=seed + 10 * k,
-                profile=candidate_profile(profile, level, seed),
-                overwrite=True,
-            )
-            checkpoints[level[0]] = work / "zoo" / source / level[0]
-            pretrain(
-                DataArguments(
-                    data_dir=str(data),
-                    cache_dir=str(work / "cache"),
-                    max_length=args.max_length,
-                    min_code_count=5,
-                ),
-                model_args,
-                PretrainingArguments(),
-                common.training_args(checkpoints[level[0]], args.pretrain_epochs, 0, 32, args.pretrain_lr),
-            )
-            shutil.rmtree(data)
-            timings["pretraining_s"] += time.perf_counter() - t0
-            print(f"pretrained {source}/{level[0]} in {time.perf_counter() - t0:.0f} s", flush=True)
-        user = write_synthetic_meds(
-            work / "users" / source, args.user_subjects, seed=seed + 5, profile=profile, overwrite=True
-        )
-        second = write_synthetic_meds(
-            work / "eval" / source, args.eval_subjects, seed=seed + 7, profile=profile, overwrite=True
-        )
-        evaluation = [(user, "tuning"), (user, "held_out")] + [
-            (second, split) for split in ("train", "tuning", "held_out")
-        ]
-        t0 = time.perf_counter()
-        result = select_checkpoints(
-            user,
-            [str(checkpoints[n]) for n in names],
-            labels=user / "labels" / f"{common.TASK}.parquet",
-            split="train",
-            max_labels=args.max_labels,
-            seed=0,
-        )
-        timings["selection_s"] += time.perf_counter() - t0
-        by_path = {row["candidate"]: row for row in result["ranking"]}
-        rows = [by_path[str(checkpoints[n])] for n in names]
-        t0 = time.perf_counter()
-        runs = [truths(args, checkpoints[n], user, evaluation, work, full=False) for n in names]
-        timings["finetuning_low_label_s"] += time.perf_counter() - t0
-        labels, clusters = runs[0][1], runs[0][2]
-        case = {"source": source, **judge(runs, rows, names, args.bootstrap, seed)}
-        case.update(
-            evaluation_rows=int(labels.size),
-            evaluation_deaths=int(labels.sum()),
-            evaluation_subjects=int(clusters.max() + 1),
-        )
-        scores = (
-            "coverage",
-            "code_coverage",
-            "distance_ratio",
-            "occupancy_overlap",
-            "fit",
-            "transferability",
-        )
-        case["candidates"] = [
-            {"checkpoint": n, **{k: r[k] for k in (*scores, "combined", "rank")}, **truth}
-            for n, r, truth in zip(names, rows, case["candidates"], strict=True)
-        ]
-        if args.probe_seeds > 0:
-            t0 = time.perf_counter()
-            runs = [
-                common.probe_predictions(
-                    checkpoints[n], user, evaluation, args.finetune_label_fraction, args.probe_seeds
-                )
-                for n in names
-            ]
-            timings["frozen_probe_s"] += time.perf_counter() - t0
-            case["frozen_probe"] = judge(runs, rows, names, args.bootstrap, seed)
-        if not args.no_full_label_truth:
-            t0 = time.perf_counter()
-            runs = [truths(args, checkpoints[n], user, evaluation, work, full=True) for n in names]
-            timings["finetuning_full_labels_s"] += time.perf_counter() - t0
-            case["full_labels"] = judge(runs, rows, names, args.bootstrap, seed)
-        cases.append(case)
-        report_case(case, args.finetune_label_fraction, time.perf_counter() - started)
-
-    settings = {k: v for k, v in vars(args).items() if k not in ("output", "work", "merge")}
-    meta = {"command": command, "timings": {k: round(v, 1) for k, v in timings.items()}}
-    meta |= {k: v for k, v in common.metadata(command, started, args.threads).items() if k != "command"}
-    if not args.work:
-        shutil.rmtree(work, ignore_errors=True)
-    return results(cases, settings, [dict(zip(LEVEL_FIELDS, level, strict=True)) for level in levels], meta)
-
-
-def report_case(case: dict, fraction: float, elapsed: float) -> None:
-    """One case's verdicts and each candidate's scores and AUROCs, printed as the run goes."""
-    line = f"user {case['source']}: selected {case['selected']}; {fraction:.0%} of labels: {describe(case)}"
-    if "frozen_probe" in case:
-        line += f"; frozen probe: {describe(case['frozen_probe'])}"
-    if "full_labels" in case:
-        line += f"; all labels: {describe(case['full_labels'])}"
-    print(f"{line}; {elapsed:.0f} s so far", flush=True)
-    full = {c["checkpoint"]: c for c in case.get("full_labels", {}).get("candidates", [])}
-    probe = {c["checkpoint"]: c for c in case.get("frozen_probe", {}).get("candidates", [])}
-    for c in case["candidates"]:
+    for c in sorted(entry["candidates"], key=lambda c: c["rank"]):
         print(
-            f"    {c['checkpoint']:<9} codes {c['code_coverage']:.3f} fit {c['fit']:.3f} logme "
-            f"{c['transferability']:.4f} combined {c['combined']:.3f} auroc {c['finetuned_auroc']:.3f} "
-            f"± {c['finetuned_auroc_se']:.3f}"
-            + (f" (frozen probe {probe[c['checkpoint']]['finetuned_auroc']:.3f})" if probe else "")
-            + (f" (all labels {full[c['checkpoint']]['finetuned_auroc']:.3f})" if full else ""),
+            f"    {c['rank']:>2} {c['name']:<18} combined {c['combined']:.3f} auroc {c['auroc']:.3f} "
+            f"± {c['auroc_se']:.3f} outcome codes {c['outcome_code_share']}",
             flush=True,
         )
 
 
-def main(argv: list[str] | None = None) -> None:
+def run_part(part: str, work: Path) -> Path:
     from ehr_transformer.utils import write_json
 
-    args = parse_args(argv)
-    command = common.command_line("selection", argv)
-    summary = merge(args.merge, command) if args.merge else run(args, command)
-    write_json(args.output, summary)
-    line = (
-        f"{summary['label_fraction']:.0%} of labels: top-1 right in {summary['top1_correct_cases']} of "
-        f"{summary['n_cases']} cases ({summary['top1_within_noise_cases']} within noise, "
-        f"{summary['top2_separable_cases']} with a separable top two), mean Spearman {summary['mean_spearman']}"
-    )
-    for key, name in (("frozen_probe", "frozen probe"), ("full_labels", "all labels")):
-        if key in summary:
-            truth = summary[key]
-            line += (
-                f"; {name}: top-1 right in {truth['top1_correct_cases']}, {truth['top2_separable_cases']} "
-                f"separable, mean Spearman {truth['mean_spearman']}"
+    logging.basicConfig(level=logging.WARNING)
+    common.quiet(1)  # one thread: parts run side by side on the 2 cores
+    started = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+    names = PARTS[part]
+    users = [u for u in USERS if u.name in names]
+    needed_sources = {u.source for u in users} | {c.source for c in ZOO}
+    for source in sorted(needed_sources - {"synthetic"}):
+        if common.shared_data("physionet2012" if source == "physionet2012" else "yaib_demo") is None:
+            raise SystemExit(
+                f"{NAME}: real source {source} not found under {common.SHARED_DATA}; cannot build the zoo"
             )
-    print(f"{line}; wall {summary['wall_s']} s; written to {args.output}")
+    zoo = [build_candidate(c, work) for c in ZOO]
+    result = {"benchmark": NAME, "part": part, "zoo": zoo, "users": []}
+    for user in users:
+        result["users"].append(score_user(user, zoo, work))
+        report(result["users"][-1])
+    result.update(common.metadata(common.command_line(NAME), started, 1))
+    return write_json(PART_DIR / f"{part}.json", result)
+
+
+def merge() -> Path:
+    """`selection.json`: the users of every user part found, the zoo, and every summary figure recomputed."""
+    import json
+
+    from ehr_transformer.utils import write_json
+
+    parts = [json.loads(p.read_text()) for p in sorted(PART_DIR.glob("*.json"))]
+    parts = [p for p in parts if p["users"]]
+    if not parts:
+        raise SystemExit(f"{NAME} --merge: no user part in {PART_DIR}")
+    order = [u.name for u in USERS]
+    users = sorted((u for p in parts for u in p["users"]), key=lambda u: order.index(u["user"]))
+    names = [u["user"] for u in users]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"{NAME} --merge: a user is in two parts: {names}")
+    return write_json(
+        RESULTS / f"{NAME}.json",
+        {
+            "benchmark": NAME,
+            "protocol": __doc__.split("Protocol")[1].strip(),
+            "summary": summarize(users),
+            "zoo": parts[0]["zoo"],
+            "users": users,
+            "parts": [
+                {k: p[k] for k in ("part", "command", "wall_s", "date", "machine") if k in p} for p in parts
+            ],
+        },
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m benchmarks.{NAME}", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--part", choices=sorted(PARTS))
+    parser.add_argument("--merge", action="store_true")
+    parser.add_argument("--work", type=Path, default=Path("selection_work"), help="zoo, cohorts and caches")
+    args = parser.parse_args(argv)
+    if args.merge == (args.part is not None):
+        parser.error("give either --part NAME or --merge")
+    path = merge() if args.merge else run_part(args.part, args.work)
+    print(f"written {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

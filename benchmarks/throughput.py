@@ -15,6 +15,10 @@ Three length distributions:
 - many_short: batches of `--many_short_batch_size` (128) short timelines, log-normal lengths with median 30 and
   99th percentile 150 (MANY_SHORT), the case of the batched variable-length attention.
 Batches are drawn at random (not grouped by length), padded to their longest sample, as a user's DataLoader would.
+Packed (`<case>_packed` for each case of `--packed`, default long_tailed and many_short): the same batches with
+their subjects packed first-fit into rows no wider than the batch's longest subject, as `--pack_sequences` packs
+them (`ehr_transformer.data.collators.pack_batch`); ours on the packed batches against ours and BERT on the
+unpacked ones, the three alternating (BERT has no per-subject attention, so it cannot take packed rows).
 Each hidden size of `--hidden_size` (128 and 256) is measured in the same run; the first one's results are at the
 top level of the JSON, the others under `hidden_<size>`.
 """
@@ -33,6 +37,7 @@ from transformers import BertConfig, BertForMaskedLM
 
 from benchmarks import common
 from ehr_transformer import EHRTransformerConfig, EHRTransformerForMaskedEventModeling
+from ehr_transformer.data.collators import pack_batch
 from ehr_transformer.utils import write_json
 
 MAX_LENGTH = 512
@@ -138,7 +143,7 @@ def train_events_per_second(model, batches, is_ours: bool) -> float:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        events += int(batch["attention_mask"].sum())
+        events += int((batch["attention_mask"] != 0).sum())  # a packed mask numbers its subjects 1, 2, ...
     return events / (time.perf_counter() - started)
 
 
@@ -181,6 +186,28 @@ def compare(measure, models, batches, repeats: int) -> dict:
     return {"ours": ours, "bert": bert, "ratio": ours / bert, "rounds": rounds}
 
 
+def pack(batches: list[dict]) -> list[dict]:
+    """`batches` with the subjects of each packed into rows no wider than its longest subject (`pack_batch`, as
+    `--pack_sequences`): the attention mask numbers the subjects of a row 1, 2, ..., so attention stays within each."""
+    return [pack_batch(batch, pad_token_id=0)[0] for batch in batches]
+
+
+def compare_packed(models, batches, packed, repeats: int) -> dict:
+    """Ours on the packed batches, ours and BERT on the unpacked ones, alternating `repeats` times; medians."""
+    runs = {
+        "ours_packed": (models["ours"], packed, True),
+        "ours": (models["ours"], batches, True),
+        "bert": (models["bert"], batches, False),
+    }
+    for model, measured, is_ours in runs.values():  # warm-up
+        train_events_per_second(model, measured[:1], is_ours)
+    rounds = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, (model, measured, is_ours) in runs.items():
+            rounds[name].append(train_events_per_second(model, measured, is_ours))
+    return {**{name: statistics.median(r) for name, r in rounds.items()}, "rounds": rounds}
+
+
 def training_cases(args, models, data, rng) -> dict:
     """Training throughput of ours and BERT on the three length distributions."""
     n = args.batch_size * args.batches
@@ -213,6 +240,26 @@ def training_cases(args, models, data, rng) -> dict:
             f"{name:>14}: ours {train['ours']:9.0f} events/s  BERT {train['bert']:9.0f} events/s  "
             f"ratio {train['ratio']:.2f}"
         )
+        if name not in args.packed:
+            continue
+        packed = pack(batches)
+        train = compare_packed(models, batches, packed, args.repeats)
+        results[f"{name}_packed"] = {
+            "ours_events_per_s": train["ours_packed"],
+            "ours_unpacked_events_per_s": train["ours"],
+            "bert_events_per_s": train["bert"],
+            "ratio": train["ours_packed"] / train["bert"],
+            "packed_over_unpacked": train["ours_packed"] / train["ours"],
+            "batch_size": batch_size,
+            "rows_per_packed_batch": statistics.mean(b["input_ids"].shape[0] for b in packed),
+            "real_event_share_of_packed_batches": sum(int((b["attention_mask"] != 0).sum()) for b in packed)
+            / sum(b["attention_mask"].numel() for b in packed),
+            "rounds": train["rounds"],
+        }
+        print(
+            f"{name + '_packed':>14}: ours {train['ours_packed']:9.0f} events/s  (unpacked {train['ours']:9.0f})  "
+            f"BERT {train['bert']:9.0f} events/s  packed / unpacked {train['ours_packed'] / train['ours']:.2f}"
+        )
     results["long_tailed"]["length_source"] = source
     results["many_short"]["length_source"] = (
         f"log-normal, median {MANY_SHORT['median']}, p99 {MANY_SHORT['p99']}"
@@ -234,6 +281,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, default=6, help="batches per measurement round")
     parser.add_argument("--many_short_batch_size", type=int, default=128)
     parser.add_argument("--many_short_batches", type=int, default=2, help="many_short batches per round")
+    parser.add_argument(
+        "--packed",
+        nargs="*",
+        default=["long_tailed", "many_short"],
+        choices=["equal_lengths", "long_tailed", "many_short"],
+        help="cases also measured with packed rows (none: --packed with no name)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)

@@ -237,6 +237,7 @@ def _select(args: argparse.Namespace) -> int:
         max_subjects=args.max_subjects,
         max_labels=args.max_labels,
         seed=args.seed,
+        n_bootstrap=args.n_bootstrap,
     )
     print(format_ranking(result))
     if args.output_file:
@@ -388,14 +389,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_quickstart)
 
-    p = sub.add_parser("select", help="rank candidate checkpoints for a dataset (coverage, fit, LogME)")
+    p = sub.add_parser(
+        "select", help="rank candidate checkpoints for a dataset (coverage, outcome codes, fit, LogME)"
+    )
     p.add_argument("--data_dir", required=True, help="MEDS dataset folder of the user")
     p.add_argument("--candidates", required=True, nargs="+", help="checkpoint folders or hub ids")
     p.add_argument("--labels", default=None, help="optional label file: adds LogME transferability")
     p.add_argument("--output_file", default=None, help="ranking JSON (written atomically)")
     p.add_argument("--split", default="train", help="split of the user's data to score ('' for all subjects)")
     p.add_argument("--max_subjects", type=int, default=1000, help="subjects embedded per candidate (sample)")
-    p.add_argument("--max_labels", type=int, default=2000, help="label rows used for LogME (sample)")
+    p.add_argument(
+        "--max_labels",
+        type=int,
+        default=2000,
+        help="label rows used for LogME and the outcome codes (sample)",
+    )
+    p.add_argument(
+        "--n_bootstrap",
+        type=int,
+        default=200,
+        help="bootstrap resamples of the subjects: score intervals and the within-noise warning (0: none)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_select)
 

@@ -189,7 +189,11 @@ def test_selector_ranks_the_matching_checkpoint_first(zoo, user):
     )
     ranking = result["ranking"]
     assert ranking[0]["candidate"] == str(zoo[user][0]), format_ranking(result)
-    assert result["components"] == ["code_coverage", "fit", "transferability"]
+    outcome = (
+        ["outcome_code_coverage"] if result["settings"]["outcome_codes"] else []
+    )  # none on too few labels
+    assert result["components"] == ["code_coverage", *outcome, "fit", "transferability"]
+    assert all(row["reasons"] and row["combined_interval"] for row in ranking)
     scores = {Path(row["candidate"]).name: row for row in ranking}
     if user == "B":  # B's lab codes are unknown to A and C
         assert scores["ckpt_B"]["coverage"] > 0.99 > 0.6 > scores["ckpt_A"]["coverage"]
@@ -227,8 +231,11 @@ def test_select_command_prints_a_table_and_writes_json(zoo, tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert "coverage" in printed and "combined" in printed and "ranking written" in printed
+    assert "Why each candidate ranks where it does:" in printed and "The first choice leads" in printed
     result = json.loads(output.read_text())
     assert [row["rank"] for row in result["ranking"]] == [1, 2]
+    assert result["ranking"][0]["reasons"][0].startswith(candidates[1] + " reads")
+    assert result["top_within_noise"] is False and result["warning"] is None
     assert result["ranking"][0]["candidate"] == candidates[1]
     assert result["components"] == ["code_coverage", "fit"]  # no labels: no LogME
     assert not list(tmp_path.glob(".ranking.json.*"))  # written through a temporary file, none left behind
@@ -246,6 +253,161 @@ def test_a_component_one_candidate_lacks_is_left_out_for_all(zoo, tmp_path):
     assert rows["no_prototypes"]["fit"] is None and rows["ckpt_A"]["fit"] is not None
     assert all(row["combined"] == row["code_coverage"] for row in result["ranking"])
     assert any("no prototypes.safetensors" in note for note in rows["no_prototypes"]["notes"])
+
+
+# ------------------------------------------------------------------------------------------------ outcome codes
+def _renamed(source: Path, target: Path, codes) -> Path:
+    """A copy of checkpoint `source` whose vocabulary writes `codes` otherwise (weights, prototypes and size
+    unchanged): the same model, blind to those codes."""
+    import shutil
+
+    shutil.copytree(source, target)
+    file = target / "event_tokenizer.json"
+    data = json.loads(file.read_text())
+    renamed = {code: f"HIDDEN//{code}" for code in codes}
+    data["vocab"] = {renamed.get(code, code): i for code, i in data["vocab"].items()}
+    data["value_statistics"] = {renamed.get(code, code): v for code, v in data["value_statistics"].items()}
+    file.write_text(json.dumps(data))
+    return target
+
+
+def _lactate_labels(data: Path) -> pl.DataFrame:
+    """The mortality label rows of `data`, relabelled: is the last lactate before the prediction time in the top
+    quarter? An outcome that depends on one code above all."""
+    from ehr_transformer.data.labels import read_labels
+    from ehr_transformer.data.meds import read_events
+
+    rows = read_labels(data / "labels" / "in_hospital_mortality.parquet").select(
+        "subject_id", "prediction_time"
+    )
+    lactate = (
+        rows.join(read_events(data).filter(pl.col("code") == "LOINC//2524-7"), on="subject_id")
+        .filter(pl.col("time") <= pl.col("prediction_time"))
+        .sort("time")
+        .group_by("subject_id", "prediction_time")
+        .agg(pl.col("numeric_value").last())
+    )
+    high = pl.col("numeric_value") > lactate["numeric_value"].quantile(0.75)
+    return rows.join(lactate, on=["subject_id", "prediction_time"], how="left").select(
+        "subject_id", "prediction_time", high.fill_null(False).alias("boolean_value")
+    )
+
+
+def test_outcome_association_is_the_auroc_and_rank_correlation():
+    """The vectorised statistics equal sklearn's AUROC (presence over all rows, last value over the rows with a
+    value) and scipy's Spearman correlation (presence against a numeric label)."""
+    import scipy.sparse as sparse
+    from scipy.stats import rankdata, spearmanr
+    from sklearn.metrics import roc_auc_score
+
+    from ehr_transformer.selection.outcome_codes import _association
+
+    rng = np.random.default_rng(3)
+    n = 300
+    y = (rng.random(n) < 0.3).astype(float)
+    present = (rng.random((n, 2)) < 0.5 + 0.2 * y[:, None]).astype(float)
+    value = np.where(present[:, 1] > 0, rng.normal(size=n) + y, 0.0)
+    has = present[:, 1] > 0
+    ranks = np.zeros(n)
+    ranks[has] = rankdata(value[has])
+    presence, value_ranks = sparse.csr_matrix(present), sparse.csr_matrix(ranks[:, None])
+    mask = sparse.csr_matrix(has[:, None].astype(float))
+    by_presence, by_value = _association(presence, value_ranks, mask, y[:, None], regression=False)
+    for j in range(2):
+        assert by_presence[j, 0] == pytest.approx(abs(roc_auc_score(y, present[:, j]) - 0.5))
+    assert by_value[0, 0] == pytest.approx(abs(roc_auc_score(y[has], value[has]) - 0.5))
+    target = rng.normal(size=n) + present[:, 0]
+    by_presence, _ = _association(presence, value_ranks, mask, rankdata(target)[:, None], regression=True)
+    assert by_presence[0, 0] == pytest.approx(abs(spearmanr(present[:, 0], target).statistic))
+
+
+def test_outcome_codes_use_only_events_before_the_prediction_time(synthetic_meds):
+    """A code written one hour after every positive row's prediction time (it equals the label) is not an outcome
+    code, nor are death and discharge to death; the same code one hour before is the strongest one."""
+    from ehr_transformer.data.labels import read_labels
+    from ehr_transformer.data.meds import read_events
+    from ehr_transformer.selection.outcome_codes import outcome_codes
+
+    labels = read_labels(synthetic_meds / "labels" / "in_hospital_mortality.parquet")
+    events = read_events(synthetic_meds)
+    positive = labels.filter(pl.col("boolean_value"))
+
+    def planted(code: str, shift: pl.Expr) -> pl.DataFrame:
+        return positive.select(
+            "subject_id",
+            (pl.col("prediction_time") + shift).alias("time"),
+            pl.lit(code).alias("code"),
+        )
+
+    planted_events = pl.concat(
+        [planted("LEAK//AFTER", pl.duration(hours=1)), planted("SEEN//BEFORE", -pl.duration(hours=1))]
+    )
+    events = pl.concat([events, planted_events], how="diagonal_relaxed").sort("subject_id", "time")
+    found = dict(outcome_codes(events, labels))
+    assert "LEAK//AFTER" not in found and "MEDS_DEATH" not in found and "DISCHARGE//DIED" not in found
+    assert max(found, key=found.get) == "SEEN//BEFORE" and found["SEEN//BEFORE"] == pytest.approx(0.5)
+    # the window alone keeps it out: with the prediction times ten years later the leak is the strongest code
+    later = labels.with_columns(pl.col("prediction_time") + pl.duration(days=3650))
+    assert "LEAK//AFTER" in dict(outcome_codes(events, later))
+
+
+def test_outcome_coverage_is_a_factor_of_the_combined_score():
+    """Comparable candidates (the blind one even slightly ahead on everything else): the one that lacks most of
+    the outcome's codes cannot rank first."""
+    from ehr_transformer.selection.selector import CandidateScore, combine_scores
+
+    knows = CandidateScore("knows", 0.95, 0.95, fit=0.80, transferability=-0.300, outcome_code_coverage=1.0)
+    blind = CandidateScore("blind", 0.97, 0.96, fit=0.82, transferability=-0.295, outcome_code_coverage=0.4)
+    ranked, used = combine_scores([blind, knows])
+    assert used == ["code_coverage", "outcome_code_coverage", "fit", "transferability"]
+    assert [s.candidate for s in ranked] == ["knows", "blind"]
+    assert ranked[1].combined == pytest.approx(0.96 * 0.4 * 0.82)
+
+
+def test_a_candidate_blind_to_the_outcome_code_ranks_below_the_same_model_that_knows_it(zoo, tmp_path):
+    checkpoint, user = zoo["A"]
+    blind = _renamed(checkpoint, tmp_path / "blind_to_lactate", ["LOINC//2524-7"])
+    result = select_checkpoints(user, [str(blind), str(checkpoint)], labels=_lactate_labels(user))
+    assert result["settings"]["outcome_codes"][0]["code"] == "LOINC//2524-7", format_ranking(result)
+    assert result["components"] == ["code_coverage", "outcome_code_coverage", "fit", "transferability"]
+    rows = {Path(row["candidate"]).name: row for row in result["ranking"]}
+    own, lacking = rows["ckpt_A"], rows["blind_to_lactate"]
+    assert abs(own["code_coverage"] - lacking["code_coverage"]) < 0.05  # otherwise the same model
+    assert own["rank"] == 1 and own["outcome_code_coverage"] == 1.0 > lacking["outcome_code_coverage"]
+    assert lacking["outcome_codes_missing"] == ["LOINC//2524-7"]
+    assert "LOINC//2524-7" in lacking["reasons"][-1] and "lacks" in lacking["reasons"][-1]
+    assert "knows all" in own["reasons"][-1]
+    printed = format_ranking(result)
+    assert "Your outcome depends most on" in printed and "LOINC//2524-7 (higher last values" in printed
+
+
+def test_within_noise_warning_for_two_copies_and_not_for_a_clearly_worse_candidate(zoo, tmp_path):
+    import shutil
+
+    checkpoint, user = zoo["A"]
+    twin = tmp_path / "twin"
+    shutil.copytree(checkpoint, twin)
+    result = select_checkpoints(user, [str(checkpoint), str(twin)], n_bootstrap=50)
+    assert result["top_within_noise"] is True and set(result["within_noise"]) == {str(checkpoint), str(twin)}
+    assert result["ranking"][1]["share_at_least_first"] >= 0.1
+    assert result["ranking"][0]["combined_interval"] == result["ranking"][1]["combined_interval"]
+    printed = format_ranking(result)
+    assert (
+        "Warning: the top 2 candidates are within noise of each other" in printed
+        and "either will do" in printed
+    )
+    assert result["warning"] in printed
+
+    tokenizer = EHREventTokenizer.from_pretrained(checkpoint)
+    unreadable = _renamed(checkpoint, tmp_path / "unreadable", [c for c in tokenizer.vocab if "//" in c])
+    result = select_checkpoints(user, [str(unreadable), str(checkpoint)], n_bootstrap=50)
+    rows = {Path(row["candidate"]).name: row for row in result["ranking"]}
+    assert rows["unreadable"]["code_coverage"] < 0.05 and rows["ckpt_A"]["rank"] == 1
+    assert result["top_within_noise"] is False and result["within_noise"] == [] and result["warning"] is None
+    assert rows["unreadable"]["share_at_least_first"] == 0.0
+    printed = format_ranking(result)
+    assert "within noise of each other" not in printed and "The first choice leads" in printed
+    assert "cannot read most of your data" in rows["unreadable"]["reasons"][0]
 
 
 def test_unknown_candidate_fails_clearly_without_network(tmp_path):

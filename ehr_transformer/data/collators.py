@@ -11,6 +11,10 @@ Both return a dict of tensors whose keys are the model's forward arguments:
 Masked event modeling may add value_labels and time_labels (B, L) float32 (NaN = not a target) and the
 unmasked teacher_input_ids / teacher_values / teacher_times / teacher_ages (B, L) for the feature objective.
 Keys of the features other than these (subject_id, prediction_time, length, ...) are ignored.
+
+Sequence packing (`DataCollatorForMaskedEventModeling(pack_sequences=True)`, see `pack_batch`): several subjects
+share a row and `attention_mask` numbers them 1, 2, 3, ... (0 = padding), which the model reads as "attend within
+the subject only"; every other (B, L) tensor is the unpacked one's, its events moved, never changed.
 """
 
 from __future__ import annotations
@@ -65,6 +69,95 @@ def _pad_batch(
     }
 
 
+def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """Greedy first-fit decreasing: the subjects (indices into `lengths`), longest first (ties in batch order), each
+    into the first row that still has room for it within `max_length` events, else into a new row; each row lists
+    its subjects in batch order. A subject longer than `max_length` gets a row of its own (never truncated), and an
+    empty one (0 events) no place at all."""
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = int(lengths[i])
+        if n == 0:
+            continue
+        for r, room in enumerate(used):
+            if room + n <= max_length:
+                rows[r].append(i)
+                used[r] += n
+                break
+        else:
+            rows.append([i])
+            used.append(n)
+    return [sorted(row) for row in rows]
+
+
+def _packing_fill(key: str, x: torch.Tensor, pad_token_id: int) -> float | int:
+    """The padding value of a (B, L) tensor of a masked-event batch, as `_pad_batch` and the masking leave it."""
+    if key.endswith("input_ids"):
+        return pad_token_id
+    if key == "labels":
+        return -100
+    if x.is_floating_point():
+        return 0.0 if key.endswith(("times", "ages")) else float("nan")
+    return 0
+
+
+def pack_batch(
+    batch: dict[str, torch.Tensor],
+    pad_token_id: int,
+    max_length: int | None = None,
+    pad_to_multiple_of: int | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Packs a padded one-subject-per-row batch (`attention_mask` 1 on each row's leading real events) into rows of
+    at most `max_length` events (default: the batch's longest subject, so that no row is wider than the unpacked
+    batch) by `pack_rows`. `attention_mask` becomes the subjects' numbers within their row, 1, 2, 3, ... (0 =
+    padding); every other (B, L) tensor (input_ids, values, times, ages, labels, value_labels, time_labels,
+    teacher_*) has each subject's events copied, in order and unchanged, to its place, and its own padding value
+    elsewhere. Returns the packed batch and `placement` `(B, 2)` int64: the row and first position of each subject
+    of `batch` in the packed one (-1, -1 for a subject without events)."""
+    mask = batch["attention_mask"]  # (B, L)
+    batch_size, seq_len = mask.shape
+    lengths = (mask != 0).sum(dim=1)  # (B,)
+    lengths_host = lengths.tolist()
+    if sum(lengths_host) == 0:  # nothing to pack
+        return dict(batch), torch.full((batch_size, 2), -1, dtype=torch.long)
+    if max_length is None:
+        max_length = max(lengths_host)
+    rows = pack_rows(lengths_host, max_length)
+    place = [[-1, -1, 0] for _ in range(batch_size)]  # row, first position, number within the row
+    width = 0
+    for r, row in enumerate(rows):
+        start = 0
+        for k, i in enumerate(row):
+            place[i] = [r, start, k + 1]
+            start += lengths_host[i]
+        width = max(width, start)
+    place = torch.tensor(place, dtype=torch.long)  # (B, 3)
+    placement, segment = place[:, :2], place[:, 2]  # (B, 2), (B,)
+    if pad_to_multiple_of:
+        width = int(math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of)
+    real = mask.reshape(-1) != 0  # (B * L,)
+    source = real.nonzero(as_tuple=True)[0]  # (N,) events in the unpacked batch, subject by subject, in order
+    subject = torch.div(source, seq_len, rounding_mode="floor")  # (N,)
+    position = source - subject * seq_len  # (N,) position within the subject
+    target = placement[subject, 0] * width + placement[subject, 1] + position  # (N,) in the packed batch
+    packed = {}
+    for key, x in batch.items():
+        if not (isinstance(x, torch.Tensor) and x.shape[:2] == (batch_size, seq_len) and x.dim() == 2):
+            raise ValueError(
+                f"cannot pack {key!r}: expected a (B, L) tensor, got {getattr(x, 'shape', type(x))}"
+            )
+        if key == "attention_mask":
+            events = segment[subject].to(x.dtype)  # (N,)
+            fill = 0
+        else:
+            events = x.reshape(-1)[source]  # (N,)
+            fill = _packing_fill(key, x, pad_token_id)
+        out = torch.full((len(rows) * width,), fill, dtype=x.dtype).index_copy_(0, target, events)
+        packed[key] = out.view(len(rows), width)
+    return packed, placement
+
+
 def _nan_for_none(values: Any) -> Any:
     if isinstance(values, torch.Tensor):
         return values
@@ -98,6 +191,17 @@ class DataCollatorForMaskedEventModeling:
     `return_teacher_inputs=True` adds the unmasked sequence as `teacher_input_ids`, `teacher_values`,
     `teacher_times`, `teacher_ages`, which the EMA teacher of the "feature" objective sees.
 
+    Sequence packing (`pack_sequences=True`): the batch is masked as above, one subject per row, then packed by
+    `pack_batch` into rows of at most `pack_max_length` events (default: the batch's longest subject), first-fit
+    decreasing, `attention_mask` numbering the subjects of a row 1, 2, 3, ... so that attention stays within each
+    subject. Masking before packing keeps every per-subject quantity per subject (the at-least-one-masked-event
+    rule, the cut time of the "future" strategy, the first event without a previous time gap), and the packed
+    batch holds exactly the unpacked batch's events, masks and targets: the losses, means over the batch's
+    targets, are the same to floating-point tolerance. Times and ages are per event (hours since the subject's own
+    first event, the subject's age: see the tokenizer), and the model has no position ids. Pooled outputs would mix
+    a row's subjects: packing is for masked event pretraining only. A subject longer than `pack_max_length` gets a
+    row of its own; none is truncated.
+
     Randomness comes from `generator` if given, else torch's global RNG (so `transformers.set_seed` fixes it).
     """
 
@@ -111,6 +215,8 @@ class DataCollatorForMaskedEventModeling:
     generator: torch.Generator | None = None
     time_mask_probability: float = 0.0
     return_teacher_inputs: bool = False
+    pack_sequences: bool = False
+    pack_max_length: int | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mlm_probability <= 1.0:
@@ -133,6 +239,8 @@ class DataCollatorForMaskedEventModeling:
         n_special = len(self.tokenizer.all_special_ids)
         if self.random_replace_prob > 0 and self.tokenizer.vocab_size <= n_special:
             raise ValueError("random replacement needs at least one non-special token in the vocabulary")
+        if self.pack_max_length is not None and self.pack_max_length < 1:
+            raise ValueError(f"pack_max_length must be positive (or None), got {self.pack_max_length}")
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = _pad_batch(features, self.tokenizer.pad_token_id, self.pad_to_multiple_of)
@@ -189,6 +297,10 @@ class DataCollatorForMaskedEventModeling:
             batch["ages"] = original["ages"].masked_fill(hide_time, float("nan"))
         if self.return_teacher_inputs:
             batch.update({f"teacher_{key}": original[key] for key in _SEQUENCE_KEYS})
+        if self.pack_sequences:
+            batch, _ = pack_batch(
+                batch, self.tokenizer.pad_token_id, self.pack_max_length, self.pad_to_multiple_of
+            )
         return batch
 
     def _cut_times(self, times: torch.Tensor, has_value: torch.Tensor) -> torch.Tensor:
@@ -238,4 +350,9 @@ class DataCollatorForEventClassification:
         return batch
 
 
-__all__ = ["DataCollatorForMaskedEventModeling", "DataCollatorForEventClassification"]
+__all__ = [
+    "DataCollatorForMaskedEventModeling",
+    "DataCollatorForEventClassification",
+    "pack_batch",
+    "pack_rows",
+]

@@ -109,6 +109,15 @@ class PretrainingArguments:
     feature_target_layers: int = field(
         default=2, metadata={"help": "Teacher layers averaged into the feature target (objective feature)."}
     )
+    pack_sequences: bool = field(
+        default=False,
+        metadata={
+            "help": "Sequence packing: several subjects share a row of a batch (first-fit, rows no wider than the "
+            "batch's longest subject), the attention mask numbering them so that attention stays within each subject; "
+            "the losses are the same as unpacked. Off by default: not faster on CPU, where the padding-free path "
+            "already skips padding (docs/pretraining.md)."
+        },
+    )
 
 
 @dataclass

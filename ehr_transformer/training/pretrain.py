@@ -188,6 +188,13 @@ class PretrainingTrainer(ResumableTrainer):
             return torch.zeros((), device=self.args.device)
         return outputs.loss.detach() * scale
 
+    def _track_num_input_tokens(self, inputs):
+        # a packed batch numbers the subjects of a row 1, 2, 3, ... in `attention_mask`: count its events, not the
+        # numbers (`--include_num_input_tokens_seen non_padding` sums the mask)
+        if isinstance(inputs, dict) and "attention_mask" in inputs:
+            inputs = {**inputs, "attention_mask": inputs["attention_mask"] != 0}
+        return super()._track_num_input_tokens(inputs)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log (called in every process): add each objective's loss and weight
             sums, counts = (
@@ -327,6 +334,12 @@ def pretrain(
             config, attn_implementation=model_args.attn_implementation
         )
     objectives = model.config.pretraining_objectives
+    implementation = model.config._attn_implementation or "eager"
+    if pretraining_args.pack_sequences and "flash" in implementation and not model.config.unpad_inputs:
+        raise ValueError(
+            f"--pack_sequences with {implementation} needs the padding-free path (config.unpad_inputs): flash "
+            "kernels take no per-subject mask on the padded path, so packed subjects would see each other"
+        )
     # The collator checks its settings: built before the datasets, a bad one is refused in seconds.
     collator = DataCollatorForMaskedEventModeling(
         tokenizer,
@@ -335,6 +348,7 @@ def pretrain(
         value_mask_strategy=pretraining_args.value_mask_strategy,
         time_mask_probability=pretraining_args.time_mask_probability if "time" in objectives else 0.0,
         return_teacher_inputs="feature" in objectives,
+        pack_sequences=pretraining_args.pack_sequences,
     )
     train_dataset = build_pretraining_dataset(
         data_args.data_dir, tokenizer, data_args.train_split, data_args.cache_dir
