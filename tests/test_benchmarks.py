@@ -229,3 +229,60 @@ def test_selection_merge_recomputes_the_summary_from_the_user_parts(tmp_path, mo
     )
     with pytest.raises(SystemExit, match="in two parts"):
         selection_benchmark.merge()
+
+
+def test_selection_benchmark_part_scores_a_user_against_its_zoo(tmp_path, monkeypatch):
+    """A user part end to end on a tiny zoo: the candidates are pretrained (and reused by the next part), the
+    selector ranks them on the user's labelled share, the truth is the package's linear probe per seed, and the
+    user's entry carries what the summary and the page read."""
+    import polars as pl
+
+    from ehr_transformer.data.labels import read_labels
+    from ehr_transformer.data.splits import read_subject_splits
+
+    bench = selection_benchmark
+    zoo = (
+        bench.Candidate("same_codes", subjects=100, seed=11),
+        bench.Candidate("local_labs", profile={"code_systems": {"LOINC": "LAB"}}, subjects=100, seed=12),
+    )
+    monkeypatch.setattr(bench, "ZOO", zoo)
+    monkeypatch.setattr(bench, "USERS", (bench.User("user", seed=13),))
+    monkeypatch.setattr(bench, "PARTS", {"tiny": ("user",)})
+    monkeypatch.setattr(bench, "PART_DIR", tmp_path / "parts")
+    monkeypatch.setattr(bench, "USER_SUBJECTS", 150)
+    monkeypatch.setattr(bench, "LABEL_FRACTION", 0.5)
+    monkeypatch.setattr(bench, "SEEDS", (0, 1))
+    monkeypatch.setattr(bench, "BOOTSTRAP", 20)
+    data = json.loads(bench.run_part("tiny", tmp_path / "work").read_text())
+    assert [c["name"] for c in data["zoo"]] == ["same_codes", "local_labs"]
+    assert data["zoo"][1]["code_systems"] == [
+        "ADMISSION",
+        "DISCHARGE",
+        "ETHNICITY",
+        "GENDER",
+        "ICD10CM",
+        "ICD10PCS",
+        "LAB",
+        "RXNORM",
+    ]
+    (entry,) = data["users"]
+    user = tmp_path / "work" / "users" / "user"
+    train = read_subject_splits(user).filter(pl.col("split") == "train")["subject_id"].implode()
+    labelled = read_labels(user / "labels" / f"{common.TASK}.parquet").filter(
+        pl.col("subject_id").is_in(train)
+    )
+    assert entry["user"] == "user"
+    assert entry["labelled_training_subjects"] == round(labelled["subject_id"].n_unique() * 0.5)
+    by_name = {c["name"]: c for c in entry["candidates"]}
+    for c in by_name.values():
+        assert len(c["auroc_by_seed"]) == 2 and c["auroc"] == pytest.approx(np.mean(c["auroc_by_seed"]))
+        assert 0.0 < c["auroc_se"] < 0.5 and c["reasons"]
+    assert by_name["same_codes"]["code_coverage"] > by_name["local_labs"]["code_coverage"]
+    verdict = entry["verdict"]
+    assert verdict["chosen"]["same_code_system"] == "same_codes"
+    best = max(by_name.values(), key=lambda c: c["auroc"])
+    chosen = by_name[verdict["chosen"]["selector"]]
+    assert verdict["regret"]["selector"] == pytest.approx(best["auroc"] - chosen["auroc"])
+    # a second part finds the candidates already pretrained
+    again = bench.build_candidate(zoo[0], tmp_path / "work")
+    assert again["pretraining_s"] == data["zoo"][0]["pretraining_s"]

@@ -485,3 +485,12 @@ def test_pretrained_folder_loads_with_trust_remote_code_where_the_package_is_mis
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "loaded EHRTransformerForSequenceClassification" in result.stdout
+
+
+def test_logme_stays_finite_on_features_that_carry_nothing():
+    """Features that carry nothing (all zero, as a resample of identical rows of an uninformative candidate can
+    give) leave LogME a finite, low evidence instead of dividing by a vanished precision."""
+    labels = np.array([0, 1] * 5)
+    nothing = logme(np.zeros((10, 8)), labels)
+    informative = logme(np.column_stack([labels, np.zeros((10, 7))]).astype(float), labels)
+    assert np.isfinite(nothing) and informative > nothing

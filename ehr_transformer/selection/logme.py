@@ -48,7 +48,8 @@ def logme(features: np.ndarray, targets: np.ndarray, regression: bool = False, m
             m = beta * z / denominator  # (D,) in the eigenbasis
             mm = float(m @ m)
             residual = max(yy - 2.0 * float(m @ z) + float((s * m * m).sum()), 1e-12)  # |F m - y|^2
-            new_alpha, new_beta = gamma / max(mm, 1e-12), (n - gamma) / residual
+            # floored: features that carry nothing (all zero) would drive alpha, and gamma = n beta, to zero
+            new_alpha, new_beta = max(gamma / max(mm, 1e-12), 1e-12), max((n - gamma) / residual, 1e-12)
             settled = abs(new_alpha - alpha) / alpha < 1e-5 and abs(new_beta - beta) / beta < 1e-5
             alpha, beta = new_alpha, new_beta
             if settled:

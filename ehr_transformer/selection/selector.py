@@ -304,7 +304,9 @@ def _combine(used, code_coverage, outcome_code_coverage, fit, transferability, b
     if "fit" in used:
         combined = combined * fit
     if "transferability" in used:
-        combined = combined * np.exp(transferability - best_transfer)
+        # <= 0 on the full sample (best_transfer is its maximum); a bootstrap resample may exceed it, and a
+        # degenerate one by far: capped so that exp cannot overflow into inf * 0 = nan
+        combined = combined * np.exp(np.minimum(transferability - best_transfer, 50.0))
     return combined
 
 
