@@ -253,6 +253,8 @@ def test_selection_benchmark_part_scores_a_user_against_its_zoo(tmp_path, monkey
     monkeypatch.setattr(bench, "LABEL_FRACTION", 0.5)
     monkeypatch.setattr(bench, "SEEDS", (0, 1))
     monkeypatch.setattr(bench, "BOOTSTRAP", 20)
+    # in-process: keep the suite's torch threads and transformers logging (later tests read its warnings)
+    monkeypatch.setattr(common, "quiet", lambda threads=None: None)
     data = json.loads(bench.run_part("tiny", tmp_path / "work").read_text())
     assert [c["name"] for c in data["zoo"]] == ["same_codes", "local_labs"]
     assert data["zoo"][1]["code_systems"] == [
