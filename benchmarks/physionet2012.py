@@ -132,19 +132,16 @@ def _fold_data(events: Path, outcomes: Path, work: Path, fold: int) -> tuple[Pat
     """Fold `fold`'s MEDS folder, written by `convert_long` with the physionet2012 preset."""
     from ehr_transformer.data.long import convert_long, preset
 
-    chosen = preset("physionet2012")
     meds = work / f"fold{fold}" / "meds"
     summary = convert_long(
         events,
         outcomes,
         meds,
-        outcomes=chosen["outcomes"],
-        layout=chosen["layout"],
+        **preset("physionet2012"),
         n_folds=N_FOLDS,
         fold=fold,
         seed=FOLD_SEED,
         overwrite=True,
-        dataset_name=chosen["dataset_name"],
     )
     return meds, summary
 

@@ -162,17 +162,8 @@ def real_cohort(source: str, work: Path) -> Path:
         from ehr_transformer.data.long import convert_long, preset
 
         folder = common.SHARED_DATA / "physionet2012"
-        chosen = preset("physionet2012")
-        convert_long(
-            folder / "set-a.parquet",
-            folder / "outcomes-a.parquet",
-            out,
-            outcomes=chosen["outcomes"],
-            layout=chosen["layout"],
-            seed=0,
-            overwrite=True,
-            dataset_name=chosen["dataset_name"],
-        )
+        tables = (folder / "set-a.parquet", folder / "outcomes-a.parquet")
+        convert_long(*tables, out, **preset("physionet2012"), seed=0, overwrite=True)
     else:
         from ehr_transformer.data.wide import convert_wide
 
@@ -448,7 +439,7 @@ def score_user(user: User, zoo: list[dict], work: Path) -> dict:
 
     from ehr_transformer.data.labels import read_labels
     from ehr_transformer.data.meds import read_events
-    from ehr_transformer.selection.outcome_codes import outcome_codes
+    from ehr_transformer.selection.outcome_codes import outcome_codes, outcome_coverage
     from ehr_transformer.selection.selector import select_checkpoints
 
     started = time.perf_counter()
@@ -460,6 +451,7 @@ def score_user(user: User, zoo: list[dict], work: Path) -> dict:
     all_rows = read_labels(labels)
     events = read_events(data, subject_ids=all_rows["subject_id"].unique().to_list())
     needed = outcome_codes(events, all_rows)  # what the outcome depends on, from all of the user's labels
+    weighted = [{"code": code, "association": w} for code, w in needed]
     user_systems = code_systems(events.filter(pl.col("code") != "MEDS_BIRTH")["code"].unique().to_list())
     runs = [probe_predictions(Path(c["path"]), data, labels, evaluation, work / "truth") for c in zoo]
     truth = truth_with_errors(np.stack([r[0] for r in runs]), runs[0][1], runs[0][2], BOOTSTRAP, user.seed)
@@ -467,8 +459,7 @@ def score_user(user: User, zoo: list[dict], work: Path) -> dict:
     for i, c in enumerate(zoo):
         row = by_path[c["path"]]
         known = set(vocabulary(Path(c["path"])))
-        weight = sum(w for _, w in needed)
-        share = sum(w for code, w in needed if code in known) / weight if weight else None
+        share = outcome_coverage(weighted, known)[0] if weighted else None
         candidates.append(
             {
                 "name": c["name"],

@@ -731,7 +731,8 @@ def convert_long(
 
 
 def preset(name: str) -> dict:
-    """A named layout: ``{"layout": LongTableLayout, "outcomes": (OutcomeSpec, ...), "dataset_name": str}``."""
+    """A named layout: ``{"layout": LongTableLayout, "outcomes": (OutcomeSpec, ...), "dataset_name": str}``, the
+    keyword arguments of :func:`convert_long` (``convert_long(events, outcomes, out, **preset(name))``)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
     return dict(PRESETS[name])
