@@ -171,11 +171,21 @@ def _training_args(output_dir: Path, stage: str, seed: int, max_steps: int | Non
 
 
 def _throughput(output_dir: Path, tokens: int, wall_s: float) -> dict:
-    """Events per second of `train_runtime` (trainer_state.json), epochs run, wall time and peak memory."""
-    state = json.loads((output_dir / "trainer_state.json").read_text())
-    last = next((e for e in reversed(state["log_history"]) if "train_runtime" in e), {})
-    runtime = float(last.get("train_runtime", wall_s))
-    epochs = float(last.get("epoch", state.get("epoch") or 0.0))
+    """Events per second of `train_runtime` (trainer_state.json; an ensemble's networks summed, each over its
+    share of the training rows), epochs run (an ensemble: the mean), wall time and peak memory."""
+    from ehr_transformer.training.finetune import ENSEMBLE_STATE_FILE
+
+    if (output_dir / ENSEMBLE_STATE_FILE).is_file():
+        networks = json.loads((output_dir / ENSEMBLE_STATE_FILE).read_text())["networks"]
+        runtime = sum(n["train_runtime"] or 0.0 for n in networks) or wall_s
+        shares = [n["training_rows"] / (n["training_rows"] + n["stopping_rows"]) for n in networks]
+        epochs = sum(n["epoch"] * share for n, share in zip(networks, shares, strict=True)) / len(networks)
+        tokens *= len(networks)  # events per second over every network's passes
+    else:
+        state = json.loads((output_dir / "trainer_state.json").read_text())
+        last = next((e for e in reversed(state["log_history"]) if "train_runtime" in e), {})
+        runtime = float(last.get("train_runtime", wall_s))
+        epochs = float(last.get("epoch", state.get("epoch") or 0.0))
     return {
         "epochs": round(epochs, 3),
         "train_runtime_s": round(runtime, 1),

@@ -134,7 +134,12 @@ def run_part(part: str, seeds: list[int], data_root: Path, keep: Path | None) ->
 
 
 def _epochs(folder: Path) -> float | None:
-    state = folder / "trainer_state.json"
+    """Epochs trained: the Trainer's count of a single network, the mean over the networks of an ensemble."""
+    from ehr_transformer.training.finetune import ENSEMBLE_STATE_FILE
+
+    state, ensemble = folder / "trainer_state.json", folder / ENSEMBLE_STATE_FILE
+    if ensemble.is_file():
+        return round(statistics.fmean(n["epoch"] for n in json.loads(ensemble.read_text())["networks"]), 2)
     return json.loads(state.read_text()).get("epoch") if state.is_file() else None
 
 

@@ -343,6 +343,13 @@ def adapt_checkpoint(
     check_checkpoint_folder(checkpoint)  # refuse pickle-only/absurd folders before loading
     tokenizer = EHREventTokenizer.from_pretrained(checkpoint)
     model = load_pretrained(AutoModelForSequenceClassification, checkpoint, use_safetensors=True)
+    continuing = continued_pretraining_epochs > 0 or continued_pretraining_max_steps > 0
+    if continuing and model.config.ensemble_size > 1:
+        raise ValueError(
+            f"{checkpoint} is an ensemble of {model.config.ensemble_size} networks and continued pretraining adapts "
+            "one network's backbone: fine-tune with --ensemble 1 to adapt that way, or adapt this one by value "
+            "refit and temperature alone"
+        )
     names, binary = _binary_columns(model.config)
     splits = [tuning_split] + ([eval_split] if eval_split and _split_exists(data_dir, eval_split) else [])
     if len(splits) > 1 and not _has_labels(data_dir, labels, eval_split, model.config):
@@ -364,7 +371,7 @@ def adapt_checkpoint(
             "value statistics refitted on %d target subjects (%s split)", events.subjects, unlabeled_split
         )
     continued = None
-    if continued_pretraining_epochs > 0 or continued_pretraining_max_steps > 0:
+    if continuing:
         continued = continue_pretraining(
             model,
             tokenizer,

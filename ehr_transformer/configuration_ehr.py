@@ -101,6 +101,9 @@ class EHRTransformerConfig(PreTrainedConfig):
             the squared error divided by `scale**2`, so the head learns unit-sized weights whatever the target's
             units (hours of stay, dollars). Set by `finetune` to the training targets' mean and standard
             deviation; ignored for binary and multi-class outputs. None = `[0, 1]` everywhere.
+        ensemble_size (`int`, defaults to 1):
+            Number of classifiers in an [`EHRTransformerEnsembleForSequenceClassification`] (each fine-tuned on
+            other rows, `finetune --ensemble`); 1 for a single [`EHRTransformerForSequenceClassification`].
         pad_token_id, unk_token_id, mask_token_id, cls_token_id (`int`):
             Ids of the tokenizer's special tokens (0, 1, 2, 3).
         tie_word_embeddings (`bool`, defaults to `True`):
@@ -156,6 +159,7 @@ class EHRTransformerConfig(PreTrainedConfig):
     task_names: list[str] | None = None
     task_types: list[str] | None = None
     regression_target_scale: list[list[float]] | None = None
+    ensemble_size: int = 1
     pad_token_id: int | None = 0
     unk_token_id: int = 1
     mask_token_id: int = 2
@@ -188,6 +192,8 @@ class EHRTransformerConfig(PreTrainedConfig):
                 raise ValueError(
                     f"objective_weights[{name!r}] = {weight}: expected a finite weight >= 0 of one of {objectives}"
                 )
+        if self.ensemble_size < 1:
+            raise ValueError(f"ensemble_size must be at least 1, got {self.ensemble_size}")
         if self.feature_target_layers < 1:
             raise ValueError(f"feature_target_layers must be at least 1, got {self.feature_target_layers}")
         super().__post_init__(**kwargs)

@@ -11,14 +11,17 @@ Shapes: B = batch size, L = events per sequence (padded), H = hidden size, V = v
 N = number of masked events in the batch, C = number of labels.
 """
 
+import copy
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.masking_utils import create_bidirectional_mask
@@ -491,6 +494,30 @@ class EHRTransformerPreTrainedModel(PreTrainedModel):
     # Losses are means over this process's targets; the Trainer must not rescale them by `num_items_in_batch`
     # (it would multiply them by the number of processes under data parallelism).
     accepts_loss_kwargs = False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; a folder that holds an ensemble (`config.ensemble_size > 1`) loads as
+        [`EHRTransformerEnsembleForSequenceClassification`] when a classifier is asked for (so the Auto class and
+        the pipeline take either kind of folder) and is refused, in one sentence, by every other class."""
+        config = kwargs.get("config")
+        if isinstance(config, PretrainedConfig):  # also the class of a trust_remote_code load
+            size = getattr(config, "ensemble_size", 1)
+        else:
+            path = Path(config or pretrained_model_name_or_path)
+            path = path / "config.json" if path.is_dir() else path
+            size = json.loads(path.read_text()).get("ensemble_size", 1) if path.is_file() else 1
+        if size > 1 and cls is not EHRTransformerEnsembleForSequenceClassification:
+            if cls is not EHRTransformerForSequenceClassification:
+                raise ValueError(
+                    f"{pretrained_model_name_or_path} holds an ensemble of {size} fine-tuned classifiers, which "
+                    f"{cls.__name__} cannot load: load it with AutoModelForSequenceClassification, or start from "
+                    "a pretrained or a single fine-tuned checkpoint"
+                )
+            return EHRTransformerEnsembleForSequenceClassification.from_pretrained(
+                pretrained_model_name_or_path, *args, **kwargs
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # Whichever head saves the folder, every Auto class loads it (also under `trust_remote_code`).
@@ -992,6 +1019,35 @@ class EHRTransformerForSequenceClassification(EHRTransformerPreTrainedModel):
         task_losses = torch.where(labelled, task_losses, torch.full_like(task_losses, float("nan")))
         return loss, task_losses
 
+    def apply_temperature(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        """In eval mode, `(B, C)` logits divided by `temperature` (with `config.task_types`, only the binary tasks'
+        logits); unchanged in training mode or at temperature 1."""
+        if self.training or temperature == 1.0:
+            return logits
+        if self.config.task_types is None:
+            return logits / temperature
+        binary = self.binary_task_mask().to(logits.device)  # (T,)
+        return torch.where(binary, logits / temperature, logits)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The loss of `(B, C)` output logits (after the regression scaling) against `labels` (as in `forward`),
+        and the `(T,)` task losses of a multitask config (else None)."""
+        if self.config.task_names is not None:
+            return self.multitask_loss(logits, labels)
+        if self.config.problem_type is None:
+            if self.num_labels == 1:
+                self.config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                self.config.problem_type = "single_label_classification"
+            else:
+                self.config.problem_type = "multi_label_classification"
+        if self.config.problem_type == "regression":  # in units of the target's scale
+            _, scale = self.regression_scaling(logits)
+            return MSELoss()(logits / scale, labels.to(logits.dtype).view_as(logits) / scale), None
+        if self.config.problem_type == "single_label_classification":
+            return CrossEntropyLoss()(logits.view(-1, self.num_labels), labels.view(-1)), None
+        return BCEWithLogitsLoss()(logits, labels.to(logits.dtype).view_as(logits)), None
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1028,32 +1084,9 @@ class EHRTransformerForSequenceClassification(EHRTransformerPreTrainedModel):
         pooled = outputs.pooler_output  # (B, H)
         logits = self.classifier(self.dropout(self.head(pooled)))  # (B, C); head = identity if "linear"
         shift, scale = self.regression_scaling(logits)  # (C,) each; 0 and 1 for non-regression outputs
-        logits = shift + scale * logits
-        if not self.training and self.config.temperature != 1.0:
-            if self.config.task_types is None:
-                logits = logits / self.config.temperature
-            else:  # temperature scaling applies to the binary tasks' logits only
-                binary = self.binary_task_mask().to(logits.device)  # (T,)
-                logits = torch.where(binary, logits / self.config.temperature, logits)
+        logits = self.apply_temperature(shift + scale * logits, self.config.temperature)
 
-        loss = task_losses = None
-        if labels is not None and self.config.task_names is not None:
-            loss, task_losses = self.multitask_loss(logits, labels)
-        elif labels is not None:
-            if self.config.problem_type is None:
-                if self.num_labels == 1:
-                    self.config.problem_type = "regression"
-                elif labels.dtype in (torch.long, torch.int):
-                    self.config.problem_type = "single_label_classification"
-                else:
-                    self.config.problem_type = "multi_label_classification"
-            if self.config.problem_type == "regression":  # in units of the target's scale
-                loss = MSELoss()(logits / scale, labels.to(logits.dtype).view_as(logits) / scale)
-            elif self.config.problem_type == "single_label_classification":
-                loss = CrossEntropyLoss()(logits.view(-1, self.num_labels), labels.view(-1))
-            else:
-                loss = BCEWithLogitsLoss()(logits, labels.to(logits.dtype).view_as(logits))
-
+        loss, task_losses = self.loss(logits, labels) if labels is not None else (None, None)
         output = EHRSequenceClassifierOutput(
             loss=loss,
             logits=logits,
@@ -1065,11 +1098,74 @@ class EHRTransformerForSequenceClassification(EHRTransformerPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
+class EHRTransformerEnsembleForSequenceClassification(EHRTransformerPreTrainedModel):
+    """`config.ensemble_size` classifiers of one config that answer as one: the members' probabilities are averaged
+    (sigmoid of binary outputs, softmax of a multi-class output) and regression outputs averaged, returned as logits
+    (log-odds, log-probabilities) so that every reader of [`EHRTransformerForSequenceClassification`]'s outputs reads
+    these the same way. `finetune --ensemble K` trains the members cross-fitted: each on the training subjects less
+    one K-th, stopped early on that K-th. Averaging networks that stopped on different subjects removes most of the
+    variance a single early stop on few events of the outcome carries.
+
+    `EHRTransformerForSequenceClassification.from_pretrained` and `AutoModelForSequenceClassification.from_pretrained`
+    of an ensemble folder return this class."""
+
+    def __init__(self, config: EHRTransformerConfig):
+        super().__init__(config)
+        # each network as its own folder held it; the temperature divides the combined logits, once (`forward`)
+        network = copy.deepcopy(config)
+        network.ensemble_size, network.temperature = 1, 1.0
+        self.members = nn.ModuleList(
+            EHRTransformerForSequenceClassification(network) for _ in range(config.ensemble_size)
+        )
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
+        times: torch.Tensor | None = None,
+        ages: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> EHRSequenceClassifierOutput | tuple:
+        r"""
+        Args:
+            input_ids, attention_mask, values, times, ages, labels: as in
+                [`EHRTransformerForSequenceClassification.forward`], `(B, L)`.
+
+        Returns the combined `(B, C)` logits, the loss of those against `labels`, and the mean of the members'
+        `(B, H)` pooled outputs."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        inputs = dict(attention_mask=attention_mask, values=values, times=times, ages=ages, **kwargs)
+        outputs = [member(input_ids, return_dict=True, **inputs) for member in self.members]
+        logits = torch.stack([o.logits.float() for o in outputs])  # (K, B, C)
+        first = self.members[0]
+        binary = first.binary_task_mask().to(logits.device)  # (C,)
+        if self.config.problem_type == "single_label_classification":
+            combined = torch.logsumexp(logits.log_softmax(-1), dim=0) - math.log(len(self.members))
+        else:
+            p = torch.sigmoid(logits).mean(0).clamp(1e-7, 1 - 1e-7)  # (B, C)
+            combined = torch.where(binary, torch.log(p) - torch.log1p(-p), logits.mean(0))
+        if not self.training:  # the ensemble's calibration, applied as one network applies its own
+            combined = first.apply_temperature(combined, self.config.temperature)
+        loss, task_losses = first.loss(combined, labels) if labels is not None else (None, None)
+        output = EHRSequenceClassifierOutput(
+            loss=loss,
+            logits=combined,
+            task_losses=task_losses,
+            pooler_output=torch.stack([o.pooler_output for o in outputs]).mean(0),
+        )
+        return output if return_dict else output.to_tuple()
+
+
 __all__ = [
     "EHRTransformerPreTrainedModel",
     "EHRTransformerModel",
     "EHRTransformerForMaskedEventModeling",
     "EHRTransformerForSequenceClassification",
+    "EHRTransformerEnsembleForSequenceClassification",
     "EHRTransformerModelOutput",
     "MaskedEventModelingOutput",
     "EHRSequenceClassifierOutput",

@@ -185,11 +185,13 @@ def test_training_commands_default_to_the_package_recipe(command, tmp_path):
     recipe = recipe_training_arguments(tmp_path / "out", command)
     for name in (*RECIPES[command], "report_to"):
         assert getattr(training_args, name) == getattr(recipe, name), name
-    assert training_args.learning_rate == 1e-3 and training_args.per_device_train_batch_size == 32
+    assert training_args.per_device_train_batch_size == 32
     if command == "pretrain":
+        assert training_args.learning_rate == 1e-3 and training_args.weight_decay == 0.01
         assert training_args.num_train_epochs == 4 and training_args.warmup_steps == 0.05
     else:  # a budget with early stopping on the tuning loss, the best epoch restored
-        assert training_args.num_train_epochs == 20 and training_args.warmup_steps == 0.1
+        assert training_args.learning_rate == 3e-3 and training_args.weight_decay == 0.05
+        assert training_args.num_train_epochs == 30 and training_args.warmup_steps == 0.1
         assert training_args.load_best_model_at_end and training_args.eval_strategy == "epoch"
         assert training_args.metric_for_best_model == "loss"
     assert model_args == ModelArguments()

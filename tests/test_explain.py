@@ -79,6 +79,25 @@ def test_completeness_attributions_sum_to_logit_difference(unpad):
     torch.testing.assert_close(attributions.sum(dim=1), gap, atol=tolerance, rtol=0)
 
 
+def test_an_ensembles_attributions_sum_to_its_logit_difference():
+    """The default fine-tuned model is an ensemble: its networks' embeddings move along one path together."""
+    from ehr_transformer.modeling_ehr import EHRTransformerEnsembleForSequenceClassification
+
+    tokenizer = make_tokenizer()
+    config = make_model(tokenizer).config
+    config.ensemble_size = 3
+    torch.manual_seed(0)
+    model = EHRTransformerEnsembleForSequenceClassification(config).eval()
+    rows, _ = make_rows(tokenizer, 6, seed=1)
+    batch = DataCollatorForEventClassification(tokenizer)(rows)
+    attributions, logits, baseline = integrated_gradients(model, batch, steps=128)
+    gap = logits - baseline
+    assert gap.abs().max() > 1e-2
+    torch.testing.assert_close(logits, model(**batch).logits[:, 0])
+    tolerance = 2e-3 + 0.01 * gap.abs().max().item()
+    torch.testing.assert_close(attributions.sum(dim=1), gap, atol=tolerance, rtol=0)
+
+
 @pytest.mark.parametrize("unpad", [True, False])
 def test_padding_gets_zero_attribution_and_is_never_reported(unpad):
     tokenizer = make_tokenizer()

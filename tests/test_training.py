@@ -18,6 +18,7 @@ from transformers import AutoModelForSequenceClassification, TrainingArguments
 from ehr_transformer import EHREventTokenizer, EHRTransformerConfig, EHRTransformerForSequenceClassification
 from ehr_transformer.evaluation.report import evaluate_checkpoint
 from ehr_transformer.inference import predict
+from ehr_transformer.modeling_ehr import EHRTransformerEnsembleForSequenceClassification
 from ehr_transformer.training.arguments import (
     DataArguments,
     FinetuningArguments,
@@ -98,11 +99,12 @@ def test_finetune_from_pretrained_evaluate_and_predict(pretrained, synthetic_med
         FinetuningArguments(),
         training_args(tmp_path / "finetuned", eval_strategy="steps", eval_steps=8),
     )
-    assert isinstance(model, EHRTransformerForSequenceClassification)
+    assert isinstance(model, EHRTransformerEnsembleForSequenceClassification)  # the recipe's 5 networks
     assert model.config.problem_type == "multi_label_classification" and model.config.num_labels == 1
 
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "finetuned")
-    assert isinstance(reloaded, EHRTransformerForSequenceClassification)
+    assert isinstance(reloaded, EHRTransformerEnsembleForSequenceClassification)
+    assert len(reloaded.members) == 5
     assert (tmp_path / "finetuned" / "event_tokenizer.json").exists()
 
     predictions = predict(tmp_path / "finetuned", synthetic_meds, labels, split="held_out")
@@ -332,7 +334,7 @@ def test_init_bias_to_prevalence_starts_binary_outputs_at_the_base_rate():
     import numpy as np
     import torch
 
-    from ehr_transformer import EHRTransformerConfig, EHRTransformerForSequenceClassification
+    from ehr_transformer import EHRTransformerConfig
     from ehr_transformer.training.finetune import init_bias_to_prevalence
 
     config = EHRTransformerConfig(
@@ -526,7 +528,7 @@ def test_finetune_from_a_linear_probe_starts_at_the_probe_then_trains_every_weig
     labels = synthetic_meds / "labels" / "in_hospital_mortality.parquet"
     data = DataArguments(data_dir=str(synthetic_meds), labels=str(labels), cache_dir=str(tmp_path / "c"))
     model_args = ModelArguments(model_name_or_path=str(pretrained_dir))
-    lpft = FinetuningArguments(label_fraction=0.5, linear_probe_init=True)
+    lpft = FinetuningArguments(label_fraction=0.5, linear_probe_init=True, ensemble=1)
     tokenizer = EHREventTokenizer.from_pretrained(pretrained_dir)
     train = build_labeled_dataset(synthetic_meds, labels, tokenizer, "train", cache_dir=tmp_path / "c")
     held_out = build_labeled_dataset(synthetic_meds, labels, tokenizer, "held_out", cache_dir=tmp_path / "c")

@@ -505,8 +505,34 @@ def limit_labels_per_subject(dataset: datasets.Dataset, k: int, seed: int) -> da
     return dataset.select(keep)
 
 
+def ensemble_parts(dataset: datasets.Dataset, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`k` (fit rows, stopping rows) index pairs of a cross-fitted ensemble: the subjects are dealt into `k` seeded
+    parts (stratified by whether a subject has a positive label, for a binary task with at least `k` subjects of
+    each kind), and pair j fits on every part but j and stops early on part j. All prediction times of a subject
+    fall in one part."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    subject_ids = np.asarray(dataset["subject_id"])
+    subjects, row_subject = np.unique(subject_ids, return_inverse=True)
+    if subjects.size < 2 * k:
+        raise ValueError(f"an ensemble of {k} needs at least {2 * k} training subjects, got {subjects.size}")
+    y = np.asarray(dataset["labels"], dtype=np.float64)
+    positive = np.zeros(subjects.size, dtype=bool)
+    if y.ndim == 1 and np.isin(y[~np.isnan(y)], (0.0, 1.0)).all():
+        np.logical_or.at(positive, row_subject, y == 1.0)
+    if k <= positive.sum() <= subjects.size - k:
+        folds = StratifiedKFold(k, shuffle=True, random_state=seed).split(subjects, positive)
+    else:
+        folds = KFold(k, shuffle=True, random_state=seed).split(subjects)
+    return [
+        (np.flatnonzero(np.isin(row_subject, fit)), np.flatnonzero(np.isin(row_subject, stop)))
+        for fit, stop in folds
+    ]
+
+
 __all__ = [
     "NoUsableRowsError",
+    "ensemble_parts",
     "build_pretraining_dataset",
     "build_labeled_dataset",
     "build_stats",

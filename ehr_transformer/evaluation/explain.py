@@ -75,7 +75,8 @@ def integrated_gradients(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Integrated gradients of the target logit w.r.t. each event's summed embedding (see the module docstring).
 
-    `model` is an `EHRTransformerForSequenceClassification` (anything whose backbone `model.model` has an
+    `model` is an `EHRTransformerForSequenceClassification` or an ensemble of them (the embeddings of all its
+    networks are interpolated together; an event's attribution sums over them), or anything whose backbone `model.model` has an
     `embeddings` module, whose config has `mask_token_id`, `cls_token_id` and `pad_token_id`, and whose output
     has `logits`); `batch` holds its inputs (input_ids, attention_mask, values, times, ages; other keys are
     ignored). Runs in eval mode (no dropout); `target` picks the logit (default: the single logit, or class 1
@@ -93,33 +94,42 @@ def integrated_gradients(
     )
     was_training = model.training
     model.eval()
-    state: dict[str, Any] = {"replace": None}
+    # the embeddings of every network (one, or each of an ensemble's), interpolated together along one path
+    modules = [m.model.embeddings for m in getattr(model, "members", [model])]
+    recorded: list[Any] = [None] * len(modules)
+    replace: list[Any] = [None] * len(modules)
 
-    def hook(module, args, output):
-        if state["replace"] is None:  # record the embeddings of this pass
-            state["recorded"] = output.detach()
-            return output
-        return state["replace"]  # b + alpha (e - b), a leaf we read the gradient from
+    def hook_for(i: int):
+        def hook(module, args, output):
+            if replace[i] is None:  # record the embeddings of this pass
+                recorded[i] = output.detach()
+                return output
+            return replace[i]  # b + alpha (e - b), a leaf we read the gradient from
 
-    handle = model.model.embeddings.register_forward_hook(hook)
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(i)) for i, module in enumerate(modules)]
     try:
         with torch.no_grad():
             baseline_logits = _target_logit(model(**baseline_inputs).logits, target).float()  # (B,)
-            base = state["recorded"]  # (B, L, H) or (N, H)
+            base = list(recorded)  # (B, L, H) or (N, H) each
             logits = _target_logit(model(**inputs).logits, target).float()  # (B,)
-            delta = state["recorded"] - base  # (B, L, H) or (N, H)
-        total = torch.zeros_like(delta, dtype=torch.float32)
+            delta = [r - b for r, b in zip(recorded, base, strict=True)]  # (B, L, H) or (N, H) each
+        total = [torch.zeros_like(d, dtype=torch.float32) for d in delta]
         for k in range(steps):
             alpha = (k + 0.5) / steps
-            state["replace"] = (base + alpha * delta).requires_grad_(True)
+            replace[:] = [(b + alpha * d).requires_grad_(True) for b, d in zip(base, delta, strict=True)]
             with torch.enable_grad():
                 out = _target_logit(model(**inputs).logits, target)  # (B,)
-                (grad,) = torch.autograd.grad(out.sum(), state["replace"])
-            total += grad.float()
+                grads = torch.autograd.grad(out.sum(), replace)
+            for t, g in zip(total, grads, strict=True):
+                t += g.float()
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         model.train(was_training)
-    attributions = (delta.float() * total / steps).sum(dim=-1)  # (B, L), or (N,) when unpadded
+    # (B, L), or (N,) when unpadded
+    attributions = sum((d.float() * t / steps).sum(dim=-1) for d, t in zip(delta, total, strict=True))
     mask = inputs["attention_mask"]
     if attributions.dim() == 1:  # the backbone embedded only the N real events (config.unpad_inputs)
         flat = attributions.new_zeros(mask.numel())  # (B * L,)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
 import logging
 import math
+import shutil
 from functools import partial
 from pathlib import Path
 
@@ -11,6 +15,7 @@ import numpy as np
 import polars as pl
 import torch
 from transformers import TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 from ..checkpoint_safety import check_checkpoint_folder
 from ..configuration_ehr import EHRTransformerConfig
@@ -18,6 +23,7 @@ from ..data.collators import DataCollatorForEventClassification
 from ..data.dataset import (
     NoUsableRowsError,
     build_labeled_dataset,
+    ensemble_parts,
     limit_labels_per_subject,
     subsample_labels,
 )
@@ -35,9 +41,14 @@ from ..evaluation.metrics import (
     compute_multiclass_metrics,
     compute_regression_metrics,
 )
-from ..loading import ANY_HEAD, CLASSIFIER_LAYERS, load_pretrained
-from ..modeling_ehr import EHRTransformerForSequenceClassification, EHRTransformerModel
+from ..loading import ANY_HEAD, CLASSIFIER_LAYERS, load_pretrained, quiet_transformers
+from ..modeling_ehr import (
+    EHRTransformerEnsembleForSequenceClassification,
+    EHRTransformerForSequenceClassification,
+    EHRTransformerModel,
+)
 from ..tokenization_ehr import EHREventTokenizer
+from ..utils import write_json
 from .arguments import DataArguments, FinetuningArguments, ModelArguments
 from .checkpoint import (
     BINARY_HEAD,
@@ -121,7 +132,11 @@ def finetune(
 
     With `finetuning_args.linear_probe`, no gradient step: a linear probe on the frozen backbone instead
     (`finetune_linear_probe`). With `finetuning_args.linear_probe_init` (LP-FT), that probe is the starting head
-    (`linear_probe_classifier`, `classifier_head="linear"`) and every weight trains from there."""
+    (`linear_probe_classifier`, `classifier_head="linear"`) and every weight trains from there.
+
+    With `finetuning_args.ensemble` K > 1 (the default, 5), K networks are trained cross-fitted on the training
+    subjects (`train_ensemble`) and saved as one `EHRTransformerEnsembleForSequenceClassification`, which is
+    returned; K = 1 trains one network, stopped early on the tuning split."""
 
     tasks = getattr(data_args, "task", None)
     if data_args.labels is None and not tasks:
@@ -161,42 +176,19 @@ def finetune(
             classes = label_classes(labels, column)
         head, compute_metrics, objective = task_head(task_type, classes)
         described = f"{name} ({task_type})"
-    seed_before_model_init(training_args)
     if model_args.model_name_or_path:
         check_checkpoint_folder(
             model_args.model_name_or_path
         )  # refuse pickle-only/absurd folders before loading
         tokenizer = EHREventTokenizer.from_pretrained(model_args.model_name_or_path)
-        if (
-            finetuning_args.linear_probe_init
-        ):  # the backbone only: `linear_probe_classifier` builds the classifier
-            model = load_pretrained(
-                EHRTransformerModel,
-                model_args.model_name_or_path,
-                expected_unexpected=ANY_HEAD,
-                attn_implementation=model_args.attn_implementation,
-                use_safetensors=True,
-            )
-        else:
-            base = EHRTransformerConfig.from_pretrained(model_args.model_name_or_path)
-            model = load_pretrained(
-                EHRTransformerForSequenceClassification,
-                model_args.model_name_or_path,
-                expected_missing=CLASSIFIER_LAYERS,
-                expected_unexpected=ANY_HEAD,
-                config=with_tasks(base, classifier_pooling=finetuning_args.classifier_pooling, **head),
-                attn_implementation=model_args.attn_implementation,
-                ignore_mismatched_sizes=True,  # another checkpoint's classifier rows need not fit these tasks
-                use_safetensors=True,
+        base = EHRTransformerConfig.from_pretrained(model_args.model_name_or_path)
+        if base.ensemble_size > 1:
+            raise ValueError(
+                f"{model_args.model_name_or_path} is an ensemble of {base.ensemble_size} fine-tuned classifiers; "
+                "fine-tune from a pretrained checkpoint (or a single fine-tuned one, --ensemble 1)"
             )
     else:
         tokenizer = fit_tokenizer(data_args)
-        config = config_for(
-            tokenizer, model_args, classifier_pooling=finetuning_args.classifier_pooling, **head
-        )
-        model = EHRTransformerForSequenceClassification._from_config(
-            config, attn_implementation=model_args.attn_implementation
-        )
     build = partial(  # the training and tuning rows, read and labelled the same way
         build_labeled_dataset,
         data_args.data_dir,
@@ -210,53 +202,99 @@ def finetune(
     train_dataset = subsample_labels(
         build(data_args.train_split), finetuning_args.label_fraction, training_args.seed
     )
-    try:
-        eval_dataset = limit_labels_per_subject(
-            build(data_args.eval_split), finetuning_args.max_labels_per_subject, training_args.seed
-        )
-    except NoUsableRowsError:
-        if training_args.eval_strategy != "no":
-            raise
-        # not evaluated during training: an eval split without labels is no reason to stop
-        eval_dataset = None
+    k = finetuning_args.ensemble
+    eval_dataset = None  # an ensemble stops each network on a part of the training subjects instead
+    if k == 1:
+        try:
+            eval_dataset = limit_labels_per_subject(
+                build(data_args.eval_split), finetuning_args.max_labels_per_subject, training_args.seed
+            )
+        except NoUsableRowsError:
+            if training_args.eval_strategy != "no":
+                raise
+            # not evaluated during training: an eval split without labels is no reason to stop
     logger.info(
-        "fine-tuning (%s) on %d labelled samples, evaluating on %d",
+        "fine-tuning (%s) on %d labelled samples%s",
         described,
         len(train_dataset),
-        len(eval_dataset) if eval_dataset is not None else 0,
+        f", {k} networks cross-fitted on them" if k > 1 else f", evaluating on {len(eval_dataset or [])}",
     )
-    if finetuning_args.linear_probe_init:
-        model, probe = linear_probe_classifier(
-            model,
-            tokenizer,
-            train_dataset,
-            training_args.seed,
-            finetuning_args.classifier_pooling,
-            training_args.per_device_eval_batch_size,
-            attn_implementation=model_args.attn_implementation,
+
+    def new_model(rows, args: TrainingArguments) -> EHRTransformerForSequenceClassification:
+        """A classifier ready to train on `rows`: the pretrained backbone or a new one, its outputs starting at the
+        rows' prevalence (LP-FT: its head the linear probe fitted on them)."""
+        seed_before_model_init(args)
+        pooling, path = finetuning_args.classifier_pooling, model_args.model_name_or_path
+        if path and finetuning_args.linear_probe_init:
+            backbone = load_pretrained(
+                EHRTransformerModel,
+                path,
+                expected_unexpected=ANY_HEAD,
+                attn_implementation=model_args.attn_implementation,
+                use_safetensors=True,
+            )
+            model, probe = linear_probe_classifier(
+                backbone,
+                tokenizer,
+                rows,
+                args.seed,
+                pooling,
+                args.per_device_eval_batch_size,
+                attn_implementation=model_args.attn_implementation,
+            )
+            logger.info("LP-FT: probe C %g", probe.best_params_["logisticregression__C"])
+        elif path:
+            model = load_pretrained(
+                EHRTransformerForSequenceClassification,
+                path,
+                expected_missing=CLASSIFIER_LAYERS,
+                expected_unexpected=ANY_HEAD,
+                config=with_tasks(base, classifier_pooling=pooling, **head),
+                attn_implementation=model_args.attn_implementation,
+                ignore_mismatched_sizes=True,  # another checkpoint's classifier rows need not fit these tasks
+                use_safetensors=True,
+            )
+        else:
+            config = config_for(tokenizer, model_args, classifier_pooling=pooling, **head)
+            model = EHRTransformerForSequenceClassification._from_config(
+                config, attn_implementation=model_args.attn_implementation
+            )
+        if not finetuning_args.linear_probe_init:
+            init_bias_to_prevalence(model, rows["labels"])
+        # every network of an ensemble in the same units: the whole training split's target spread
+        model.config.regression_target_scale = regression_target_scale(model, train_dataset["labels"])
+        return model
+
+    def train(rows, tuning_rows, args: TrainingArguments) -> ResumableTrainer:
+        trainer = ResumableTrainer(
+            model=new_model(rows, args),
+            args=args,
+            train_dataset=rows,
+            eval_dataset=tuning_rows,
+            data_collator=DataCollatorForEventClassification(tokenizer),
+            compute_metrics=compute_metrics,
+            callbacks=early_stopping(args, finetuning_args.early_stopping_patience),
+            rows_per_subject=finetuning_args.max_labels_per_subject,
         )
-        objective += f" from a linear probe (LP-FT; probe C {probe.best_params_['logisticregression__C']:g})"
+        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        return trainer
+
+    if k == 1:
+        trainer = train(train_dataset, eval_dataset, training_args)
+        model = trainer.model
     else:
-        init_bias_to_prevalence(model, train_dataset["labels"])
-    model.config.regression_target_scale = regression_target_scale(model, train_dataset["labels"])
-    trainer = ResumableTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=DataCollatorForEventClassification(tokenizer),
-        compute_metrics=compute_metrics,
-        callbacks=early_stopping(training_args, finetuning_args.early_stopping_patience),
-        rows_per_subject=finetuning_args.max_labels_per_subject,
-    )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    if trainer.is_world_process_zero():
+        model = train_ensemble(train_dataset, k, training_args, finetuning_args.max_labels_per_subject, train)
+        objective += (
+            f"; an ensemble of {k} networks cross-fitted on the training subjects, probabilities averaged"
+        )
+    if training_args.process_index == 0:
         card = card_for_training(
             data_args,
             tokenizer,
             train_dataset,
             training_args,
-            objective=objective,
+            objective=objective
+            + (" from a linear probe (LP-FT)" if finetuning_args.linear_probe_init else ""),
             labels=f"{described}, {finetuning_args.label_fraction:.0%} of training labels",
             started_from=Path(model_args.model_name_or_path).name
             if model_args.model_name_or_path
@@ -273,10 +311,68 @@ def finetune(
                 finetuning_args.label_fraction,
                 training_args.seed,
             )
-        save_classifier_checkpoint(trainer.model, tokenizer, training_args.output_dir, card, record)
-        trainer.save_state()  # trainer_state.json: the run's log history, kept once its checkpoints go
+        save_classifier_checkpoint(model, tokenizer, training_args.output_dir, card, record)
+        if k == 1:
+            trainer.save_state()  # trainer_state.json: the run's log history, kept once its checkpoints go
         remove_trainer_checkpoints(training_args.output_dir)  # a finished run needs no resume folders
-    return trainer.model
+        shutil.rmtree(Path(training_args.output_dir) / ENSEMBLE_MEMBERS, ignore_errors=True)
+    return model
+
+
+# output_dir/ensemble_members/member_j: each network while the ensemble trains, removed once it is saved
+ENSEMBLE_MEMBERS = "ensemble_members"
+# output_dir/ensemble_state.json: per network its rows, epochs trained, best step and tuning loss (what
+# trainer_state.json tells of a single network)
+ENSEMBLE_STATE_FILE = "ensemble_state.json"
+
+
+def train_ensemble(train_dataset, k: int, training_args: TrainingArguments, rows_per_subject: int, train):
+    """Train `k` networks cross-fitted (`ensemble_parts`): network j on every part of the training subjects but j,
+    stopped early on part j, with seed `seed + j`, in `output_dir/ensemble_members/member_j`; `train(rows,
+    tuning_rows, args)` trains one. A network already finished there (a killed run started again) is loaded, not
+    retrained. Returns the `EHRTransformerEnsembleForSequenceClassification` of the k networks."""
+    members, states = [], []
+    for j, (fit, stop) in enumerate(ensemble_parts(train_dataset, k, training_args.seed)):
+        folder = Path(training_args.output_dir) / ENSEMBLE_MEMBERS / f"member_{j}"
+        states.append({"network": j, "training_rows": len(fit), "stopping_rows": len(stop)})
+        if (folder / "model.safetensors").is_file():
+            members.append(
+                load_pretrained(EHRTransformerForSequenceClassification, folder, use_safetensors=True)
+            )
+            continue
+        resume = (
+            training_args.resume_from_checkpoint and get_last_checkpoint(folder) if folder.is_dir() else None
+        )
+        args = dataclasses.replace(
+            training_args,
+            output_dir=str(folder),
+            seed=training_args.seed + j,
+            resume_from_checkpoint=resume or None,
+        )
+        stopping = limit_labels_per_subject(train_dataset.select(stop), rows_per_subject, args.seed)
+        logger.info("ensemble network %d of %d: %d rows, stopping on %d", j + 1, k, len(fit), len(stopping))
+        trainer = train(train_dataset.select(fit), stopping, args)
+        if args.process_index == 0:
+            trainer.save_state()  # trainer_state.json: read into ensemble_state.json below
+            with quiet_transformers():
+                trainer.model.save_pretrained(folder)
+        members.append(trainer.model)
+    members_dir = Path(training_args.output_dir) / ENSEMBLE_MEMBERS
+    for state in states:  # how long each network trained and where it stopped
+        log = members_dir / f"member_{state['network']}" / "trainer_state.json"
+        log = json.loads(log.read_text()) if log.is_file() else {}
+        for key in ("epoch", "global_step", "best_global_step", "best_metric"):
+            state[key] = log.get(key)
+        runs = [e["train_runtime"] for e in log.get("log_history", []) if "train_runtime" in e]
+        state["train_runtime"] = runs[-1] if runs else None
+    if training_args.process_index == 0:
+        write_json(Path(training_args.output_dir) / ENSEMBLE_STATE_FILE, {"networks": states})
+    config = copy.deepcopy(members[0].config)
+    config.ensemble_size = k
+    ensemble = EHRTransformerEnsembleForSequenceClassification(config)
+    for target, member in zip(ensemble.members, members, strict=True):
+        target.load_state_dict(member.state_dict())
+    return ensemble.to(members[0].device)
 
 
 def regression_target_scale(
@@ -325,4 +421,11 @@ def init_bias_to_prevalence(model: EHRTransformerForSequenceClassification, labe
     return prevalences
 
 
-__all__ = ["finetune", "init_bias_to_prevalence", "multitask_metrics", "regression_target_scale", "task_head"]
+__all__ = [
+    "finetune",
+    "train_ensemble",
+    "init_bias_to_prevalence",
+    "multitask_metrics",
+    "regression_target_scale",
+    "task_head",
+]
