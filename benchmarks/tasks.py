@@ -4,6 +4,7 @@
     python -m benchmarks.tasks --part yaib_los             # ~3 h
     python -m benchmarks.tasks --part physionet2012        # ~2 h
     python -m benchmarks.tasks --merge                     # -> benchmarks/results/tasks.json
+    python -m benchmarks.tasks --part recipe               # ~20 min: the fine-tuning recipe's development check
 
 Protocol (fixed before the first run, 2026-12-07):
 - Tasks. YAIB demo cohorts (`../shared/data/yaib_demo`), each source on its own: `mortality24` (binary, one label
@@ -22,6 +23,13 @@ Protocol (fixed before the first run, 2026-12-07):
 - Parts run in separate processes and write `benchmarks/results/tasks/<part>.json`; `--merge` joins them into
   `benchmarks/results/tasks.json`: {"tasks": {NAME: {"type", "metric", "transformer", "pretrained", "gbm",
   "runs": [...]}}}. A part may run fewer seeds (`--seeds`); the JSON says how many each figure has.
+
+Part `recipe` (the development check that chose the fine-tuning recipe, docs/fine-tuning.md; written before its
+run): the eICU demo mortality24 cohort's train and tuning stays only (its held-out stays are never read), in 4
+folds by `cross_validation_splits` (seed 0, stratified; tuning = 20% of the other folds). In each fold, from
+scratch, seed 0: "earlier" = `finetune` with the earlier recipe's flags (`EARLIER_RECIPE`), "single" = `finetune
+--ensemble 1`, "default" = `finetune` with no flag; each scored on the fold by `evaluate`, whose GBM is fitted on
+the model's training rows. Written to `benchmarks/results/tasks_recipe.json` (not merged into tasks.json).
 """
 
 from __future__ import annotations
@@ -133,6 +141,82 @@ def run_part(part: str, seeds: list[int], data_root: Path, keep: Path | None) ->
     return path
 
 
+# The fine-tuning recipe before 2026-12-07, as flags of today's `finetune`.
+EARLIER_RECIPE = [
+    "--ensemble", "1", "--classifier_pooling", "mean", "--learning_rate", "1e-3", "--weight_decay", "0.01",
+    "--num_train_epochs", "20", "--early_stopping_patience", "3",
+]  # fmt: skip
+RECIPE_CANDIDATES = {"earlier": EARLIER_RECIPE, "single": ["--ensemble", "1"], "default": []}
+
+
+def run_recipe_check(data_root: Path, keep: Path | None, n_folds: int = 4) -> Path:
+    """Part `recipe` (module docstring)."""
+    import polars as pl
+
+    from ehr_transformer.cli import main as cli
+    from ehr_transformer.data.splits import cross_validation_splits
+
+    started = time.perf_counter()
+    work = Path(keep or tempfile.mkdtemp(prefix="tasks_recipe_"))
+    folder = data_root / "yaib_demo" / "mortality24" / "eicu_demo"
+    source = work / "eicu_demo_mortality24"
+    tables = [x for name in ("dyn", "sta", "outc") for x in (f"--{name}", str(folder / f"{name}.parquet"))]
+    _run(cli, ["convert-wide", *tables, "--task", "mortality24", "--output_dir", str(source)])
+    labels = source / "labels" / "mortality24.parquet"
+    splits = pl.read_parquet(source / "metadata" / "subject_splits.parquet")
+    development = splits.filter(pl.col("split") != "held_out")["subject_id"]
+    runs = []
+    try:
+        for fold in range(n_folds):
+            meds = work / f"fold{fold}"
+            (meds / "metadata").mkdir(parents=True, exist_ok=True)
+            if not (meds / "data").exists():
+                (meds / "data").symlink_to(source / "data")
+            for path in (source / "metadata").iterdir():
+                if path.name != "subject_splits.parquet" and not (meds / "metadata" / path.name).exists():
+                    (meds / "metadata" / path.name).symlink_to(path)
+            folds = cross_validation_splits(development, pl.read_parquet(labels), n_folds, fold, seed=0)
+            folds.write_parquet(meds / "metadata" / "subject_splits.parquet")
+            run = {"fold": fold}
+            for name, flags in RECIPE_CANDIDATES.items():
+                out = work / f"fold{fold}_{name}"
+                argv = ["finetune", "--data_dir", str(meds), "--labels", str(labels), "--seed", "0"]
+                t0 = time.perf_counter()
+                _run(cli, [*argv, "--output_dir", str(out), *flags])
+                run[f"{name}_s"] = round(time.perf_counter() - t0, 1)
+                evaluate = [
+                    "evaluate",
+                    "--checkpoint",
+                    str(out),
+                    "--data_dir",
+                    str(meds),
+                    "--labels",
+                    str(labels),
+                ]
+                _run(cli, [*evaluate, "--output_dir", str(out / "evaluation")])
+                report = json.loads((out / "evaluation" / "metrics.json").read_text())
+                run[name] = report["model"]["auroc"]["estimate"]
+                run[f"gbm_{name}"] = report["gbm_baseline"]["auroc"]["estimate"]
+            print(json.dumps(run), flush=True)
+            runs.append(run)
+    finally:
+        if keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    summary = {name: _mean_sd([run[name] for run in runs]) for name in (*RECIPE_CANDIDATES, "gbm_default")}
+    result = {
+        **metadata(command_line("tasks"), started),
+        "part": "recipe",
+        "protocol": __doc__.split("Part `recipe`")[1].strip(),
+        "candidates": RECIPE_CANDIDATES,
+        "runs": runs,
+        "summary": summary,
+    }
+    path = RESULTS / "tasks_recipe.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(summary), f"\nwrote {path}", sep="")
+    return path
+
+
 def _epochs(folder: Path) -> float | None:
     """Epochs trained: the Trainer's count of a single network, the mean over the networks of an ensemble."""
     from ehr_transformer.training.finetune import ENSEMBLE_STATE_FILE
@@ -195,7 +279,7 @@ def merge() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tasks", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=["yaib_mortality24", "yaib_los", "physionet2012"])
+    parser.add_argument("--part", choices=["yaib_mortality24", "yaib_los", "physionet2012", "recipe"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--data_root", type=Path, default=SHARED_DATA)
     parser.add_argument(
@@ -212,7 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     if not needed.is_dir():
         raise SystemExit(f"{needed}: not found; this benchmark needs the shared real data (see its README)")
     quiet()
-    run_part(args.part, args.seeds, args.data_root, args.keep)
+    if args.part == "recipe":
+        run_recipe_check(args.data_root, args.keep)
+    else:
+        run_part(args.part, args.seeds, args.data_root, args.keep)
     return 0
 
 
