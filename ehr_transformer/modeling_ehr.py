@@ -1148,8 +1148,8 @@ class EHRTransformerEnsembleForSequenceClassification(EHRTransformerPreTrainedMo
         else:
             p = torch.sigmoid(logits).mean(0).clamp(1e-7, 1 - 1e-7)  # (B, C)
             combined = torch.where(binary, torch.log(p) - torch.log1p(-p), logits.mean(0))
-        if not self.training:  # the ensemble's calibration, applied as one network applies its own
-            combined = first.apply_temperature(combined, self.config.temperature)
+        # the ensemble's calibration (eval mode), applied as one network applies its own
+        combined = first.apply_temperature(combined, self.config.temperature)
         loss, task_losses = first.loss(combined, labels) if labels is not None else (None, None)
         output = EHRSequenceClassifierOutput(
             loss=loss,

@@ -220,6 +220,8 @@ def finetune(
         f", {k} networks cross-fitted on them" if k > 1 else f", evaluating on {len(eval_dataset or [])}",
     )
 
+    probe_penalties = []  # LP-FT: the inverse penalty C each network's probe chose, for the card
+
     def new_model(rows, args: TrainingArguments) -> EHRTransformerForSequenceClassification:
         """A classifier ready to train on `rows`: the pretrained backbone or a new one, its outputs starting at the
         rows' prevalence (LP-FT: its head the linear probe fitted on them)."""
@@ -242,7 +244,7 @@ def finetune(
                 args.per_device_eval_batch_size,
                 attn_implementation=model_args.attn_implementation,
             )
-            logger.info("LP-FT: probe C %g", probe.best_params_["logisticregression__C"])
+            probe_penalties.append(f"{probe.best_params_['logisticregression__C']:g}")
         elif path:
             model = load_pretrained(
                 EHRTransformerForSequenceClassification,
@@ -294,7 +296,11 @@ def finetune(
             train_dataset,
             training_args,
             objective=objective
-            + (" from a linear probe (LP-FT)" if finetuning_args.linear_probe_init else ""),
+            + (
+                f" from a linear probe (LP-FT; probe C {', '.join(probe_penalties)})"
+                if finetuning_args.linear_probe_init
+                else ""
+            ),
             labels=f"{described}, {finetuning_args.label_fraction:.0%} of training labels",
             started_from=Path(model_args.model_name_or_path).name
             if model_args.model_name_or_path
@@ -334,37 +340,41 @@ def train_ensemble(train_dataset, k: int, training_args: TrainingArguments, rows
     members, states = [], []
     for j, (fit, stop) in enumerate(ensemble_parts(train_dataset, k, training_args.seed)):
         folder = Path(training_args.output_dir) / ENSEMBLE_MEMBERS / f"member_{j}"
-        states.append({"network": j, "training_rows": len(fit), "stopping_rows": len(stop)})
         if (folder / "model.safetensors").is_file():
             members.append(
                 load_pretrained(EHRTransformerForSequenceClassification, folder, use_safetensors=True)
             )
-            continue
-        resume = (
-            training_args.resume_from_checkpoint and get_last_checkpoint(folder) if folder.is_dir() else None
-        )
-        args = dataclasses.replace(
-            training_args,
-            output_dir=str(folder),
-            seed=training_args.seed + j,
-            resume_from_checkpoint=resume or None,
-        )
-        stopping = limit_labels_per_subject(train_dataset.select(stop), rows_per_subject, args.seed)
-        logger.info("ensemble network %d of %d: %d rows, stopping on %d", j + 1, k, len(fit), len(stopping))
-        trainer = train(train_dataset.select(fit), stopping, args)
-        if args.process_index == 0:
-            trainer.save_state()  # trainer_state.json: read into ensemble_state.json below
-            with quiet_transformers():
-                trainer.model.save_pretrained(folder)
-        members.append(trainer.model)
-    members_dir = Path(training_args.output_dir) / ENSEMBLE_MEMBERS
-    for state in states:  # how long each network trained and where it stopped
-        log = members_dir / f"member_{state['network']}" / "trainer_state.json"
+        else:
+            resuming = training_args.resume_from_checkpoint and folder.is_dir()
+            args = dataclasses.replace(
+                training_args,
+                output_dir=str(folder),
+                seed=training_args.seed + j,
+                resume_from_checkpoint=get_last_checkpoint(folder) if resuming else None,
+            )
+            stopping = limit_labels_per_subject(train_dataset.select(stop), rows_per_subject, args.seed)
+            logger.info(
+                "ensemble network %d of %d: %d rows, stopping on %d", j + 1, k, len(fit), len(stopping)
+            )
+            trainer = train(train_dataset.select(fit), stopping, args)
+            if args.process_index == 0:
+                trainer.save_state()  # trainer_state.json: read into ensemble_state.json below
+                with quiet_transformers():
+                    trainer.model.save_pretrained(folder)
+            members.append(trainer.model)
+        # how long the network trained and where it stopped
+        log = folder / "trainer_state.json"
         log = json.loads(log.read_text()) if log.is_file() else {}
-        for key in ("epoch", "global_step", "best_global_step", "best_metric"):
-            state[key] = log.get(key)
         runs = [e["train_runtime"] for e in log.get("log_history", []) if "train_runtime" in e]
-        state["train_runtime"] = runs[-1] if runs else None
+        states.append(
+            {
+                "network": j,
+                "training_rows": len(fit),
+                "stopping_rows": len(stop),
+                **{key: log.get(key) for key in ("epoch", "global_step", "best_global_step", "best_metric")},
+                "train_runtime": runs[-1] if runs else None,
+            }
+        )
     if training_args.process_index == 0:
         write_json(Path(training_args.output_dir) / ENSEMBLE_STATE_FILE, {"networks": states})
     config = copy.deepcopy(members[0].config)
