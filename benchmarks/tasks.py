@@ -124,20 +124,28 @@ def run_part(part: str, seeds: list[int], data_root: Path, keep: Path | None) ->
                         run["n_held_out"], run["n_subjects_held_out"] = report["n"], report["n_subjects"]
                     print(_line(run), flush=True)
                     runs.append(run)
+                    _write_part(part, seeds, runs, started, complete=False)
     finally:
         if keep is None:
             shutil.rmtree(work, ignore_errors=True)
+    path = _write_part(part, seeds, runs, started, complete=True)
+    print(f"wrote {path}")
+    return path
+
+
+def _write_part(part: str, seeds: list[int], runs: list[dict], started: float, complete: bool) -> Path:
+    """The part's JSON, rewritten after every finished task so that a stopped part keeps what it measured."""
     PARTS.mkdir(parents=True, exist_ok=True)
     path = PARTS / f"{part}.json"
     result = {
         **metadata(command_line("tasks"), started),
         "part": part,
         "seeds": seeds,
+        "complete": complete,
         "protocol": __doc__.split("Protocol (fixed before the first run, 2026-12-07):")[1].strip(),
         "runs": runs,
     }
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
     return path
 
 
@@ -252,7 +260,9 @@ def merge() -> Path:
     sources = []
     for path in parts:
         part = json.loads(path.read_text())
-        sources.append({k: part[k] for k in ("part", "command", "date", "wall_s", "machine", "seeds")})
+        sources.append(
+            {k: part.get(k) for k in ("part", "command", "date", "wall_s", "machine", "seeds", "complete")}
+        )
         for run in part["runs"]:
             tasks.setdefault(run["task"], {"type": run["type"], "metric": METRIC[run["type"]], "runs": []})
             tasks[run["task"]]["runs"].append(run)
@@ -285,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep", type=Path, default=None, help="work folder to keep (default: a temporary one)"
     )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--merge", action="store_true")
     args = parser.parse_args(argv)
     if args.merge:
@@ -295,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     needed = args.data_root / ("physionet2012" if args.part == "physionet2012" else "yaib_demo")
     if not needed.is_dir():
         raise SystemExit(f"{needed}: not found; this benchmark needs the shared real data (see its README)")
-    quiet()
+    quiet(args.threads)
     if args.part == "recipe":
         run_recipe_check(args.data_root, args.keep)
     else:
