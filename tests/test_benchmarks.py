@@ -288,3 +288,40 @@ def test_selection_benchmark_part_scores_a_user_against_its_zoo(tmp_path, monkey
     # a second part finds the candidates already pretrained
     again = bench.build_candidate(zoo[0], tmp_path / "work")
     assert again["pretraining_s"] == data["zoo"][0]["pretraining_s"]
+
+
+# ------------------------------------------------------------------------------------------------ tasks
+def test_tasks_merge_averages_seeds_judges_the_goal_and_keeps_a_stopped_part(tmp_path, monkeypatch):
+    import benchmarks.tasks as tasks_benchmark
+
+    monkeypatch.setattr(tasks_benchmark, "RESULTS", tmp_path)
+    monkeypatch.setattr(tasks_benchmark, "PARTS", tmp_path / "tasks")
+    run = {"type": "binary", "gbm": 0.70}
+    mortality = [
+        {**run, "task": "a_mortality24", "seed": 0, "transformer": 0.60, "pretrained": 0.66},
+        {**run, "task": "a_mortality24", "seed": 1, "transformer": 0.64, "pretrained": 0.70},
+    ]
+    los = {
+        "task": "b_los",
+        "type": "regression",
+        "seed": 0,
+        "transformer": 0.30,
+        "pretrained": 0.2,
+        "gbm": 0.34,
+    }
+    started = time.perf_counter()
+    tasks_benchmark._write_part("yaib_mortality24", [0, 1], mortality, started, complete=True)
+    tasks_benchmark._write_part("yaib_los", [0], [los], started, complete=False)
+
+    merged = json.loads(tasks_benchmark.merge().read_text())
+
+    a, b = merged["tasks"]["a_mortality24"], merged["tasks"]["b_los"]
+    assert (a["metric"], a["n_seeds"], a["transformer"], a["pretrained"]) == ("auroc", 2, 0.62, 0.68)
+    assert a["best_transformer_minus_gbm"] == -0.02 and a["within_goal"]  # 0.68 is within 0.02 of 0.70
+    assert (
+        b["metric"] == "r2" and b["best_transformer_minus_gbm"] == -0.04 and b["within_goal"]
+    )  # 0.05 for R²
+    assert {p["part"]: p["complete"] for p in merged["parts"]} == {
+        "yaib_los": False,
+        "yaib_mortality24": True,
+    }
