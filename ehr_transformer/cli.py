@@ -594,7 +594,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument(
                 "--sex_code_prefix",
                 default=None,
-                help="codes that give sex start with this (default GENDER// or SEX//); the group is what follows",
+                help="codes that give sex start with this (default: codes with a part GENDER or SEX, any case, "
+                "such as GENDER//F or PHYSIONET//Gender//1); the group is what follows",
             )
             p.add_argument(
                 "--group_codes",

@@ -135,9 +135,12 @@ def test_subgroups_from_a_non_standard_sex_code(renamed_sex_codes, caplog):
     data, rows, truth = renamed_sex_codes
     expected = rows.join(truth, on="subject_id", how="left")["sex"].replace({"M": "1", "F": "0"}).to_numpy()
 
-    groups, notes = subgroups_for(data, rows)
+    groups, notes = subgroups_for(data, rows)  # a code part "Gender" is found without a prefix
+    assert (groups["sex"] == expected).all() and not notes
+
+    groups, notes = subgroups_for(data, rows, sex_code_prefix="SEXE//")
     assert set(groups["sex"]) == {"unknown"}
-    assert any("have no sex event with a code starting with GENDER// or SEX//" in note for note in notes)
+    assert any("have no sex event with a code starting with SEXE//" in note for note in notes)
     assert any("--sex_code_prefix" in record.message for record in caplog.records)
 
     groups, notes = subgroups_for(data, rows, sex_code_prefix="P12//Gender")
@@ -147,6 +150,31 @@ def test_subgroups_from_a_non_standard_sex_code(renamed_sex_codes, caplog):
     table = pl.DataFrame({"code": ["P12//Gender"], "attribute": ["icu"], "group": ["any"]})
     groups, _ = subgroups_for(data, rows, sex_code_prefix="P12//Gender", group_codes=table)
     assert set(groups["icu"]) == {"any"} and (groups["sex"] == expected).all()
+
+
+def test_subgroups_find_sex_as_the_physionet_converter_writes_it(synthetic_meds, tmp_path):
+    """`convert-long --preset physionet2012` writes `PHYSIONET//Gender//0` / `//1`; a code that only contains the
+    letters (`LAB//SEXHORMONE`) is not sex."""
+    events = read_events(synthetic_meds)
+    sex = pl.col("code").str.starts_with("GENDER//")
+    events = events.with_columns(
+        code=pl.when(sex)
+        .then(pl.concat_str(pl.lit("PHYSIONET//Gender//"), (pl.col("code") == "GENDER//M").cast(pl.Int8)))
+        .otherwise(pl.col("code"))
+    )
+    extra = events.filter(pl.col("code") == "MEDS_BIRTH").with_columns(code=pl.lit("LAB//SEXHORMONE"))
+    data = write_meds(tmp_path / "meds", pl.concat([extra, events]), read_subject_splits(synthetic_meds))
+    rows = read_labels(synthetic_meds / "labels" / "in_hospital_mortality.parquet").select(
+        "subject_id", "prediction_time"
+    )
+    truth = read_events(synthetic_meds).filter(pl.col("code").str.starts_with("GENDER//"))
+    truth = truth.select(
+        "subject_id", sex=pl.col("code").str.split("//").list.last().replace({"M": "1", "F": "0"})
+    )
+    groups, notes = subgroups_for(data, rows)
+    assert (
+        groups["sex"] == rows.join(truth, on="subject_id", how="left")["sex"].to_numpy()
+    ).all() and not notes
 
 
 def test_missing_birth_is_said_and_grouped_as_unknown(synthetic_meds, tmp_path):

@@ -1,9 +1,10 @@
 """Subgroups of prediction rows from the user's own codes: age band at prediction time (from `MEDS_BIRTH`), sex,
 and any static attribute named by a code prefix or a code -> group table.
 
-Sex is found from codes that start with `sex_code_prefix` (default: `GENDER//` or `SEX//`, any case). The group
-is what follows the prefix (`GENDER//F` -> "F"); where nothing follows (`P12//Gender` with a value), the event's
-`text_value`, else its `numeric_value` (`1` -> "1"). A code -> group table (`group_codes`: a CSV or parquet file
+Sex is found from codes that start with `sex_code_prefix`, by default from codes with a part `GENDER` or `SEX`
+(any case, anywhere: `GENDER//F`, `PHYSIONET//Gender//1`). The group is what follows (`GENDER//F` -> "F",
+`PHYSIONET//Gender//1` -> "1"); where nothing follows (`P12//Gender` with a value), the event's `text_value`,
+else its `numeric_value` (`1` -> "1"). A code -> group table (`group_codes`: a CSV or parquet file
 with columns `code`, `attribute`, `group`) names groups of any attribute exactly, e.g. `P12//Gender//0, sex,
 female`; for "sex" it replaces the prefix rule. A subject's group is that of its first matching event.
 Rows whose subject has no matching event are in group "unknown", and `subgroups_for` says how many.
@@ -23,7 +24,8 @@ from ..data.meds import iter_shards
 logger = logging.getLogger(__name__)
 
 AGE_BANDS = ("18-44", "45-64", "65-79", "80+")
-DEFAULT_SEX_PREFIXES = ("GENDER//", "SEX//")
+# a code part GENDER or SEX (any case) anywhere in a code: GENDER//F, PHYSIONET//Gender//1, P12//SEX with a value
+DEFAULT_SEX_PATTERN = r"(^|//)(GENDER|SEX)(//|$)"
 GROUP_CODE_COLUMNS = ("code", "attribute", "group")
 
 
@@ -86,7 +88,6 @@ def subgroups_for(
     """
     table = read_group_codes(group_codes) if isinstance(group_codes, (str, os.PathLike)) else group_codes
     attributes = [] if table is None else sorted(table["attribute"].unique().to_list())
-    prefixes = (sex_code_prefix,) if sex_code_prefix else DEFAULT_SEX_PREFIXES
     sex_from_table = "sex" in attributes
     subjects = pl.Series(predictions["subject_id"].unique().to_list(), dtype=pl.Int64)
     births, found = [], {name: [] for name in ["sex", *attributes]}
@@ -98,15 +99,16 @@ def subgroups_for(
             .agg(birth=pl.col("time").min())
         )
         if not sex_from_table:
-            code = pl.col("code") if sex_code_prefix else pl.col("code").str.to_uppercase()
-            match = pl.any_horizontal([code.str.starts_with(prefix) for prefix in prefixes])
-            sex = frame.filter(match).with_columns(
-                _rest=pl.col("code")
-                .str.slice(len(prefixes[0]) if sex_code_prefix else 0)
-                .str.strip_chars("/")
-            )
-            if not sex_code_prefix:  # the default prefixes: the group is the code's last part
-                sex = sex.with_columns(_rest=pl.col("code").str.split("//").list.last())
+            if sex_code_prefix:
+                match = pl.col("code").str.starts_with(sex_code_prefix)
+                rest = pl.col("code").str.slice(len(sex_code_prefix)).str.strip_chars("/")
+            else:  # a GENDER or SEX part anywhere in the code; the group is the code's last part after it
+                match = pl.col("code").str.to_uppercase().str.contains(DEFAULT_SEX_PATTERN)
+                last = pl.col("code").str.split("//").list.last()
+                rest = (
+                    pl.when(last.str.to_uppercase().is_in(["GENDER", "SEX"])).then(pl.lit("")).otherwise(last)
+                )
+            sex = frame.filter(match).with_columns(_rest=rest)
             found["sex"].append(_first_group(sex.with_columns(sex=_value_text()), "sex"))
         for attribute in attributes:
             mapping = table.filter(pl.col("attribute") == attribute).select(
@@ -136,7 +138,9 @@ def subgroups_for(
             where = (
                 "in the group code table"
                 if name in attributes
-                else f"with a code starting with {' or '.join(prefixes)}"
+                else f"with a code starting with {sex_code_prefix}"
+                if sex_code_prefix
+                else "with a code part GENDER or SEX"
             )
             hint = "" if name in attributes else "; name the codes with --sex_code_prefix or --group_codes"
             notes.append(
@@ -149,4 +153,4 @@ def subgroups_for(
     return groups, notes
 
 
-__all__ = ["AGE_BANDS", "DEFAULT_SEX_PREFIXES", "age_band", "read_group_codes", "subgroups_for"]
+__all__ = ["AGE_BANDS", "DEFAULT_SEX_PATTERN", "age_band", "read_group_codes", "subgroups_for"]
