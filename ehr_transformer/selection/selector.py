@@ -144,6 +144,26 @@ class _Parts:
     )
 
 
+@dataclass
+class _UserSample:
+    """What every candidate is scored on: the user's events, optionally labelled rows with their events and the
+    outcome codes, and the subject orders that align each candidate's per-subject parts for the bootstrap."""
+
+    events: pl.DataFrame
+    label_rows: pl.DataFrame | None = None
+    label_events: pl.DataFrame | None = None
+    label_column: str = "boolean_value"
+    outcome: list[dict[str, Any]] | None = None
+    subject_order: np.ndarray = field(init=False)  # (S,) subjects with an event besides MEDS_BIRTH, sorted
+    label_order: np.ndarray | None = field(init=False)  # (R_s,) subjects of the label rows, sorted
+
+    def __post_init__(self) -> None:
+        tokens = self.events.filter(pl.col("code") != BIRTH_CODE)
+        self.subject_order = np.sort(tokens["subject_id"].unique().to_numpy())
+        rows = self.label_rows
+        self.label_order = None if rows is None else np.sort(rows["subject_id"].unique().to_numpy())
+
+
 def _sample_subjects(
     data_dir: str | os.PathLike, split: str | None, max_subjects: int, seed: int
 ) -> list[int]:
@@ -180,16 +200,7 @@ def _sample_labels(
 
 # ------------------------------------------------------------------------------------------------ scoring
 def _score_candidate(
-    path: Path,
-    events: pl.DataFrame,
-    label_rows: pl.DataFrame | None,
-    label_events: pl.DataFrame | None,
-    label_column: str,
-    batch_size: int,
-    name: str | None,
-    outcome: list[dict[str, Any]] | None,
-    subject_order: np.ndarray,
-    label_subject_order: np.ndarray | None,
+    path: Path, sample: _UserSample, batch_size: int, name: str | None
 ) -> tuple[CandidateScore, _Parts]:
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
@@ -202,6 +213,7 @@ def _score_candidate(
         model = load_pretrained(AutoModel, path, expected_unexpected=ANY_HEAD, use_safetensors=True).eval()
     finally:
         hf_logging.set_verbosity(verbosity)
+    events, subject_order = sample.events, sample.subject_order
     tokens = events.filter(pl.col("code") != BIRTH_CODE)
     if tokens.height == 0:
         raise ValueError("the user's sample holds no event besides MEDS_BIRTH; nothing to score")
@@ -223,9 +235,9 @@ def _score_candidate(
     parts.known_pairs[np.searchsorted(subject_order, known["subject_id"].to_numpy())] = known[
         "known"
     ].to_numpy()
-    if outcome:
+    if sample.outcome:
         score.outcome_code_coverage, score.outcome_codes_missing = outcome_coverage(
-            outcome, set(tokenizer.vocab)
+            sample.outcome, set(tokenizer.vocab)
         )
     prototypes = Prototypes.load(path)
     if prototypes is None:
@@ -247,16 +259,16 @@ def _score_candidate(
         parts.distance = np.zeros(len(subject_order))
         parts.nearest[position], parts.distance[position] = nearest, distance
         parts.prototypes = prototypes
-    if label_rows is not None and label_events is not None:
-        encoded = tokenizer.encode_events(label_events, labels=label_rows)
+    if sample.label_rows is not None and sample.label_events is not None:
+        encoded = tokenizer.encode_events(sample.label_events, labels=sample.label_rows)
         if encoded.height < 2:
             score.notes.append("fewer than 2 labelled samples with events: transferability not computed")
         else:
             features = embed_sequences(model, tokenizer, encoded, batch_size)
             y = encoded["labels"].to_numpy()
-            score.transferability = logme(features, y, regression=label_column == "float_value")
+            score.transferability = logme(features, y, regression=sample.label_column == "float_value")
             parts.features, parts.targets = features, y
-            parts.row_subjects = np.searchsorted(label_subject_order, encoded["subject_id"].to_numpy())
+            parts.row_subjects = np.searchsorted(sample.label_order, encoded["subject_id"].to_numpy())
     return score, parts
 
 
@@ -272,21 +284,8 @@ def score_candidate(
 ) -> CandidateScore:
     """Coverage, fit and (with labels) LogME of one checkpoint folder on the user's events; with `outcome` (from
     :func:`find_outcome_codes`) also its outcome code coverage."""
-    subject_order = np.sort(events.filter(pl.col("code") != BIRTH_CODE)["subject_id"].unique().to_numpy())
-    label_order = None if label_rows is None else np.sort(label_rows["subject_id"].unique().to_numpy())
-    score, _ = _score_candidate(
-        path,
-        events,
-        label_rows,
-        label_events,
-        label_column,
-        batch_size,
-        name,
-        outcome,
-        subject_order,
-        label_order,
-    )
-    return score
+    sample = _UserSample(events, label_rows, label_events, label_column, outcome)
+    return _score_candidate(path, sample, batch_size, name)[0]
 
 
 def _components(scores: list[CandidateScore]) -> list[str]:
@@ -526,13 +525,7 @@ def select_checkpoints(
     subjects = _sample_subjects(data_dir, split, max_subjects, seed)
     events = read_events(data_dir, subject_ids=subjects)
     tokens = events.filter(pl.col("code") != BIRTH_CODE)
-    subject_order = np.sort(tokens["subject_id"].unique().to_numpy())
-    pair_counts = tokens.select("subject_id", "code").unique().group_by("subject_id").len().sort("subject_id")
-    pair_totals = np.zeros(len(subject_order))
-    pair_totals[np.searchsorted(subject_order, pair_counts["subject_id"].to_numpy())] = pair_counts[
-        "len"
-    ].to_numpy()
-    label_rows = label_events = label_order = None
+    label_rows = label_events = None
     label_column = "boolean_value"
     outcome: list[dict[str, Any]] = []
     outcome_info: dict[str, Any] = {}
@@ -541,28 +534,22 @@ def select_checkpoints(
         label_rows, label_column = _sample_labels(labels, all_subjects, max_labels, seed)
         if label_rows.height == 0:
             raise ValueError(f"{labels}: no label row belongs to a subject of split {split!r}")
-        label_order = np.sort(label_rows["subject_id"].unique().to_numpy())
-        label_events = read_events(data_dir, subject_ids=label_order.tolist())
+        label_events = read_events(data_dir, subject_ids=label_rows["subject_id"].unique().sort().to_list())
         outcome, outcome_info = find_outcome_codes(
             label_rows, label_events, regression=label_column == "float_value", seed=seed
         )
     regression = label_column == "float_value"
+    sample = _UserSample(events, label_rows, label_events, label_column, outcome)
+    pair_counts = tokens.select("subject_id", "code").unique().group_by("subject_id").len().sort("subject_id")
+    pair_totals = np.zeros(len(sample.subject_order))
+    pair_totals[np.searchsorted(sample.subject_order, pair_counts["subject_id"].to_numpy())] = pair_counts[
+        "len"
+    ].to_numpy()
     scores, parts = [], []
     for candidate in candidates:
         path = resolve_candidate(candidate)
         logger.info("scoring candidate %s", candidate)
-        score, part = _score_candidate(
-            path,
-            events,
-            label_rows,
-            label_events,
-            label_column,
-            batch_size,
-            str(candidate),
-            outcome,
-            subject_order,
-            label_order,
-        )
+        score, part = _score_candidate(path, sample, batch_size, str(candidate))
         scores.append(score)
         parts.append(part)
     order = [s.candidate for s in scores]
@@ -579,7 +566,7 @@ def select_checkpoints(
                 parts,
                 used,
                 pair_totals,
-                0 if label_order is None else len(label_order),
+                0 if sample.label_order is None else len(sample.label_order),
                 regression,
                 n_bootstrap,
                 seed,
