@@ -279,20 +279,17 @@ def user_cohort(user: User, work: Path) -> tuple[Path, Path, list[tuple[Path, st
 
 
 def labelled_share(labels: Path, data: Path, seed: int = 0):
-    """The label rows of the user's labelled training subjects: `LABEL_FRACTION` of them, drawn as the package's
-    `label_fraction` draws (`subsample_labels`: a seeded choice among the sorted training subjects)."""
-    import numpy as np
+    """The label rows of the user's labelled training subjects: `LABEL_FRACTION` of them, drawn by the package's
+    `draw_subjects`, as `finetune --label_fraction` draws them."""
     import polars as pl
 
+    from ehr_transformer.data.dataset import draw_subjects
     from ehr_transformer.data.labels import read_labels
     from ehr_transformer.data.splits import read_subject_splits
 
     train = read_subject_splits(data).filter(pl.col("split") == "train")["subject_id"]
     rows = read_labels(labels).filter(pl.col("subject_id").is_in(train.implode()))
-    subjects = np.unique(rows["subject_id"].to_numpy())
-    chosen = np.random.default_rng(seed).choice(
-        subjects, max(1, round(subjects.size * LABEL_FRACTION)), replace=False
-    )
+    chosen = draw_subjects(rows["subject_id"].to_numpy(), LABEL_FRACTION, seed)
     return rows.filter(pl.col("subject_id").is_in(pl.Series(chosen).implode()))
 
 

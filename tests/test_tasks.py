@@ -178,12 +178,15 @@ def test_rows_per_subject_are_drawn_afresh_each_epoch_and_capped():
 def test_label_fraction_draws_subjects_with_all_their_prediction_times():
     import datasets
 
-    from ehr_transformer.data.dataset import limit_labels_per_subject, subsample_labels
+    from ehr_transformer.data.dataset import draw_subjects, limit_labels_per_subject, subsample_labels
 
     dataset = datasets.Dataset.from_dict({"subject_id": np.repeat(np.arange(20), 5), "x": np.arange(100)})
     half = subsample_labels(dataset, 0.5, seed=0)
     counts = np.bincount(half["subject_id"])
     assert (counts[counts > 0] == 5).all() and (counts > 0).sum() == 10
+    # the same subjects from the label rows alone (in any order), as a benchmark or a user draws them
+    shuffled = np.random.default_rng(1).permutation(np.repeat(np.arange(20), 5))
+    assert sorted(draw_subjects(shuffled, 0.5, seed=0)) == np.flatnonzero(counts).tolist()
     capped = limit_labels_per_subject(dataset, 2, seed=0)
     assert np.bincount(capped["subject_id"]).tolist() == [2] * 20
     assert capped["x"] == sorted(capped["x"])  # the dataset's order is kept

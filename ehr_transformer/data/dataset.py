@@ -484,10 +484,15 @@ def subsample_labels(dataset: datasets.Dataset, fraction: float, seed: int) -> d
     if fraction >= 1.0:
         return dataset
     subject_ids = np.asarray(dataset["subject_id"])
-    subjects = np.unique(subject_ids)
+    return dataset.select(np.flatnonzero(np.isin(subject_ids, draw_subjects(subject_ids, fraction, seed))))
+
+
+def draw_subjects(subject_ids, fraction: float, seed: int) -> np.ndarray:
+    """The labelled subjects of a label share: a seeded choice of `fraction` (at least one) of the distinct
+    `subject_ids`, as `finetune --label_fraction` draws them."""
+    subjects = np.unique(np.asarray(subject_ids))
     n = max(1, round(subjects.size * fraction))
-    chosen = np.random.default_rng(seed).choice(subjects, n, replace=False)
-    return dataset.select(np.flatnonzero(np.isin(subject_ids, chosen)))
+    return np.random.default_rng(seed).choice(subjects, n, replace=False)
 
 
 def limit_labels_per_subject(dataset: datasets.Dataset, k: int, seed: int) -> datasets.Dataset:
@@ -536,6 +541,7 @@ __all__ = [
     "build_pretraining_dataset",
     "build_labeled_dataset",
     "build_stats",
+    "draw_subjects",
     "subsample_labels",
     "limit_labels_per_subject",
 ]
