@@ -157,28 +157,54 @@ def test_binary_loss_on_continuous_targets_is_refused(tmp_path, capsys):
     assert not (tmp_path / "m").exists()  # refused before any training
 
 
-def test_rows_per_subject_are_drawn_afresh_each_epoch_and_capped():
-    from ehr_transformer.training.trainer import RowsPerSubjectSampler
+def test_label_rows_of_an_epoch_are_bounded_drawn_afresh_and_weigh_every_row_alike():
+    from ehr_transformer.data.dataset import label_row_budget
+    from ehr_transformer.training.trainer import LabelRowSampler
 
     subject_ids = np.repeat([1, 2, 3], [10, 2, 6])  # per-hour labels: 10, 2 and 6 prediction times
-    sampler = RowsPerSubjectSampler(subject_ids, np.arange(18) % 5 + 1, k=4, batch_size=2, seed=0)
-    assert len(sampler) == 4 + 2 + 4
-    epochs = []
-    for epoch in range(3):
+    n = label_row_budget(subject_ids, 4)
+    assert n == 4 + 2 + 4 and label_row_budget(subject_ids, 0) == 18
+    sampler = LabelRowSampler(np.arange(18) % 5 + 1, n, batch_size=2, seed=0)
+    assert len(sampler) == n
+    epochs, drawn = [], np.zeros(18)
+    for epoch in range(400):
         sampler.epoch = epoch
         rows = list(sampler)
-        assert len(rows) == len(set(rows)) == len(sampler)
-        assert np.bincount(subject_ids[rows], minlength=4).tolist() == [0, 4, 2, 4]
+        assert len(rows) == len(set(rows)) == n
+        drawn[rows] += 1
         epochs.append(sorted(rows))
     assert epochs[0] != epochs[1]  # other prediction times in another epoch
     sampler.epoch = 1
     assert sorted(sampler) == epochs[1]  # a function of (seed, epoch): a resumed run draws the same rows
+    # every row as often as any other (10 of 18 rows an epoch): the long stay keeps 10/18 of the weight
+    assert np.abs(drawn / 400 - n / 18).max() < 0.1
+    assert drawn[subject_ids == 1].sum() / drawn.sum() == pytest.approx(10 / 18, abs=0.02)
+
+
+def test_sampled_label_rows_keep_the_targets_of_all_rows():
+    """Remaining length of stay, one label per hour: drawn k per stay, the short stays' small targets would
+    dominate; drawn uniformly, the mean target is that of all rows."""
+    import datasets
+
+    from ehr_transformer.data.dataset import sample_label_rows
+
+    hours = np.random.default_rng(0).integers(2, 80, size=300)  # stays of 2 to 79 hours
+    subject_ids = np.repeat(np.arange(300), hours)
+    remaining = np.concatenate([np.arange(h, 0, -1) for h in hours]).astype(float)
+    dataset = datasets.Dataset.from_dict({"subject_id": subject_ids, "labels": remaining})
+    sampled = sample_label_rows(dataset, 4, seed=0)
+    assert len(sampled) == sum(min(h, 4) for h in hours)
+    assert np.mean(sampled["labels"]) == pytest.approx(remaining.mean(), rel=0.05)
+    per_stay = [np.random.default_rng(1).choice(np.arange(h, 0, -1), min(h, 4), replace=False) for h in hours]
+    assert np.concatenate(per_stay).mean() < 0.75 * remaining.mean()  # what drawing k per stay gave
+    assert sampled["subject_id"] == sorted(sampled["subject_id"])  # the dataset's order is kept
+    assert sample_label_rows(dataset, 0, seed=0) is dataset
 
 
 def test_label_fraction_draws_subjects_with_all_their_prediction_times():
     import datasets
 
-    from ehr_transformer.data.dataset import draw_subjects, limit_labels_per_subject, subsample_labels
+    from ehr_transformer.data.dataset import draw_subjects, subsample_labels
 
     dataset = datasets.Dataset.from_dict({"subject_id": np.repeat(np.arange(20), 5), "x": np.arange(100)})
     half = subsample_labels(dataset, 0.5, seed=0)
@@ -187,6 +213,3 @@ def test_label_fraction_draws_subjects_with_all_their_prediction_times():
     # the same subjects from the label rows alone (in any order), as a benchmark or a user draws them
     shuffled = np.random.default_rng(1).permutation(np.repeat(np.arange(20), 5))
     assert sorted(draw_subjects(shuffled, 0.5, seed=0)) == np.flatnonzero(counts).tolist()
-    capped = limit_labels_per_subject(dataset, 2, seed=0)
-    assert np.bincount(capped["subject_id"]).tolist() == [2] * 20
-    assert capped["x"] == sorted(capped["x"])  # the dataset's order is kept

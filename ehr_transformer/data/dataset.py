@@ -495,19 +495,25 @@ def draw_subjects(subject_ids, fraction: float, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).choice(subjects, n, replace=False)
 
 
-def limit_labels_per_subject(dataset: datasets.Dataset, k: int, seed: int) -> datasets.Dataset:
-    """At most `k` label rows per subject, drawn at random (seeded), in the dataset's order; `k` 0 keeps all."""
-    subject_ids = np.asarray(dataset["subject_id"])
-    if not k or subject_ids.size == 0 or np.unique(subject_ids).size * k >= subject_ids.size:
+def label_row_budget(subject_ids, k: int) -> int:
+    """How many label rows an epoch trains on with `k` labels per subject: every row of a subject with at most `k`,
+    `k` of each longer one's (`k` 0: every row). Bounds the cost of per-hour labels, dozens of near-identical
+    rows per stay."""
+    ids = np.asarray(subject_ids)
+    if not k:
+        return int(ids.size)
+    return int(np.minimum(np.unique(ids, return_counts=True)[1], k).sum()) if ids.size else 0
+
+
+def sample_label_rows(dataset: datasets.Dataset, k: int, seed: int) -> datasets.Dataset:
+    """`label_row_budget(k)` label rows drawn uniformly at random among all rows (seeded), in the dataset's order;
+    `k` 0 keeps all. Uniform over rows, not over subjects: a long stay keeps its share of the rows, so the targets
+    keep the distribution that evaluation scores (remaining length of stay drawn k per stay would be shorter on
+    average than over all hours)."""
+    n = label_row_budget(dataset["subject_id"], k)
+    if n >= len(dataset):
         return dataset
-    order = np.random.default_rng(seed).permutation(subject_ids.size)
-    shuffled = subject_ids[order]
-    by_subject = np.argsort(shuffled, kind="stable")  # rows of one subject together, in random order
-    sorted_ids = shuffled[by_subject]
-    starts = np.r_[0, np.flatnonzero(sorted_ids[1:] != sorted_ids[:-1]) + 1]
-    rank = np.arange(sorted_ids.size) - np.repeat(starts, np.diff(np.r_[starts, sorted_ids.size]))
-    keep = np.sort(order[by_subject[rank < k]])
-    return dataset.select(keep)
+    return dataset.select(np.sort(np.random.default_rng(seed).choice(len(dataset), n, replace=False)))
 
 
 def ensemble_parts(dataset: datasets.Dataset, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -543,5 +549,6 @@ __all__ = [
     "build_stats",
     "draw_subjects",
     "subsample_labels",
-    "limit_labels_per_subject",
+    "label_row_budget",
+    "sample_label_rows",
 ]

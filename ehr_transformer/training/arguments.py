@@ -139,12 +139,13 @@ class FinetuningArguments:
             "few-label setting."
         },
     )
-    max_labels_per_subject: int = field(
+    labels_per_subject: int = field(
         default=4,
         metadata={
-            "help": "At most this many prediction times per subject in each training epoch (drawn afresh every "
-            "epoch) and in the tuning data (drawn once): per-hour labels of one stay are alike, and 40 of them "
-            "would cost 40 sequences an epoch. 0 = all."
+            "help": "Bounds the label rows of a training epoch (drawn afresh every epoch) and of the tuning data "
+            "(drawn once) to what this many prediction times per subject would give, drawn uniformly among all "
+            "rows so that every prediction time weighs the same, as in evaluation: per-hour labels of one stay "
+            "are alike, and 40 of them would cost 40 sequences an epoch. 0 = every row."
         },
     )
     early_stopping_patience: int = field(

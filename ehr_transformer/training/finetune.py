@@ -24,7 +24,7 @@ from ..data.dataset import (
     NoUsableRowsError,
     build_labeled_dataset,
     ensemble_parts,
-    limit_labels_per_subject,
+    sample_label_rows,
     subsample_labels,
 )
 from ..data.labels import (
@@ -206,8 +206,8 @@ def finetune(
     eval_dataset = None  # an ensemble stops each network on a part of the training subjects instead
     if k == 1:
         try:
-            eval_dataset = limit_labels_per_subject(
-                build(data_args.eval_split), finetuning_args.max_labels_per_subject, training_args.seed
+            eval_dataset = sample_label_rows(
+                build(data_args.eval_split), finetuning_args.labels_per_subject, training_args.seed
             )
         except NoUsableRowsError:
             if training_args.eval_strategy != "no":
@@ -276,7 +276,7 @@ def finetune(
             data_collator=DataCollatorForEventClassification(tokenizer),
             compute_metrics=compute_metrics,
             callbacks=early_stopping(args, finetuning_args.early_stopping_patience),
-            rows_per_subject=finetuning_args.max_labels_per_subject,
+            labels_per_subject=finetuning_args.labels_per_subject,
         )
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
         return trainer
@@ -285,7 +285,7 @@ def finetune(
         trainer = train(train_dataset, eval_dataset, training_args)
         model = trainer.model
     else:
-        model = train_ensemble(train_dataset, k, training_args, finetuning_args.max_labels_per_subject, train)
+        model = train_ensemble(train_dataset, k, training_args, finetuning_args.labels_per_subject, train)
         objective += (
             f"; an ensemble of {k} networks cross-fitted on the training subjects, probabilities averaged"
         )
@@ -332,7 +332,7 @@ ENSEMBLE_MEMBERS = "ensemble_members"
 ENSEMBLE_STATE_FILE = "ensemble_state.json"
 
 
-def train_ensemble(train_dataset, k: int, training_args: TrainingArguments, rows_per_subject: int, train):
+def train_ensemble(train_dataset, k: int, training_args: TrainingArguments, labels_per_subject: int, train):
     """Train `k` networks cross-fitted (`ensemble_parts`): network j on every part of the training subjects but j,
     stopped early on part j, with seed `seed + j`, in `output_dir/ensemble_members/member_j`; `train(rows,
     tuning_rows, args)` trains one. A network already finished there (a killed run started again) is loaded, not
@@ -352,7 +352,7 @@ def train_ensemble(train_dataset, k: int, training_args: TrainingArguments, rows
                 seed=training_args.seed + j,
                 resume_from_checkpoint=get_last_checkpoint(folder) if resuming else None,
             )
-            stopping = limit_labels_per_subject(train_dataset.select(stop), rows_per_subject, args.seed)
+            stopping = sample_label_rows(train_dataset.select(stop), labels_per_subject, args.seed)
             logger.info(
                 "ensemble network %d of %d: %d rows, stopping on %d", j + 1, k, len(fit), len(stopping)
             )

@@ -23,6 +23,8 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, Traini
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
+from ..data.dataset import label_row_budget
+
 
 # ----------------------------------------------------------------------------------------- crash-safe training
 @dataclass
@@ -60,27 +62,21 @@ class _EpochCallback(TrainerCallback):
         self.trainer.set_epoch(epoch)
 
 
-class RowsPerSubjectSampler(torch.utils.data.Sampler):
-    """Each epoch, at most `k` rows of every subject, drawn afresh at random, in length-grouped batches; seeded
-    by (seed, epoch). Per-hour labels give one subject dozens of near-identical rows: drawing a few per epoch
-    keeps an epoch's cost and weight per subject bounded while every row is seen over the epochs."""
+class LabelRowSampler(torch.utils.data.Sampler):
+    """Each epoch, `n` of the rows drawn afresh uniformly at random, in length-grouped batches; seeded by (seed,
+    epoch). With per-hour labels, `n = label_row_budget(k)` bounds an epoch's cost while every row keeps the same
+    weight (as in evaluation) and every row is seen over the epochs."""
 
-    def __init__(self, subject_ids, lengths, k: int, batch_size: int, seed: int) -> None:
-        ids = np.asarray(subject_ids)
-        order = np.argsort(ids, kind="stable")
-        self.groups = np.split(order, np.flatnonzero(np.diff(ids[order])) + 1) if ids.size else []
+    def __init__(self, lengths, n: int, batch_size: int, seed: int) -> None:
         self.lengths = np.asarray(lengths)
-        self.k, self.batch_size, self.seed, self.epoch = k, batch_size, seed, 0
-        self.n = int(sum(min(k, g.size) for g in self.groups))
+        self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, 0
 
     def __len__(self) -> int:
         return self.n
 
     def __iter__(self):
         rng = np.random.default_rng([self.seed, self.epoch])
-        chosen = np.concatenate(
-            [g if g.size <= self.k else rng.choice(g, self.k, replace=False) for g in self.groups]
-        )
+        chosen = rng.choice(self.lengths.size, self.n, replace=False)
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
         grouped = get_length_grouped_indices(
             self.lengths[chosen].tolist(), self.batch_size, generator=generator
@@ -93,32 +89,32 @@ class ResumableTrainer(Trainer):
     seeded by (seed, epoch) rather than drawn from the global RNG, and a :class:`ReproducibleMasking` collator is
     told the epoch. Everything else (checkpoints, RNG state, optimizer and scheduler) is the Trainer's own.
 
-    `rows_per_subject` k > 0: each epoch trains on at most k rows per subject (`RowsPerSubjectSampler`; the
-    training dataset needs `subject_id` and `length` columns)."""
+    `labels_per_subject` k > 0: each epoch trains on `label_row_budget(k)` rows drawn uniformly
+    (`LabelRowSampler`; the training dataset needs `subject_id` and `length` columns)."""
 
-    def __init__(self, *args, rows_per_subject: int = 0, **kwargs) -> None:
+    def __init__(self, *args, labels_per_subject: int = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._samplers: list = []
         self.add_callback(_EpochCallback(self))
-        self._rows_per_subject = None
-        if rows_per_subject and self.train_dataset is not None:
-            ids, lengths = self.train_dataset["subject_id"], self.train_dataset["length"]
-            if len(ids) > np.unique(ids).size * rows_per_subject:  # some subject has more rows than k
-                self._rows_per_subject = (ids, lengths, rows_per_subject)
+        self._row_budget = None
+        if labels_per_subject and self.train_dataset is not None:
+            n = label_row_budget(self.train_dataset["subject_id"], labels_per_subject)
+            if n < len(self.train_dataset):  # some subject has more rows than k
+                self._row_budget = n
 
     def set_epoch(self, epoch: int) -> None:
         if isinstance(self.data_collator, ReproducibleMasking):
             self.data_collator.epoch = epoch
         for sampler in self._samplers:
-            if isinstance(sampler, RowsPerSubjectSampler):
+            if isinstance(sampler, LabelRowSampler):
                 sampler.epoch = epoch
             else:
                 sampler.generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + epoch)
 
     def _get_train_sampler(self, train_dataset=None):
-        if self._rows_per_subject is not None:
-            ids, lengths, k = self._rows_per_subject
-            sampler = RowsPerSubjectSampler(ids, lengths, k, self.args.train_batch_size, self.args.seed)
+        if self._row_budget is not None:
+            lengths = self.train_dataset["length"]
+            sampler = LabelRowSampler(lengths, self._row_budget, self.args.train_batch_size, self.args.seed)
             self._samplers.append(sampler)
             return sampler
         sampler = super()._get_train_sampler(train_dataset)
