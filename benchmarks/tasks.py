@@ -138,7 +138,7 @@ def _write_part(part: str, seeds: list[int], runs: list[dict], started: float, c
     PARTS.mkdir(parents=True, exist_ok=True)
     path = PARTS / f"{part}.json"
     result = {
-        **metadata(command_line("tasks"), started),
+        **metadata(command_line("tasks"), started, threads=_threads()),
         "part": part,
         "seeds": seeds,
         "complete": complete,
@@ -212,7 +212,7 @@ def run_recipe_check(data_root: Path, keep: Path | None, n_folds: int = 4) -> Pa
             shutil.rmtree(work, ignore_errors=True)
     summary = {name: _mean_sd([run[name] for run in runs]) for name in (*RECIPE_CANDIDATES, "gbm_default")}
     result = {
-        **metadata(command_line("tasks"), started),
+        **metadata(command_line("tasks"), started, threads=_threads()),
         "part": "recipe",
         "protocol": __doc__.split("Part `recipe`")[1].strip(),
         "candidates": RECIPE_CANDIDATES,
@@ -223,6 +223,12 @@ def run_recipe_check(data_root: Path, keep: Path | None, n_folds: int = 4) -> Pa
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(summary), f"\nwrote {path}", sep="")
     return path
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _epochs(folder: Path) -> float | None:
