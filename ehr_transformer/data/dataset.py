@@ -502,7 +502,7 @@ def label_row_budget(subject_ids, k: int) -> int:
     ids = np.asarray(subject_ids)
     if not k:
         return int(ids.size)
-    return int(np.minimum(np.unique(ids, return_counts=True)[1], k).sum()) if ids.size else 0
+    return int(np.minimum(np.unique(ids, return_counts=True)[1], k).sum())
 
 
 def sample_label_rows(dataset: datasets.Dataset, k: int, seed: int) -> datasets.Dataset:

@@ -154,12 +154,15 @@ class _UserSample:
     label_events: pl.DataFrame | None = None
     label_column: str = "boolean_value"
     outcome: list[dict[str, Any]] | None = None
+    tokens: pl.DataFrame = field(init=False)  # the events a candidate reads: all but MEDS_BIRTH
+    pairs: pl.DataFrame = field(init=False)  # distinct (subject_id, code) of the tokens
     subject_order: np.ndarray = field(init=False)  # (S,) subjects with an event besides MEDS_BIRTH, sorted
     label_order: np.ndarray | None = field(init=False)  # (R_s,) subjects of the label rows, sorted
 
     def __post_init__(self) -> None:
-        tokens = self.events.filter(pl.col("code") != BIRTH_CODE)
-        self.subject_order = np.sort(tokens["subject_id"].unique().to_numpy())
+        self.tokens = self.events.filter(pl.col("code") != BIRTH_CODE)
+        self.pairs = self.tokens.select("subject_id", "code").unique()
+        self.subject_order = np.sort(self.tokens["subject_id"].unique().to_numpy())
         rows = self.label_rows
         self.label_order = None if rows is None else np.sort(rows["subject_id"].unique().to_numpy())
 
@@ -213,12 +216,10 @@ def _score_candidate(
         model = load_pretrained(AutoModel, path, expected_unexpected=ANY_HEAD, use_safetensors=True).eval()
     finally:
         hf_logging.set_verbosity(verbosity)
-    events, subject_order = sample.events, sample.subject_order
-    tokens = events.filter(pl.col("code") != BIRTH_CODE)
+    events, tokens, pairs, subject_order = sample.events, sample.tokens, sample.pairs, sample.subject_order
     if tokens.height == 0:
         raise ValueError("the user's sample holds no event besides MEDS_BIRTH; nothing to score")
     vocabulary = pl.Series(list(tokenizer.vocab), dtype=pl.String).implode()
-    pairs = tokens.select("subject_id", "code").unique()
     score = CandidateScore(
         candidate=name or str(path),
         coverage=float(tokens["code"].is_in(vocabulary).mean()),
@@ -524,7 +525,6 @@ def select_checkpoints(
         raise ValueError("no candidate checkpoint given")
     subjects = _sample_subjects(data_dir, split, max_subjects, seed)
     events = read_events(data_dir, subject_ids=subjects)
-    tokens = events.filter(pl.col("code") != BIRTH_CODE)
     label_rows = label_events = None
     label_column = "boolean_value"
     outcome: list[dict[str, Any]] = []
@@ -540,7 +540,7 @@ def select_checkpoints(
         )
     regression = label_column == "float_value"
     sample = _UserSample(events, label_rows, label_events, label_column, outcome)
-    pair_counts = tokens.select("subject_id", "code").unique().group_by("subject_id").len().sort("subject_id")
+    pair_counts = sample.pairs.group_by("subject_id").len().sort("subject_id")
     pair_totals = np.zeros(len(sample.subject_order))
     pair_totals[np.searchsorted(sample.subject_order, pair_counts["subject_id"].to_numpy())] = pair_counts[
         "len"
@@ -579,7 +579,7 @@ def select_checkpoints(
         "data": str(data_dir),
         "split": split or "all",
         "subjects_sampled": len(subjects),
-        "events_scored": int(tokens.height),
+        "events_scored": int(sample.tokens.height),
         "label_rows": 0 if label_rows is None else label_rows.height,
         "label_column": label_column if labels is not None else None,
         "seed": seed,
