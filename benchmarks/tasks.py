@@ -20,7 +20,8 @@ Protocol (fixed before the first run, 2026-12-07):
   gradient boosting `evaluate` fits on the same training rows and scores on the same held-out rows.
 - Seeds 0, 1, 2 (the training seed; the split stays fixed). Metric: held-out AUROC (binary) or R² (regression),
   mean and standard deviation over the seeds; the GBM's figure is the mean of its (seed-independent) fits.
-- Parts run in separate processes and write `benchmarks/results/tasks/<part>.json`; `--merge` joins them into
+- Parts run in separate processes and write `benchmarks/results/tasks/<part>_seed<seeds>.json` (so that seeds
+  run at different times add up); `--merge` joins them into
   `benchmarks/results/tasks.json`: {"tasks": {NAME: {"type", "metric", "transformer", "pretrained", "gbm",
   "runs": [...]}}}. A part may run fewer seeds (`--seeds`); the JSON says how many each figure has.
 
@@ -136,7 +137,7 @@ def run_part(part: str, seeds: list[int], data_root: Path, keep: Path | None) ->
 def _write_part(part: str, seeds: list[int], runs: list[dict], started: float, complete: bool) -> Path:
     """The part's JSON, rewritten after every finished task so that a stopped part keeps what it measured."""
     PARTS.mkdir(parents=True, exist_ok=True)
-    path = PARTS / f"{part}.json"
+    path = PARTS / f"{part}_seed{'_'.join(map(str, seeds))}.json"
     result = {
         **metadata(command_line("tasks"), started, threads=_threads()),
         "part": part,
@@ -271,6 +272,11 @@ def merge() -> Path:
         )
         for run in part["runs"]:
             tasks.setdefault(run["task"], {"type": run["type"], "metric": METRIC[run["type"]], "runs": []})
+            if any(seen["seed"] == run["seed"] for seen in tasks[run["task"]]["runs"]):
+                raise SystemExit(
+                    f"--merge: {path} measures {run['task']} at seed {run['seed']} again; "
+                    "remove the part file that should not count"
+                )
             tasks[run["task"]]["runs"].append(run)
     for entry in tasks.values():
         for model in ("transformer", "pretrained", "gbm"):

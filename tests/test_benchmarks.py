@@ -291,7 +291,9 @@ def test_selection_benchmark_part_scores_a_user_against_its_zoo(tmp_path, monkey
 
 
 # ------------------------------------------------------------------------------------------------ tasks
-def test_tasks_merge_averages_seeds_judges_the_goal_and_keeps_a_stopped_part(tmp_path, monkeypatch):
+def test_tasks_merge_adds_up_seeds_judges_the_goal_keeps_a_stopped_part_and_refuses_a_repeat(
+    tmp_path, monkeypatch
+):
     import benchmarks.tasks as tasks_benchmark
 
     monkeypatch.setattr(tasks_benchmark, "RESULTS", tmp_path)
@@ -310,7 +312,9 @@ def test_tasks_merge_averages_seeds_judges_the_goal_and_keeps_a_stopped_part(tmp
         "gbm": 0.34,
     }
     started = time.perf_counter()
-    tasks_benchmark._write_part("yaib_mortality24", [0, 1], mortality, started, complete=True)
+    # seeds run at different times land in different files and add up
+    tasks_benchmark._write_part("yaib_mortality24", [0], mortality[:1], started, complete=True)
+    tasks_benchmark._write_part("yaib_mortality24", [1], mortality[1:], started, complete=True)
     tasks_benchmark._write_part("yaib_los", [0], [los], started, complete=False)
 
     merged = json.loads(tasks_benchmark.merge().read_text())
@@ -321,7 +325,12 @@ def test_tasks_merge_averages_seeds_judges_the_goal_and_keeps_a_stopped_part(tmp
     assert (
         b["metric"] == "r2" and b["best_transformer_minus_gbm"] == -0.04 and b["within_goal"]
     )  # 0.05 for R²
-    assert {p["part"]: p["complete"] for p in merged["parts"]} == {
-        "yaib_los": False,
-        "yaib_mortality24": True,
-    }
+    assert sorted((p["part"], p["seeds"], p["complete"]) for p in merged["parts"]) == [
+        ("yaib_los", [0], False),
+        ("yaib_mortality24", [0], True),
+        ("yaib_mortality24", [1], True),
+    ]
+    # a task measured twice at one seed is refused, never averaged in twice
+    tasks_benchmark._write_part("yaib_mortality24", [0, 1], mortality, started, complete=True)
+    with pytest.raises(SystemExit, match="a_mortality24 at seed 0 again"):
+        tasks_benchmark.merge()
