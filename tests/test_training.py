@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import polars as pl
@@ -140,19 +141,23 @@ def test_finetune_from_pretrained_evaluate_and_predict(pretrained, synthetic_med
 
 def test_finetune_from_scratch_with_label_fraction(synthetic_meds, tmp_path):
     labels = synthetic_meds / "labels" / "in_hospital_mortality.parquet"
-    model = finetune(
-        DataArguments(
-            data_dir=str(synthetic_meds),
-            labels=str(labels),
-            cache_dir=str(tmp_path),
-            max_length=64,
-            min_code_count=3,
-        ),
-        ModelArguments(**TINY),
-        FinetuningArguments(label_fraction=0.25),
-        training_args(tmp_path / "scratch", max_steps=2),
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = finetune(
+            DataArguments(
+                data_dir=str(synthetic_meds),
+                labels=str(labels),
+                cache_dir=str(tmp_path),
+                max_length=64,
+                min_code_count=3,
+            ),
+            ModelArguments(**TINY),
+            FinetuningArguments(label_fraction=0.25),
+            training_args(tmp_path / "scratch", max_steps=2, use_cpu=False),  # as the command line runs
+        )
     assert torch.isfinite(next(model.parameters())).all()
+    if not torch.accelerator.is_available():  # a CPU user's log is free of torch's pinned-memory warning
+        assert not [w for w in caught if "pin_memory" in str(w.message)]
 
 
 def test_finetune_without_labels_says_what_is_missing(synthetic_meds, tmp_path):

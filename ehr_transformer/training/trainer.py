@@ -94,6 +94,9 @@ class ResumableTrainer(Trainer):
 
     def __init__(self, *args, labels_per_subject: int = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if not torch.accelerator.is_available():
+            # pinned memory only speeds copies to an accelerator; without one torch warns at every data loader
+            self.args.dataloader_pin_memory = False
         self._samplers: list = []
         self.add_callback(_EpochCallback(self))
         self._row_budget = None
