@@ -1,9 +1,8 @@
 """PhysioNet/CinC Challenge 2012 set A: in-hospital mortality from the first 48 hours, five-fold cross-validation.
 
     python -m benchmarks.physionet2012 --part select    # objective combination, chosen on fold 0's tuning split
-    python -m benchmarks.physionet2012 --part fold0     # fold 0: every label share (the learning curve)
-    python -m benchmarks.physionet2012 --part folds12   # folds 1 and 2 at 100% of the labels
-    python -m benchmarks.physionet2012 --part folds34   # folds 3 and 4 at 100% of the labels
+    python -m benchmarks.physionet2012 --part fold0     # fold 0 at 100% of the labels (fold1 ... fold4 likewise)
+    python -m benchmarks.physionet2012 --part curve     # fold 0 at 50%, 25%, 10% and 5% (the learning curve)
     python -m benchmarks.physionet2012 --merge          # physionet2012.json (summary) + the learning-curve plot
 
 Each part writes `benchmarks/results/physionet2012_<part>.json`; `--merge` joins the parts found there into
@@ -25,30 +24,33 @@ Protocol (fixed before any run; every step is a public function of the package):
   3. `pretrained`: `pretrain` on the training subjects' events (the train split; the tuning split evaluates),
      then `finetune` from it;
   4. `probe`: `finetune --linear_probe` on the frozen pretrained backbone.
-  Training uses the package's recipes unchanged (`recipe_training_arguments(stage=...)`: pretraining 4 epochs;
-  fine-tuning a 20-epoch budget with early stopping on the tuning loss), so the figures are what a user gets
-  from the commands. One pretraining per fold and seed, reused by every label share of that fold.
+  Training uses the package's defaults unchanged (`recipe_training_arguments(stage=...)` and the argument
+  classes' defaults, both recorded in the protocol: pretraining 4 epochs; fine-tuning the cross-fitted ensemble
+  of 5 networks, each early-stopped on its own stopping part), so the figures are what a user gets from the
+  commands; `--merge` refuses parts run under different recipes. One pretraining per fold and seed, reused by
+  every label share of that part.
 - objectives: the `select` part pretrains fold 0 (seed 0) once per candidate (`CANDIDATES`: the default
   code + value, + time, + time + feature: every objective the package offers) and scores each by the linear
   probe's AUROC on fold 0's *tuning* split at 100% and 10% of the labels (mean of the two). The probe, not a
   fine-tune, scores them because it costs a minute where a fine-tune costs about twenty. The winner is used by
   every fold. Held-out rows are never looked at for the choice; fold 0's tuning stays are held out in folds
   1-4, which this choice may flatter a little (fold 0's figures are free of it).
-- label shares: 100% on all five folds; 5%, 10%, 25% and 50% on fold 0 (the learning curve). Seed 0 only:
-  several seeds per fold do not fit the budget with the early-stopped fine-tuning recipe (`--seeds` adds them).
+- label shares: 100% on all five folds; 5%, 10%, 25% and 50% on fold 0 (the learning curve, part `curve`, which
+  pretrains fold 0 again with the same seed). Seed 0 only: several seeds per fold do not fit the budget with
+  the five-network fine-tuning default (`--seeds` adds them).
 - metrics on the held-out fold: AUROC and AUPRC with bootstrap 95% intervals (`task_report`,
   1,000 resamples), Brier, ECE; paired bootstrap differences (`paired_bootstrap_difference`) pretrained -
   scratch, pretrained - gbm, probe - gbm, scratch - gbm, pretrained - probe.
 - throughput and memory: real (non-padding, capped at `max_length`) events per second of training for each
   pretraining and fine-tune (from `trainer_state.json`'s `train_runtime`) and the process's peak resident memory.
 
-Budget, from a timing run on 2026-12-07 on the 2-core development machine while two other engineers' jobs ran
-(load average 4.7): pretraining 1.9 s per step of 32 stays (80 steps = one epoch of the 2,560 training stays,
-about 2.5 min; 11 min per pretraining with its population summary), fine-tuning 1.5 s per step (about 2.2 min
-per epoch with the tuning evaluation). Assuming the early-stopped fine-tune runs 8 epochs at 100% of the labels
-(18 min) and up to its 20-epoch budget at small shares: `select` about 50 min, `fold0` about 2 h 5 min,
-`folds12` and `folds34` about 1 h 45 min each: about 6.5 h in all at that speed, less on an idle machine. Each
-part's JSON records its wall time and the epochs each fine-tune ran, to re-plan from.
+Budget with the five-network fine-tuning default, from the tasks benchmark's PhysioNet 2012 part (2026-12-07,
+one thread beside another one-thread job, 2,800 training stays): pretraining about 2.5 min, a fine-tune 35-39 min
+(15 epochs per network on average). A fold at 100% of the labels (pretraining, scratch, pretrained, probe) is
+therefore about 80 min on one thread; `curve` (50% to 5%) about 1.5 h; the seven parts about 8.5 h of one
+thread, 4.3 h of the 2 cores with two parts side by side. The earlier recipe's run (one network, 2026-12-07) is
+kept in `benchmarks/results/physionet2012_earlier_recipe/`. Each part records its wall time and the epochs each
+fine-tune ran, to re-plan from.
 
 Smoke runs (`--max_stays 200 --max_steps 3`, or a synthetic table in the tests) exercise the same code with
 tiny training; their JSON says so (`protocol.smoke`), and `--merge` refuses to mix them with real runs.
@@ -98,9 +100,8 @@ class Part:
 
 PARTS = {
     "select": Part(folds=(0,), shares=SELECTION_SHARES, select=True),
-    "fold0": Part(folds=(0,), shares=SHARES),
-    "folds12": Part(folds=(1, 2)),
-    "folds34": Part(folds=(3, 4)),
+    **{f"fold{k}": Part(folds=(k,)) for k in range(N_FOLDS)},
+    "curve": Part(folds=(0,), shares=tuple(s for s in SHARES if s < 1.0)),
 }
 
 
@@ -358,6 +359,10 @@ def _chosen_objectives(args) -> str:
 
 def protocol(args) -> dict:
     """What every part of one benchmark shares; `--merge` refuses parts whose protocols differ."""
+    from dataclasses import asdict
+
+    from ehr_transformer.training.arguments import FinetuningArguments, PretrainingArguments, command_defaults
+
     return {
         "n_folds": N_FOLDS,
         "fold_seed": FOLD_SEED,
@@ -365,6 +370,10 @@ def protocol(args) -> dict:
         "model": "ModelArguments() defaults",
         "training": "recipe_training_arguments(stage=...) unchanged"
         + ("" if args.max_steps is None else f", max_steps={args.max_steps}"),
+        "recipes": {
+            "pretrain": {**command_defaults("pretrain"), **asdict(PretrainingArguments())},
+            "finetune": {**command_defaults("finetune"), **asdict(FinetuningArguments())},
+        },
         "n_bootstrap": args.n_bootstrap,
         "max_stays": args.max_stays,
         "smoke": args.max_steps is not None or args.max_stays is not None,
@@ -527,12 +536,16 @@ def merge(args) -> Path:
     """Join the part JSONs of `args.output_dir` into physionet2012.json with the summary, goals and plot."""
     started = time.perf_counter()
     directory = Path(args.output_dir)
-    paths = [directory / f"{NAME}_{p}.json" for p in PARTS if (directory / f"{NAME}_{p}.json").is_file()]
+    paths = sorted(directory.glob(f"{NAME}_*.json"))
     if not any(p.stem != f"{NAME}_select" for p in paths):
         raise SystemExit(f"{NAME} --merge: no part results in {directory}")
     parts = [json.loads(p.read_text()) for p in paths]
-    if any(p["protocol"] != parts[0]["protocol"] for p in parts):
-        raise SystemExit(f"{NAME} --merge: the protocols of {[str(p) for p in paths]} differ (a smoke run?)")
+    for path, part in zip(paths, parts, strict=True):
+        if part["protocol"] != parts[0]["protocol"]:
+            raise SystemExit(
+                f"{NAME} --merge: {path} was run under another protocol than {paths[0]} (a smoke run, or an "
+                "earlier recipe?); move the part that should not count out of the folder"
+            )
     runs = [r for p in parts for r in p.get("runs", [])]
     objectives = {p["objectives"] for p in parts if "objectives" in p}
     if len(objectives) > 1:

@@ -1,6 +1,7 @@
 """benchmarks.physionet2012 end to end on a tiny synthetic table in the PhysioNet 2012 layout: the objective
 selection, one fold with two label shares, the merge into the summary the issue asks for, and the plot."""
 
+import argparse
 import json
 
 import numpy as np
@@ -95,19 +96,16 @@ def test_benchmark_parts_and_merge(tmp_path, torch_threads):
     assert (results / "physionet2012_learning_curve.png").stat().st_size > 0
 
 
-def test_missing_data_and_mixed_protocols_are_refused(tmp_path):
+def test_missing_data_and_parts_of_another_recipe_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="set-a.parquet not found"):
         physionet2012.main(["--part", "fold0", "--data_dir", str(tmp_path), "--objectives", "code"])
     results = tmp_path / "results"
     results.mkdir()
-    for part, smoke in (("fold0", True), ("folds12", False)):
-        record = {
-            "protocol": {"smoke": smoke},
-            "runs": [],
-            "wall_s": 1.0,
-            "date": "2026-12-07",
-            "machine": "x",
-        }
+    current = physionet2012.protocol(argparse.Namespace(max_steps=None, n_bootstrap=1000, max_stays=None))
+    earlier = json.loads(json.dumps(current))
+    earlier["recipes"]["finetune"]["ensemble"] = 1  # a part run before the five-network default
+    for part, protocol in (("fold0", current), ("fold1", earlier)):
+        record = {"protocol": protocol, "runs": [], "wall_s": 1.0, "date": "2026-12-07", "machine": "x"}
         (results / f"physionet2012_{part}.json").write_text(json.dumps(record))
-    with pytest.raises(SystemExit, match="protocols"):
+    with pytest.raises(SystemExit, match="physionet2012_fold1.json was run under another protocol"):
         physionet2012.main(["--merge", "--output_dir", str(results)])
