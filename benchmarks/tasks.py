@@ -1,7 +1,7 @@
 """Every development task, the bare-default command line against the package's gradient boosting.
 
-    python -m benchmarks.tasks --part yaib_mortality24     # ~35 min a seed on 2 cores (2026-12-07, shared)
-    python -m benchmarks.tasks --part yaib_los             # ~1 h 45 min a seed on 1 thread
+    python -m benchmarks.tasks --part yaib_mortality24     # ~11 min a seed on 1 thread (2026-12-07)
+    python -m benchmarks.tasks --part yaib_los             # ~1 h 30 min a seed on 1 thread
     python -m benchmarks.tasks --part physionet2012        # ~2 h 30 min a seed on 1 thread
     python -m benchmarks.tasks --merge                     # -> benchmarks/results/tasks.json
     python -m benchmarks.tasks --part recipe               # ~20 min: the fine-tuning recipe's development check
