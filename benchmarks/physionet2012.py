@@ -5,8 +5,10 @@
     python -m benchmarks.physionet2012 --part curve     # fold 0 at 50%, 25%, 10% and 5% (the learning curve)
     python -m benchmarks.physionet2012 --merge          # physionet2012.json (summary) + the learning-curve plot
 
-Each part writes `benchmarks/results/physionet2012_<part>.json`; `--merge` joins the parts found there into
-`benchmarks/results/physionet2012.json` and `physionet2012_learning_curve.png`. The data is read from
+Each part writes `benchmarks/results/physionet2012_<part>.json`; a part run with `--folds`, `--seeds` or
+`--shares` other than its own adds them to the name (`physionet2012_curve_share0.5_0.25.json`), so pieces run in
+different sessions add up. `--merge` joins the parts found there into `benchmarks/results/physionet2012.json` and
+`physionet2012_learning_curve.png`, refusing a fold, seed and share measured twice. The data is read from
 `../shared/data/physionet2012` (`--data_dir`; never committed): 4,000 ICU stays, 554 in-hospital deaths.
 
 Protocol (fixed before any run; every step is a public function of the package):
@@ -426,11 +428,28 @@ def run_part(args) -> Path:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
     result.update(common.metadata(common.command_line(NAME), started, args.threads))
-    out = Path(args.output_dir) / f"{NAME}_{args.part}.json"
+    out = Path(args.output_dir) / f"{part_name(args.part, folds, seeds, shares)}.json"
     from ehr_transformer.utils import write_json
 
     write_json(out, result)
     return out
+
+
+def part_name(part: str, folds, seeds, shares) -> str:
+    """The part file's stem: `physionet2012_<part>`, plus what was overridden (`_seed1_2`, `_share0.5_0.25`), so
+    that pieces of one part run in different sessions add up instead of overwriting each other."""
+    name = f"{NAME}_{part}"
+    default = PARTS[part]
+    if default.select:  # one decision, read back by the other parts under this name
+        return name
+    for label, given, usual in (
+        ("fold", folds, default.folds),
+        ("seed", seeds, default.seeds),
+        ("share", shares, default.shares),
+    ):
+        if tuple(given) != tuple(usual):
+            name += f"_{label}" + "_".join(f"{v:g}" for v in given)
+    return name
 
 
 def _line(run: dict) -> str:
@@ -546,7 +565,17 @@ def merge(args) -> Path:
                 f"{NAME} --merge: {path} was run under another protocol than {paths[0]} (a smoke run, or an "
                 "earlier recipe?); move the part that should not count out of the folder"
             )
-    runs = [r for p in parts for r in p.get("runs", [])]
+    runs, measured = [], {}
+    for path, part in zip(paths, parts, strict=True):
+        for run in part.get("runs", []):
+            key = (run["fold"], run["seed"], run["share"])
+            if key in measured:
+                raise SystemExit(
+                    f"{NAME} --merge: fold {key[0]} seed {key[1]} share {key[2]} is in both {measured[key].name} "
+                    f"and {path.name}; move the one that should not count out of the folder"
+                )
+            measured[key] = path
+            runs.append(run)
     objectives = {p["objectives"] for p in parts if "objectives" in p}
     if len(objectives) > 1:
         raise SystemExit(f"{NAME} --merge: parts pretrained with different objectives {sorted(objectives)}")
@@ -611,4 +640,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-__all__ = ["PARTS", "Part", "goals", "main", "merge", "protocol", "run_part", "summarize"]
+__all__ = ["PARTS", "Part", "goals", "main", "merge", "protocol", "run_part", "part_name", "summarize"]

@@ -65,7 +65,7 @@ def test_benchmark_parts_and_merge(tmp_path, torch_threads):
     assert selection["chosen"] == "code" and selection["split"] == "tuning"
     # fold 0 pretrains with the selected objectives; two label shares reuse its pretraining
     assert physionet2012.main(["--part", "fold0", *tiny, "--shares", "1.0", "0.5"]) == 0
-    part = json.loads((results / "physionet2012_fold0.json").read_text())
+    part = json.loads((results / "physionet2012_fold0_share1_0.5.json").read_text())  # shares in the name
     assert part["objectives"] == "code" and part["protocol"]["smoke"] is True
     assert [r["share"] for r in part["runs"]] == [1.0, 0.5]
     assert part["runs"][0]["pretraining"] == part["runs"][1]["pretraining"]
@@ -94,6 +94,12 @@ def test_benchmark_parts_and_merge(tmp_path, torch_threads):
     }
     assert merged["selection"]["chosen"] == "code"
     assert (results / "physionet2012_learning_curve.png").stat().st_size > 0
+
+    # the same fold, seed and share again (here: the default fold0 part at 100%) would count twice
+    assert physionet2012.main(["--part", "fold0", *tiny, "--shares", "1.0"]) == 0
+    assert (results / "physionet2012_fold0.json").is_file()
+    with pytest.raises(SystemExit, match="fold 0 seed 0 share 1.0 is in both physionet2012_fold0.json and"):
+        physionet2012.main(["--merge", "--output_dir", str(results)])
 
 
 def test_missing_data_and_parts_of_another_recipe_are_refused(tmp_path):
