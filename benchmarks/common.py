@@ -111,13 +111,18 @@ def shared_data(name: str) -> Path | None:
     return None
 
 
-def mean_sd(values: Sequence[float]) -> dict[str, float]:
-    """Mean, standard deviation (ddof=1; 0 for a single value) and count of the finite `values`."""
+def mean_sd(values: Sequence[float | None]) -> dict:
+    """`{"mean", "sd", "n"}` of the finite `values` (None and NaN left out); sd (ddof=1) is None below two values
+    and the mean None without any."""
     import numpy as np
 
-    arr = np.asarray(values, dtype=np.float64)
-    n = int(np.isfinite(arr).sum())
-    return {"mean": float(np.nanmean(arr)), "std": float(np.nanstd(arr, ddof=1)) if n > 1 else 0.0, "n": n}
+    arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    arr = arr[np.isfinite(arr)]
+    return {
+        "mean": float(arr.mean()) if arr.size else None,
+        "sd": float(arr.std(ddof=1)) if arr.size > 1 else None,
+        "n": int(arr.size),
+    }
 
 
 # ------------------------------------------------------------------------------------------ few-label truths

@@ -460,19 +460,6 @@ def _line(run: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- merge
-def _mean_sd(values: list[float]) -> dict:
-    import numpy as np
-
-    arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
-    if arr.size == 0:
-        return {"mean": None, "sd": None, "n": 0}
-    return {
-        "mean": float(arr.mean()),
-        "sd": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
-        "n": int(arr.size),
-    }
-
-
 def _value(metric) -> float | None:
     return metric["estimate"] if isinstance(metric, dict) else metric
 
@@ -484,10 +471,11 @@ def summarize(runs: list[dict]) -> dict:
     for share in sorted({r["share"] for r in runs}):
         these = [r for r in runs if r["share"] == share]
         entry: dict = {
-            m: {k: _mean_sd([_value(r["models"][m][k]) for r in these]) for k in METRICS} for m in MODELS
+            m: {k: common.mean_sd([_value(r["models"][m][k]) for r in these]) for k in METRICS}
+            for m in MODELS
         }
         entry["differences"] = {
-            pair: {k: _mean_sd([r["differences"][pair][k]["estimate"] for r in these]) for k in METRICS}
+            pair: {k: common.mean_sd([r["differences"][pair][k]["estimate"] for r in these]) for k in METRICS}
             for pair in these[0]["differences"]
         }
         entry["folds"] = sorted({r["fold"] for r in these})

@@ -43,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import SHARED_DATA, command_line, metadata, quiet
+from benchmarks.common import SHARED_DATA, command_line, mean_sd, metadata, quiet
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PARTS = RESULTS / "tasks"
@@ -211,7 +211,7 @@ def run_recipe_check(data_root: Path, keep: Path | None, n_folds: int = 4) -> Pa
     finally:
         if keep is None:
             shutil.rmtree(work, ignore_errors=True)
-    summary = {name: _mean_sd([run[name] for run in runs]) for name in (*RECIPE_CANDIDATES, "gbm_default")}
+    summary = {name: mean_sd([run[name] for run in runs]) for name in (*RECIPE_CANDIDATES, "gbm_default")}
     result = {
         **metadata(command_line("tasks"), started, threads=_threads()),
         "part": "recipe",
@@ -251,14 +251,6 @@ def _line(run: dict) -> str:
     )
 
 
-def _mean_sd(values: list[float]) -> dict:
-    return {
-        "mean": round(statistics.fmean(values), 4),
-        "sd": round(statistics.stdev(values), 4) if len(values) > 1 else None,
-        "n_seeds": len(values),
-    }
-
-
 def merge() -> Path:
     parts = sorted(PARTS.glob("*.json"))
     if not parts:
@@ -280,9 +272,10 @@ def merge() -> Path:
             tasks[run["task"]]["runs"].append(run)
     for entry in tasks.values():
         for model in ("transformer", "pretrained", "gbm"):
-            summary = _mean_sd([run[model] for run in entry["runs"]])
-            entry[model] = summary["mean"]
-            entry[f"{model}_sd"], entry["n_seeds"] = summary["sd"], summary["n_seeds"]
+            summary = mean_sd([run[model] for run in entry["runs"]])
+            sd = summary["sd"]
+            entry[model], entry[f"{model}_sd"] = round(summary["mean"], 4), sd if sd is None else round(sd, 4)
+            entry["n_seeds"] = summary["n"]
         best = max(entry["transformer"], entry["pretrained"])
         margin = 0.02 if entry["type"] == "binary" else 0.05
         entry["best_transformer_minus_gbm"] = round(best - entry["gbm"], 4)
