@@ -628,4 +628,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-__all__ = ["PARTS", "Part", "goals", "main", "merge", "protocol", "run_part", "part_name", "summarize"]
+__all__ = ["PARTS", "Part", "goals", "main", "merge", "part_name", "protocol", "run_part", "summarize"]
